@@ -1,0 +1,301 @@
+"""llmrelay.yaml: decoded once at start-up into validated, immutable structs.
+
+The path comes from ``--config`` or ``LLMRELAY_CONFIG``. String values may use
+``${VAR}`` or ``${VAR:-default}``; interpolation happens after YAML parsing, so
+a secret can never change the document's structure. Unknown keys are errors
+(a typo in a limit should not silently fall back to a default). Every problem
+is reported as one ``ConfigError`` naming the key path, e.g.
+``pools.openai.concurrency: Expected `int` >= 1, got 0``.
+
+Secrets (API keys, NATS passwords) are held in ``Secret`` and never appear in
+``repr``, logs, events or metric labels.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+
+from broker._errors import ConfigError
+from broker._subjects import is_valid_name
+
+CONFIG_ENV = "LLMRELAY_CONFIG"
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class Secret:
+    """A string that hides itself from repr/str. Use ``reveal()`` where it is sent."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('****')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    pass
+
+
+class NatsSettings(_Strict):
+    url: str = "nats://127.0.0.1:4222"
+    user: str | None = None
+    password: Secret | None = None
+    token: Secret | None = None
+    creds_file: str | None = None
+    connect_timeout_s: PositiveFloat = 2.0
+
+
+class StreamSettings(_Strict):
+    """JetStream limits. ``queue_capacity`` bounds each route and pool subject."""
+
+    queue_capacity: PositiveInt = 10_000
+    max_job_bytes: PositiveInt = 1_048_576
+    duplicate_window_s: PositiveFloat = 120.0
+    replies_max_age_s: PositiveFloat = 300.0
+    events_max_age_s: PositiveFloat = 3600.0
+    dlq_max_age_s: PositiveFloat = 14 * 86400.0
+    max_deliver: PositiveInt = 10
+    heartbeat_ttl_s: PositiveFloat = 5.0
+    replicas: PositiveInt = 1
+
+
+class Timeouts(_Strict):
+    """Per-pool time limits (seconds)."""
+
+    connect_s: PositiveFloat = 5.0
+    ttft_s: PositiveFloat = 30.0
+    idle_s: PositiveFloat = 30.0
+
+
+class CircuitSettings(_Strict):
+    consecutive_failures: PositiveInt = 5
+    failure_rate: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
+    window_s: PositiveFloat = 30.0
+    min_requests: PositiveInt = 10
+    cooldown_s: PositiveFloat = 10.0
+
+
+ProviderKind = Literal["openai", "anthropic", "ollama"]
+
+
+class PoolConfig(_Strict):
+    kind: ProviderKind
+    base_url: str
+    api_key: Secret | None = None
+    models: list[str] = []
+    concurrency: PositiveInt = 16
+    rpm: NonNegInt = 0
+    tpm: NonNegInt = 0
+    max_retries: NonNegInt = 2
+    backoff_base_s: PositiveFloat = 0.5
+    backoff_max_s: PositiveFloat = 30.0
+    ack_wait_s: PositiveFloat = 30.0
+    context_window: PositiveInt | None = None
+    headers: dict[str, str] = {}
+    timeouts: Timeouts = Timeouts()
+    circuit: CircuitSettings = CircuitSettings()
+
+
+class Target(_Strict):
+    pool: str
+    model: str
+    rank: NonNegInt | None = None
+
+
+SpillPolicy = Literal["saturation", "backlog", "failover"]
+
+
+class RouteConfig(_Strict):
+    """A logical model: ordered targets, primary first.
+
+    ``spill``: ``saturation`` sends work to backups whenever the primaries have no
+    free slot; ``backlog`` only once more than ``min_pending`` jobs wait;
+    ``failover`` only when no primary worker is healthy.
+    """
+
+    targets: Annotated[list[Target], msgspec.Meta(min_length=1)]
+    spill: SpillPolicy = "saturation"
+    min_pending: PositiveInt = 100
+    deadline_s: PositiveFloat = 120.0
+
+    def ranks(self) -> list[tuple[int, Target]]:
+        """Targets with their effective rank (list position unless given)."""
+        return [(t.rank if t.rank is not None else i, t) for i, t in enumerate(self.targets)]
+
+
+class Config(_Strict):
+    nats: NatsSettings = NatsSettings()
+    streams: StreamSettings = StreamSettings()
+    pools: dict[str, PoolConfig] = {}
+    routes: dict[str, RouteConfig] = {}
+
+    def pool(self, name: str) -> PoolConfig:
+        return self.pools[name]
+
+    def routes_of_pool(self, pool: str) -> list[tuple[str, int, Target]]:
+        """(route, rank, target) for every route target served by ``pool``."""
+        return [
+            (route_name, rank, target)
+            for route_name, route in self.routes.items()
+            for rank, target in route.ranks()
+            if target.pool == pool
+        ]
+
+    def model_for(self, route: str, pool: str) -> str | None:
+        """The upstream model ``pool`` serves for ``route`` (None if it does not)."""
+        r = self.routes.get(route)
+        if r is None:
+            return None
+        return next((t.model for t in r.targets if t.pool == pool), None)
+
+
+# --- loading -----------------------------------------------------------------
+
+_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(value: Any, path: str, env: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        return _interpolate_str(value, path, env)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+    return value
+
+
+def _interpolate_str(value: str, path: str, env: dict[str, str]) -> str:
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{path}: environment variable {name} is not set (use ${{{name}:-default}})")
+
+    return _VAR_RE.sub(sub, value)
+
+
+def _dec_hook(typ: type, obj: Any) -> Any:
+    if typ is Secret:
+        if not isinstance(obj, str):
+            raise msgspec.ValidationError(f"Expected `str`, got `{type(obj).__name__}`")
+        return Secret(obj)
+    raise NotImplementedError(typ)
+
+
+def _friendly(err: msgspec.ValidationError) -> str:
+    text = str(err)
+    m = re.search(r" - at `\$(.*)`$", text)
+    if not m:
+        return text
+    where = m.group(1).lstrip(".")
+    where = re.sub(r"\[(['\"])([^'\"]*)\1\]", r".\2", where).lstrip(".")
+    return f"{where}: {text[: m.start()]}"
+
+
+def _check_references(cfg: Config) -> None:
+    for name in [*cfg.pools, *cfg.routes]:
+        if not is_valid_name(name):
+            raise ConfigError(f"{name!r}: pool and route names must match [a-z0-9_-]+")
+    for name, pool in cfg.pools.items():
+        if pool.max_retries + 1 >= cfg.streams.max_deliver:
+            raise ConfigError(
+                f"pools.{name}.max_retries: must be below streams.max_deliver - 1 "
+                f"({cfg.streams.max_deliver - 1})"
+            )
+        if not pool.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"pools.{name}.base_url: must start with http:// or https://")
+    for rname, route in cfg.routes.items():
+        seen: set[str] = set()
+        for i, target in enumerate(route.targets):
+            if target.pool not in cfg.pools:
+                known = ", ".join(sorted(cfg.pools)) or "none"
+                raise ConfigError(
+                    f"routes.{rname}.targets[{i}].pool: unknown pool {target.pool!r} "
+                    f"(configured pools: {known})"
+                )
+            if target.pool in seen:
+                raise ConfigError(
+                    f"routes.{rname}.targets[{i}].pool: pool {target.pool!r} appears twice"
+                )
+            seen.add(target.pool)
+
+
+def parse_config(text: str, *, source: str = "<string>", env: dict[str, str] | None = None) -> Config:
+    """Parse YAML text into a validated ``Config``; raise ``ConfigError`` otherwise."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
+    data = _interpolate(raw, "", dict(os.environ) if env is None else env)
+    # Pools and routes are converted one by one so that an error names the
+    # entry (msgspec reports dict keys as `[...]`).
+    pools = {n: _convert(p, PoolConfig, f"pools.{n}", source) for n, p in _section(data, "pools", source)}
+    routes = {n: _convert(r, RouteConfig, f"routes.{n}", source) for n, r in _section(data, "routes", source)}
+    cfg = _convert(data, Config, "", source)
+    cfg = msgspec.structs.replace(cfg, pools=pools, routes=routes)
+    _check_references(cfg)
+    return cfg
+
+
+def _section(data: dict[str, Any], key: str, source: str) -> list[tuple[str, Any]]:
+    value = data.pop(key, None) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {key}: Expected a mapping of name -> settings")
+    return [(str(k), v) for k, v in value.items()]
+
+
+def _convert(data: Any, typ: type[Any], path: str, source: str) -> Any:
+    try:
+        return msgspec.convert(data, typ, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        detail = _friendly(exc)
+        if path:
+            detail = f"{path}.{detail}" if not detail.startswith(("Expected", "Object")) else f"{path}: {detail}"
+        raise ConfigError(f"{source}: {detail}") from exc
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load the config from ``path``, else ``$LLMRELAY_CONFIG``, else ./llmrelay.yaml."""
+    chosen = Path(path) if path else Path(os.environ.get(CONFIG_ENV, "llmrelay.yaml"))
+    try:
+        text = chosen.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{chosen}: no such config file (set --config or {CONFIG_ENV})") from exc
+    except OSError as exc:
+        raise ConfigError(f"{chosen}: cannot read config: {exc.strerror}") from exc
+    return parse_config(text, source=str(chosen))

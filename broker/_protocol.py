@@ -1,0 +1,259 @@
+"""The wire protocol: every struct that crosses NATS, in one module.
+
+JSON on the wire so that any NATS client in any language can publish a job
+(`llm.jobs.<route>`) and read its events (`llm.reply.<request_id>`). Structs only
+ever grow by adding fields with defaults, and decoding ignores unknown fields, so
+an older worker reads a newer client's job.
+
+Events are a tagged union on the ``type`` field::
+
+    Event = Chunk | Notice | Done | Error
+
+Chunks carry ``attempt`` (a number that grows with every delivery of the job to
+a provider) and ``seq`` (0, 1, 2 ... within that attempt). A client keeps only
+the text of the newest attempt: a ``Notice`` with ``reset=True``, or a chunk of a
+newer attempt, discards what came before.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+import msgspec
+
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+class Message(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """One chat message, OpenAI-style."""
+
+    role: Role
+    content: str
+    name: str | None = None
+
+
+class Attempt(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """One failed try of a job on one pool, kept in the job and in errors."""
+
+    pool: str
+    model: str
+    code: str
+    message: str
+    retryable: bool = False
+    status: int | None = None
+    deliveries: int = 1
+    chunks_sent: int = 0
+    at_ms: int = 0
+
+
+class Job(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A chat request plus its routing state.
+
+    ``deadline_ms`` is absolute (Unix epoch milliseconds). ``reply_to`` is the
+    subject events are published on, normally ``llm.reply.<id>``. ``pool`` pins
+    the job to one pool (no failover). ``attempts`` lists every failed try.
+    """
+
+    id: str
+    route: str
+    messages: list[Message]
+    reply_to: str
+    deadline_ms: int
+    pool: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+    priority: int = 0
+    metadata: dict[str, str] = msgspec.field(default_factory=dict)
+    traceparent: str | None = None
+    created_ms: int = 0
+    attempts: list[Attempt] = msgspec.field(default_factory=list)
+    # Reserved routing state: the rank of the target a re-queued job is meant for.
+    rank: int = 0
+
+
+class Usage(msgspec.Struct, omit_defaults=False, kw_only=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Timings(msgspec.Struct, kw_only=True):
+    """Milliseconds: queued (publish to start), ttft (start to first token), total."""
+
+    queued_ms: float = 0.0
+    ttft_ms: float | None = None
+    total_ms: float = 0.0
+
+
+class Chunk(msgspec.Struct, tag="chunk", tag_field="type", kw_only=True):
+    seq: int
+    attempt: int
+    delta: str
+
+
+NoticeKind = Literal["retry", "failover", "requeued", "redelivered", "degraded"]
+
+
+class Notice(msgspec.Struct, tag="notice", tag_field="type", kw_only=True, omit_defaults=True):
+    """Something the client may want to show: a retry, a failover, a reset."""
+
+    kind: NoticeKind
+    attempt: int
+    message: str = ""
+    from_pool: str | None = None
+    to_pool: str | None = None
+    reset: bool = False
+    delay_ms: int | None = None
+
+
+class Done(msgspec.Struct, tag="done", tag_field="type", kw_only=True):
+    """The answer is complete. ``pool``/``model`` name who actually answered."""
+
+    attempt: int
+    finish_reason: str
+    usage: Usage
+    pool: str
+    model: str
+    timings: Timings
+    degraded: bool = False
+    attempts: list[Attempt] = msgspec.field(default_factory=list)
+
+
+class Error(msgspec.Struct, tag="error", tag_field="type", kw_only=True):
+    """The job ended without an answer. ``code`` is one of ``ERROR_CODES``."""
+
+    code: str
+    message: str
+    retryable: bool = False
+    attempt: int = 0
+    attempts: list[Attempt] = msgspec.field(default_factory=list)
+
+
+Event = Chunk | Notice | Done | Error
+
+
+class DeadLetter(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What `llm.dlq.<route>` holds: the job (or its raw bytes) and why it died."""
+
+    code: str
+    message: str
+    at_ms: int
+    route: str
+    job: Job | None = None
+    raw: str | None = None
+
+
+class Heartbeat(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A worker's entry in the `llm_workers` KV bucket."""
+
+    pool: str
+    worker_id: str
+    slots: int
+    busy: int
+    circuit: str = "closed"
+    version: str = ""
+    at_ms: int = 0
+    rpm_used: int = 0
+    metrics_port: int | None = None
+
+
+class LifecycleEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What `llm.events.<kind>` carries: one line per thing that happened."""
+
+    kind: str
+    request_id: str
+    route: str = ""
+    pool: str = ""
+    at_ms: int = 0
+    detail: str = ""
+
+
+# Stable error codes: (description, retryable-by-the-client, HTTP analogue).
+ERROR_CODES: dict[str, tuple[str, bool, int]] = {
+    "invalid_job": ("the job could not be decoded or failed validation", False, 400),
+    "unknown_route": ("no route (or pinned pool) of that name is configured", False, 404),
+    "payload_too_large": ("the job exceeds the maximum payload size", False, 413),
+    "queue_full": ("the route's bounded queue is at capacity; retry later", True, 429),
+    "deadline_exceeded": ("the job's deadline passed before it was answered", True, 504),
+    "cancelled": ("the client cancelled the request", False, 499),
+    "bad_request": ("the provider rejected the request as invalid", False, 400),
+    "content_filtered": ("the provider refused the content (policy)", False, 400),
+    "context_length_exceeded": ("the prompt is too long for every model tried", False, 400),
+    "auth_failed": ("the provider rejected the pool's credentials (401/403)", True, 502),
+    "rate_limited": ("the provider answered 429", True, 429),
+    "upstream_unavailable": ("the provider answered 5xx or overloaded", True, 502),
+    "upstream_timeout": ("no first token within the pool's time limit", True, 504),
+    "connect_error": ("the provider could not be reached", True, 502),
+    "stream_interrupted": ("the provider's stream broke or stalled mid-answer", True, 502),
+    "bad_upstream_event": ("the provider sent an event that could not be decoded", True, 502),
+    "circuit_open": ("the pool's circuit breaker is open", True, 503),
+    "all_providers_failed": ("every target of the route failed; see attempts", True, 502),
+    "internal": ("a bug in llmrelay; the job was kept in the dead-letter queue", True, 500),
+}
+
+
+# Encoders and decoders are built once and reused (msgspec perf-tips).
+_encoder = msgspec.json.Encoder()
+_job_decoder = msgspec.json.Decoder(Job)
+_event_decoder = msgspec.json.Decoder(Event)
+_heartbeat_decoder = msgspec.json.Decoder(Heartbeat)
+_dead_letter_decoder = msgspec.json.Decoder(DeadLetter)
+_lifecycle_decoder = msgspec.json.Decoder(LifecycleEvent)
+
+
+def encode(obj: Any) -> bytes:
+    return _encoder.encode(obj)
+
+
+def decode_job(data: bytes) -> Job:
+    """Decode a job; raises ``msgspec.ValidationError``/``DecodeError`` on bad input."""
+    return _job_decoder.decode(data)
+
+
+def decode_event(data: bytes) -> Event:
+    return _event_decoder.decode(data)
+
+
+def decode_heartbeat(data: bytes) -> Heartbeat:
+    return _heartbeat_decoder.decode(data)
+
+
+def decode_dead_letter(data: bytes) -> DeadLetter:
+    return _dead_letter_decoder.decode(data)
+
+
+def decode_lifecycle(data: bytes) -> LifecycleEvent:
+    return _lifecycle_decoder.decode(data)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a job and of the reply events, for other languages."""
+    (job_schema, event_schema), components = msgspec.json.schema_components(
+        [Job, Event], ref_template="#/$defs/{name}"
+    )
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "llmrelay wire protocol",
+        "description": (
+            "Publish a Job (JSON) to llm.jobs.<route>; read Events (JSON) on the "
+            "job's reply_to subject. Unknown fields are ignored by readers."
+        ),
+        "$defs": components,
+        "properties": {"job": job_schema, "event": event_schema},
+        "error_codes": {
+            code: {"description": desc, "retryable": retryable, "http_status": status}
+            for code, (desc, retryable, status) in ERROR_CODES.items()
+        },
+    }

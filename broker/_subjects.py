@@ -1,0 +1,60 @@
+"""Names of every subject, stream, consumer and bucket, in one place."""
+
+from __future__ import annotations
+
+import re
+
+JOBS_STREAM = "LLM_JOBS"
+REPLIES_STREAM = "LLM_REPLIES"
+EVENTS_STREAM = "LLM_EVENTS"
+DLQ_STREAM = "LLM_DLQ"
+WORKERS_BUCKET = "llm_workers"
+
+JOBS_PREFIX = "llm.jobs"
+POOL_PREFIX = "llm.pool"
+REPLY_PREFIX = "llm.reply"
+CANCEL_PREFIX = "llm.cancel"
+EVENTS_PREFIX = "llm.events"
+DLQ_PREFIX = "llm.dlq"
+
+# Every priority-group consumer has exactly one group.
+PRIORITY_GROUP = "workers"
+
+NAME_RE = re.compile(r"^[a-z0-9_-]+$")
+
+
+def route_subject(route: str) -> str:
+    return f"{JOBS_PREFIX}.{route}"
+
+
+def pool_subject(pool: str) -> str:
+    return f"{POOL_PREFIX}.{pool}"
+
+
+def reply_subject(request_id: str) -> str:
+    return f"{REPLY_PREFIX}.{request_id}"
+
+
+def cancel_subject(request_id: str) -> str:
+    return f"{CANCEL_PREFIX}.{request_id}"
+
+
+def events_subject(kind: str) -> str:
+    return f"{EVENTS_PREFIX}.{kind}"
+
+
+def dlq_subject(route: str) -> str:
+    return f"{DLQ_PREFIX}.{route}"
+
+
+def route_consumer(route: str) -> str:
+    """Durable consumer name for a route subject (names allow [A-Za-z0-9_-])."""
+    return f"route_{route}"
+
+
+def pool_consumer(pool: str) -> str:
+    return f"pool_{pool}"
+
+
+def is_valid_name(name: str) -> bool:
+    return bool(NAME_RE.match(name))
