@@ -1,0 +1,187 @@
+"""Create or update every stream, consumer and bucket llmrelay uses.
+
+``ensure_topology`` is called by every process on start (`up`, `worker`,
+`monitor`, the client's first submit is not one of them: clients need no write
+rights). It is idempotent: a second run with the same config changes nothing,
+and a changed limit in config updates the stream in place.
+
+    LLM_JOBS     llm.jobs.<route>, llm.pool.<pool>   WorkQueue, file, bounded per subject
+    LLM_REPLIES  llm.reply.<id>                      memory, short max_age (replay, tail)
+    LLM_EVENTS   llm.events.<kind>                   file, max_age (lifecycle)
+    LLM_DLQ      llm.dlq.<route>                     file, long max_age (dead letters)
+    KV llm_workers                                   heartbeats with TTL + limit markers
+
+Each route subject and each pool subject has one durable priority-group
+consumer; the route's spill policy picks its priority policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from broker._config import Config, RouteConfig
+from broker._jsapi import create_or_update_consumer, priority_consumer_config
+from broker._subjects import (
+    DLQ_PREFIX,
+    DLQ_STREAM,
+    EVENTS_PREFIX,
+    EVENTS_STREAM,
+    JOBS_PREFIX,
+    JOBS_STREAM,
+    POOL_PREFIX,
+    PRIORITY_GROUP,
+    REPLIES_STREAM,
+    REPLY_PREFIX,
+    WORKERS_BUCKET,
+    pool_consumer,
+    pool_subject,
+    route_consumer,
+    route_subject,
+)
+
+# Outstanding pulls a consumer accepts: one per free slot of every worker.
+MAX_WAITING_PULLS = 8192
+REPLIES_MAX_BYTES = 512 * 1024 * 1024
+
+
+def stream_configs(config: Config) -> list[StreamConfig]:
+    s = config.streams
+    return [
+        StreamConfig(
+            name=JOBS_STREAM,
+            subjects=[f"{JOBS_PREFIX}.>", f"{POOL_PREFIX}.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.NEW,
+            discard_new_per_subject=True,
+            max_msgs_per_subject=s.queue_capacity,
+            max_msg_size=s.max_job_bytes,
+            duplicate_window=s.duplicate_window_s,
+            allow_msg_ttl=True,
+            num_replicas=s.replicas,
+        ),
+        StreamConfig(
+            name=REPLIES_STREAM,
+            subjects=[f"{REPLY_PREFIX}.>"],
+            storage=StorageType.MEMORY,
+            max_age=s.replies_max_age_s,
+            max_bytes=REPLIES_MAX_BYTES,
+            discard=DiscardPolicy.OLD,
+            num_replicas=s.replicas,
+        ),
+        StreamConfig(
+            name=EVENTS_STREAM,
+            subjects=[f"{EVENTS_PREFIX}.>"],
+            storage=StorageType.FILE,
+            max_age=s.events_max_age_s,
+            num_replicas=s.replicas,
+        ),
+        StreamConfig(
+            name=DLQ_STREAM,
+            subjects=[f"{DLQ_PREFIX}.>"],
+            storage=StorageType.FILE,
+            max_age=s.dlq_max_age_s,
+            num_replicas=s.replicas,
+        ),
+    ]
+
+
+def _differs(wanted: StreamConfig, current: StreamConfig) -> bool:
+    """True if any field we set differs from what the server holds."""
+    for field in dataclasses.fields(wanted):
+        value = getattr(wanted, field.name)
+        if value is None or field.name == "name":
+            continue
+        if getattr(current, field.name) != value:
+            return True
+    return False
+
+
+async def _ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
+    assert wanted.name is not None
+    try:
+        info = await js.stream_info(wanted.name)
+    except NotFoundError:
+        await js.add_stream(wanted)
+        return
+    if _differs(wanted, info.config):
+        await js.update_stream(wanted)
+
+
+async def _ensure_workers_bucket(js: JetStreamContext, config: Config) -> None:
+    ttl = config.streams.heartbeat_ttl_s
+    try:
+        await js.key_value(WORKERS_BUCKET)
+        return
+    except (NotFoundError, BadRequestError):
+        pass
+    await js.create_key_value(
+        KeyValueConfig(
+            bucket=WORKERS_BUCKET,
+            history=1,
+            ttl=ttl,
+            limit_marker_ttl=max(ttl, 1.0),
+            storage=StorageType.MEMORY,
+            replicas=config.streams.replicas,
+        )
+    )
+
+
+def _route_policy(route: RouteConfig) -> str:
+    return "overflow" if route.spill == "backlog" else "prioritized"
+
+
+def consumer_configs(config: Config) -> list[dict[str, Any]]:
+    """The durable consumer of every route and every pool subject."""
+    max_deliver = config.streams.max_deliver
+    out: list[dict[str, Any]] = []
+    for name, route in config.routes.items():
+        pools = [config.pools[t.pool] for t in route.targets]
+        out.append(
+            priority_consumer_config(
+                name=route_consumer(name),
+                filter_subject=route_subject(name),
+                group=PRIORITY_GROUP,
+                policy=_route_policy(route),
+                ack_wait_s=max(p.ack_wait_s for p in pools),
+                max_deliver=max_deliver,
+                max_ack_pending=max(1000, 4 * sum(p.concurrency for p in pools)),
+                max_waiting=MAX_WAITING_PULLS,
+            )
+        )
+    for name, pool in config.pools.items():
+        out.append(
+            priority_consumer_config(
+                name=pool_consumer(name),
+                filter_subject=pool_subject(name),
+                group=PRIORITY_GROUP,
+                policy="prioritized",
+                ack_wait_s=pool.ack_wait_s,
+                max_deliver=max_deliver,
+                max_ack_pending=max(1000, 4 * pool.concurrency),
+                max_waiting=MAX_WAITING_PULLS,
+            )
+        )
+    return out
+
+
+async def ensure_topology(nc: NATS, config: Config) -> None:
+    """Create or update all streams, the heartbeat bucket and all consumers."""
+    js = nc.jetstream()
+    for wanted in stream_configs(config):
+        await _ensure_stream(js, wanted)
+    await _ensure_workers_bucket(js, config)
+    for consumer in consumer_configs(config):
+        await create_or_update_consumer(nc, JOBS_STREAM, consumer)

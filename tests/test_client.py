@@ -1,0 +1,95 @@
+"""RelayClient against a real nats-server (no workers: the queue fills up)."""
+
+from __future__ import annotations
+
+import pytest
+from nats.aio.client import Client as NATS
+
+from broker import (
+    Chunk,
+    DeadlineExceeded,
+    Done,
+    Notice,
+    PayloadTooLarge,
+    QueueFull,
+    RelayClient,
+    Timings,
+    UnknownRoute,
+    Usage,
+    ensure_topology,
+)
+from broker._client import Answer
+from broker._jsapi import consumer_info
+from tests._builders import make_config
+
+POOLS = {"p1": {}, "p2": {}}
+ROUTES = {"chat": [("p1", "m")], "other": [("p2", "m")]}
+
+
+async def test_full_queue_raises_queue_full_while_other_route_accepts(
+    nc: NATS, client_url: str
+) -> None:
+    await ensure_topology(nc, make_config(POOLS, ROUTES, streams={"queue_capacity": 3}))
+    async with RelayClient(client_url) as relay:
+        for i in range(3):
+            await relay.submit(f"job {i}", route="chat")
+        with pytest.raises(QueueFull, match=r"route chat queue is full \(3 jobs waiting\)"):
+            await relay.submit("one too many", route="chat")
+        handle = await relay.submit("still fine", route="other")
+    assert (await consumer_info(nc, "LLM_JOBS", "route_chat"))["num_pending"] == 3
+    assert (await consumer_info(nc, "LLM_JOBS", "route_other"))["num_pending"] == 1
+    assert handle.job.route == "other"
+
+
+async def test_duplicate_submit_creates_one_job(nc: NATS, client_url: str) -> None:
+    await ensure_topology(nc, make_config(POOLS, ROUTES))
+    async with RelayClient(client_url) as relay:
+        await relay.submit("hi", route="chat", request_id="same-id")
+        await relay.submit("hi", route="chat", request_id="same-id")
+    assert (await consumer_info(nc, "LLM_JOBS", "route_chat"))["num_pending"] == 1
+
+
+async def test_unknown_route_is_refused_before_publishing(nc: NATS, client_url: str) -> None:
+    await ensure_topology(nc, make_config(POOLS, ROUTES))
+    async with RelayClient(client_url) as relay:
+        with pytest.raises(UnknownRoute, match="nope"):
+            await relay.submit("hi", route="nope")
+        with pytest.raises(UnknownRoute, match="ghost"):
+            await relay.submit("hi", route="chat", pool="ghost")
+    info = await nc.jetstream().stream_info("LLM_JOBS")
+    assert info.state.messages == 0
+
+
+async def test_oversize_job_is_refused(nc: NATS, client_url: str) -> None:
+    await ensure_topology(nc, make_config(POOLS, ROUTES, streams={"max_job_bytes": 4096}))
+    async with RelayClient(client_url) as relay:
+        with pytest.raises(PayloadTooLarge):
+            await relay.submit("x" * 10_000, route="chat")
+    assert (await nc.jetstream().stream_info("LLM_JOBS")).state.messages == 0
+
+
+async def test_no_worker_means_deadline_exceeded(nc: NATS, client_url: str) -> None:
+    await ensure_topology(nc, make_config(POOLS, ROUTES))
+    async with RelayClient(client_url) as relay:
+        handle = await relay.submit("hi", route="chat", timeout_s=0.3)
+        with pytest.raises(DeadlineExceeded):
+            await handle.text()
+
+
+def test_answer_drops_text_of_an_abandoned_attempt() -> None:
+    answer = Answer()
+    answer.add(Chunk(seq=0, attempt=1, delta="partial "))
+    answer.add(Notice(kind="failover", attempt=2, from_pool="a", to_pool="b", reset=True))
+    answer.add(Chunk(seq=0, attempt=2, delta="clean "))
+    answer.add(Chunk(seq=1, attempt=2, delta="answer"))
+    answer.add(Done(attempt=2, finish_reason="stop", usage=Usage(), pool="b", model="m",
+                    timings=Timings()))  # fmt: skip
+    assert answer.text == "clean answer"
+    assert answer.resets == 1
+
+
+def test_answer_resets_on_newer_attempt_even_without_notice() -> None:
+    answer = Answer()
+    answer.add(Chunk(seq=0, attempt=1, delta="lost worker's text"))
+    answer.add(Chunk(seq=0, attempt=2, delta="redelivered"))
+    assert answer.text == "redelivered"
