@@ -17,6 +17,7 @@ abandoned attempt is dropped.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -69,17 +70,32 @@ _ERR_MSG_SIZE = 10054
 DEFAULT_TIMEOUT_S = 120.0
 
 
-async def connect_nats(url: str, *, name: str = "llmrelay", timeout_s: float = 2.0, **opts: object) -> NATS:
+async def connect_nats(
+    url: str,
+    *,
+    name: str = "llmrelay",
+    timeout_s: float = 2.0,
+    user: str | None = None,
+    password: str | None = None,
+    token: str | None = None,
+) -> NATS:
     """Connect to NATS or raise ``ConnectFailed`` with one clear line."""
+
     async def quiet(_: Exception) -> None:
         return None
 
     try:
         return await nats.connect(
-            url, name=name, connect_timeout=timeout_s, max_reconnect_attempts=-1,
-            allow_reconnect=True, error_cb=quiet, reconnected_cb=None,
-            **opts,  # type: ignore[arg-type]
-        )  # fmt: skip
+            url,
+            name=name,
+            connect_timeout=timeout_s,
+            max_reconnect_attempts=-1,
+            allow_reconnect=True,
+            error_cb=quiet,
+            user=user,
+            password=password,
+            token=token,
+        )
     except (NoServersError, OSError, NatsTimeout) as exc:
         raise ConnectFailed(f"no NATS server answered at {_redact(url)} ({exc})") from exc
     except nats.errors.Error as exc:
@@ -149,10 +165,8 @@ class JobHandle:
         await self._client.nc.publish(cancel_subject(self.id), b"")
 
     async def _close_sub(self) -> None:
-        try:
+        with contextlib.suppress(nats.errors.BadSubscriptionError):
             await self._sub.unsubscribe()
-        except nats.errors.BadSubscriptionError:
-            pass
 
 
 class Answer:
@@ -292,7 +306,9 @@ class RelayClient:
             raise RelayError(f"publish to {subject} refused: {exc.description}") from exc
         except APIError as exc:
             if exc.err_code == _ERR_MSG_SIZE:
-                raise PayloadTooLarge(f"job {job.id} is {len(data)} bytes: {exc.description}") from exc
+                raise PayloadTooLarge(
+                    f"job {job.id} is {len(data)} bytes: {exc.description}"
+                ) from exc
             raise RelayError(f"publish to {subject} refused: {exc.description}") from exc
         except NoStreamResponseError as exc:
             raise RelayError(
@@ -318,7 +334,9 @@ class RelayClient:
         """Refuse an unknown route/pool before publishing a job nobody would take."""
         if self.config is not None:
             if job.pool is not None and job.pool not in self.config.pools:
-                raise UnknownRoute(f"no pool named {job.pool!r} (pools: {', '.join(self.config.pools)})")
+                raise UnknownRoute(
+                    f"no pool named {job.pool!r} (pools: {', '.join(self.config.pools)})"
+                )
             if job.pool is None and job.route not in self.config.routes:
                 raise UnknownRoute(
                     f"no route named {job.route!r} (routes: {', '.join(self.config.routes)})"
@@ -342,5 +360,3 @@ def _messages(prompt: str | Sequence[Message], system: str | None) -> list[Messa
     if system is not None:
         messages.insert(0, Message(role="system", content=system))
     return messages
-
-

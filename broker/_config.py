@@ -62,7 +62,7 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=T
     pass
 
 
-class NatsSettings(_Strict):
+class NatsSettings(_Strict, frozen=True):
     url: str = "nats://127.0.0.1:4222"
     user: str | None = None
     password: Secret | None = None
@@ -71,7 +71,7 @@ class NatsSettings(_Strict):
     connect_timeout_s: PositiveFloat = 2.0
 
 
-class StreamSettings(_Strict):
+class StreamSettings(_Strict, frozen=True):
     """JetStream limits. ``queue_capacity`` bounds each route and pool subject."""
 
     queue_capacity: PositiveInt = 10_000
@@ -85,7 +85,7 @@ class StreamSettings(_Strict):
     replicas: PositiveInt = 1
 
 
-class Timeouts(_Strict):
+class Timeouts(_Strict, frozen=True):
     """Per-pool time limits (seconds)."""
 
     connect_s: PositiveFloat = 5.0
@@ -93,7 +93,7 @@ class Timeouts(_Strict):
     idle_s: PositiveFloat = 30.0
 
 
-class CircuitSettings(_Strict):
+class CircuitSettings(_Strict, frozen=True):
     consecutive_failures: PositiveInt = 5
     failure_rate: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
     window_s: PositiveFloat = 30.0
@@ -104,7 +104,7 @@ class CircuitSettings(_Strict):
 ProviderKind = Literal["openai", "anthropic", "ollama"]
 
 
-class PoolConfig(_Strict):
+class PoolConfig(_Strict, frozen=True):
     kind: ProviderKind
     base_url: str
     api_key: Secret | None = None
@@ -122,7 +122,7 @@ class PoolConfig(_Strict):
     circuit: CircuitSettings = CircuitSettings()
 
 
-class Target(_Strict):
+class Target(_Strict, frozen=True):
     pool: str
     model: str
     rank: NonNegInt | None = None
@@ -131,7 +131,7 @@ class Target(_Strict):
 SpillPolicy = Literal["saturation", "backlog", "failover"]
 
 
-class RouteConfig(_Strict):
+class RouteConfig(_Strict, frozen=True):
     """A logical model: ordered targets, primary first.
 
     ``spill``: ``saturation`` sends work to backups whenever the primaries have no
@@ -149,7 +149,7 @@ class RouteConfig(_Strict):
         return [(t.rank if t.rank is not None else i, t) for i, t in enumerate(self.targets)]
 
 
-class Config(_Strict):
+class Config(_Strict, frozen=True):
     nats: NatsSettings = NatsSettings()
     streams: StreamSettings = StreamSettings()
     pools: dict[str, PoolConfig] = {}
@@ -184,7 +184,9 @@ def _interpolate(value: Any, path: str, env: dict[str, str]) -> Any:
     if isinstance(value, str):
         return _interpolate_str(value, path, env)
     if isinstance(value, dict):
-        return {k: _interpolate(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
+        return {
+            k: _interpolate(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()
+        }
     if isinstance(value, list):
         return [_interpolate(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
     return value
@@ -197,7 +199,9 @@ def _interpolate_str(value: str, path: str, env: dict[str, str]) -> str:
             return env[name]
         if default is not None:
             return default
-        raise ConfigError(f"{path}: environment variable {name} is not set (use ${{{name}:-default}})")
+        raise ConfigError(
+            f"{path}: environment variable {name} is not set (use ${{{name}:-default}})"
+        )
 
     return _VAR_RE.sub(sub, value)
 
@@ -248,7 +252,9 @@ def _check_references(cfg: Config) -> None:
             seen.add(target.pool)
 
 
-def parse_config(text: str, *, source: str = "<string>", env: dict[str, str] | None = None) -> Config:
+def parse_config(
+    text: str, *, source: str = "<string>", env: dict[str, str] | None = None
+) -> Config:
     """Parse YAML text into a validated ``Config``; raise ``ConfigError`` otherwise."""
     try:
         raw = yaml.safe_load(text)
@@ -264,10 +270,15 @@ def parse_config(text: str, *, source: str = "<string>", env: dict[str, str] | N
     data = _interpolate(raw, "", dict(os.environ) if env is None else env)
     # Pools and routes are converted one by one so that an error names the
     # entry (msgspec reports dict keys as `[...]`).
-    pools = {n: _convert(p, PoolConfig, f"pools.{n}", source) for n, p in _section(data, "pools", source)}
-    routes = {n: _convert(r, RouteConfig, f"routes.{n}", source) for n, r in _section(data, "routes", source)}
-    cfg = _convert(data, Config, "", source)
-    cfg = msgspec.structs.replace(cfg, pools=pools, routes=routes)
+    pools = {
+        n: _convert(p, PoolConfig, f"pools.{n}", source) for n, p in _section(data, "pools", source)
+    }
+    routes = {
+        n: _convert(r, RouteConfig, f"routes.{n}", source)
+        for n, r in _section(data, "routes", source)
+    }
+    base: Config = _convert(data, Config, "", source)
+    cfg = msgspec.structs.replace(base, pools=pools, routes=routes)
     _check_references(cfg)
     return cfg
 
@@ -285,7 +296,11 @@ def _convert(data: Any, typ: type[Any], path: str, source: str) -> Any:
     except msgspec.ValidationError as exc:
         detail = _friendly(exc)
         if path:
-            detail = f"{path}.{detail}" if not detail.startswith(("Expected", "Object")) else f"{path}: {detail}"
+            detail = (
+                f"{path}.{detail}"
+                if not detail.startswith(("Expected", "Object"))
+                else f"{path}: {detail}"
+            )
         raise ConfigError(f"{source}: {detail}") from exc
 
 

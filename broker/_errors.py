@@ -112,7 +112,9 @@ _BY_CODE: dict[str, type[RelayError]] = {
 }
 
 
-def error_from_event(code: str, message: str, retryable: bool, attempts: list[Attempt]) -> RelayError:
+def error_from_event(
+    code: str, message: str, retryable: bool, attempts: list[Attempt]
+) -> RelayError:
     """The exception a client raises for an ``error`` event."""
     cls = _BY_CODE.get(code)
     if cls is not None:

@@ -38,7 +38,9 @@ def seconds_to_ns(seconds: float) -> int:
     return int(seconds * _NS)
 
 
-async def api_request(nc: NATS, subject: str, body: dict[str, Any], timeout_s: float = 5.0) -> dict[str, Any]:
+async def api_request(
+    nc: NATS, subject: str, body: dict[str, Any], timeout_s: float = 5.0
+) -> dict[str, Any]:
     """One JetStream API request; raise ``JetStreamApiError`` on an error reply."""
     try:
         msg = await nc.request(subject, _encoder.encode(body), timeout=timeout_s)
@@ -84,7 +86,9 @@ def priority_consumer_config(
     }
 
 
-async def create_or_update_consumer(nc: NATS, stream: str, config: dict[str, Any]) -> dict[str, Any]:
+async def create_or_update_consumer(
+    nc: NATS, stream: str, config: dict[str, Any]
+) -> dict[str, Any]:
     """Create the durable consumer, or update it in place if it exists."""
     name = config["durable_name"]
     subject = f"$JS.API.CONSUMER.CREATE.{stream}.{name}"
@@ -96,7 +100,11 @@ async def consumer_info(nc: NATS, stream: str, name: str) -> dict[str, Any]:
 
 
 def pull_request_body(
-    *, group: str, priority: int = 0, expires_s: float, min_pending: int | None = None,
+    *,
+    group: str,
+    priority: int = 0,
+    expires_s: float,
+    min_pending: int | None = None,
     heartbeat_s: float | None = None,
 ) -> bytes:
     """Body of a ``batch=1`` priority-group pull (see NATS-NOTES.md)."""

@@ -215,7 +215,8 @@ def decode_job(data: bytes) -> Job:
 
 
 def decode_event(data: bytes) -> Event:
-    return _event_decoder.decode(data)
+    event: Event = _event_decoder.decode(data)
+    return event
 
 
 def decode_heartbeat(data: bytes) -> Heartbeat:

@@ -57,15 +57,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _check_port_free(host: str, port: int, what: str) -> None:
+def _check_port_free(host: str, port: int, what: str, flag: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As nats-server does: connections left in TIME_WAIT by a server that
+        # just stopped must not count as "in use"; a listener still does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise ServerStartError(
                     f"{what} port {port} is already in use on {host} "
-                    f"(is another nats-server running? choose another with --port)"
+                    f"(is another nats-server running? choose another with {flag})"
                 ) from exc
             raise ServerStartError(f"cannot bind {what} port {port}: {exc.strerror}") from exc
 
@@ -104,23 +107,35 @@ class NatsServer:
         return self._proc.pid if self._proc else None
 
     def start(self, timeout_s: float = 15.0) -> None:
-        _check_port_free(self.host, self.port, "client")
-        _check_port_free(self.host, self.monitor_port, "monitoring")
+        _check_port_free(self.host, self.port, "client", "--port")
+        _check_port_free(self.host, self.monitor_port, "monitoring", "--monitor-port")
         self.store_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
             nats_server_binary(),
-            "-c", str(self.config_file),
-            "-a", self.host,
-            "-p", str(self.port),
-            "-m", str(self.monitor_port),
-            "-sd", str(self.store_dir),
-            "-l", str(self.log_file),
-        ]  # fmt: skip
+            "-c",
+            str(self.config_file),
+            "-a",
+            self.host,
+            "-p",
+            str(self.port),
+            "-m",
+            str(self.monitor_port),
+            "-sd",
+            str(self.store_dir),
+            "-l",
+            str(self.log_file),
+        ]
         # Errors before the log file opens (a bad config) go to stderr: keep them.
         self._stderr_path = self.store_dir / "nats-server.stderr"
+        # A session of its own: Ctrl-C in a terminal reaches only our process,
+        # which then stops the server itself (and can tell that from a crash).
         with open(self._stderr_path, "wb") as err:
             self._proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
             )
         self._wait_ready(timeout_s)
 
@@ -131,10 +146,12 @@ class NatsServer:
             assert self._proc is not None
             if self._proc.poll() is not None:
                 raise ServerStartError(f"nats-server exited at start: {self._log_tail()}")
-            with contextlib.suppress(OSError, urllib.error.URLError):
-                with urllib.request.urlopen(health, timeout=1) as resp:
-                    if resp.status == 200:
-                        return
+            with (
+                contextlib.suppress(OSError, urllib.error.URLError),
+                urllib.request.urlopen(health, timeout=1) as resp,
+            ):
+                if resp.status == 200:
+                    return
             time.sleep(0.05)
         self.stop()
         raise ServerStartError(f"nats-server not ready after {timeout_s:.0f}s: {self._log_tail()}")
@@ -145,6 +162,10 @@ class NatsServer:
             with contextlib.suppress(OSError):
                 lines += path.read_text(errors="replace").strip().splitlines()
         return " | ".join(lines[-3:]) or "(no output)"
+
+    def poll(self) -> int | None:
+        """The exit code if the server exited by itself, else None (running, or stopped)."""
+        return self._proc.poll() if self._proc is not None else None
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL). Safe to call twice."""

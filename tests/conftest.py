@@ -6,6 +6,7 @@ any route and pool names without seeing each other's jobs.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -55,9 +56,7 @@ async def nc(worker_url: str) -> AsyncIterator[NATS]:
     conn = await nats.connect(worker_url)
     js = conn.jetstream()
     for stream in ("LLM_JOBS", "LLM_REPLIES", "LLM_EVENTS", "LLM_DLQ", "KV_llm_workers"):
-        try:
+        with contextlib.suppress(NotFoundError):
             await js.delete_stream(stream)
-        except NotFoundError:
-            pass
     yield conn
     await conn.close()

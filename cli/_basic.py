@@ -1,0 +1,41 @@
+"""`llmrelay schema` and `llmrelay config check`."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from broker._protocol import ERROR_CODES, json_schema
+from cli._common import ConfigOpt, config_from
+
+config_app = typer.Typer(help="Inspect and validate the config file.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("schema")(schema)
+    app.add_typer(config_app, name="config")
+
+
+def schema(
+    codes: bool = typer.Option(False, "--codes", help="Print the error-code table instead."),
+) -> None:
+    """Print the JSON Schema of jobs and reply events (for clients in other languages)."""
+    if codes:
+        for code, (desc, retryable, status) in ERROR_CODES.items():
+            typer.echo(f"{code:<26} {status}  {'retryable' if retryable else 'final    '}  {desc}")
+        return
+    typer.echo(json.dumps(json_schema(), indent=2))
+
+
+@config_app.command("check")
+def check(config: ConfigOpt = None) -> None:
+    """Validate a config file; print a summary of pools and routes."""
+    cfg = config_from(config)
+    typer.echo(f"ok: {len(cfg.pools)} pools, {len(cfg.routes)} routes, nats {cfg.nats.url}")
+    for name, pool in cfg.pools.items():
+        limits = f"rpm={pool.rpm or '-'} tpm={pool.tpm or '-'}"
+        typer.echo(f"  pool {name}: {pool.kind} {pool.base_url} slots={pool.concurrency} {limits}")
+    for name, route in cfg.routes.items():
+        chain = " -> ".join(f"{t.pool}/{t.model}" for t in route.targets)
+        typer.echo(f"  route {name}: {chain} (spill={route.spill}, deadline {route.deadline_s:g}s)")

@@ -1,0 +1,489 @@
+"""One job on one worker: decode, check, call upstream, stream, finish.
+
+``JobRun.run`` reads as its steps::
+
+    decode -> resolve model -> check deadline -> check circuit
+           -> stream from the provider (time limits, cancel) -> done | failure
+
+A failure becomes a ``Decision`` (``_decide.decide``), and ``_apply`` is the one
+place that turns it into a delayed redelivery, a re-queue to a backup pool, or
+an error event (plus a dead letter when no target is left). Bad input never
+raises out of here: it is answered (when a reply subject can be read) and
+parked in the dead-letter queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import anyio
+import msgspec
+from nats.aio.msg import Msg
+
+from broker._protocol import (
+    Attempt,
+    Chunk,
+    DeadLetter,
+    Done,
+    Error,
+    Event,
+    Job,
+    LifecycleEvent,
+    Notice,
+    Timings,
+    Usage,
+    decode_job,
+    encode,
+    now_ms,
+)
+from broker._subjects import REPLY_PREFIX, events_subject, is_valid_name, pool_subject
+from workers._decide import Decision, Fail, FailureContext, Requeue, Retry, decide
+from workers._ratelimit import estimate_tokens
+from workers.providers._base import (
+    Finish,
+    Malformed,
+    ProviderError,
+    ProviderTimeout,
+    StreamInterrupted,
+    StreamItem,
+    TextDelta,
+)
+
+if TYPE_CHECKING:
+    from workers._worker import Worker
+
+log = logging.getLogger("llmrelay.worker")
+
+INVALID_ROUTE_TOKEN = "_invalid"
+# How long to wait for the end of an upstream body after its final item.
+_DRAIN_S = 0.1
+
+
+class CircuitOpen(ProviderError):
+    """This pool's circuit is open: the job is forwarded without an upstream call."""
+
+    code = "circuit_open"
+
+
+class BadUpstreamEvent(ProviderError):
+    """An undecodable upstream event while another target could serve the job."""
+
+    code = "bad_upstream_event"
+
+
+class DeadlineHit(Exception):
+    """The job's own deadline passed while it was running."""
+
+
+class JobRun:
+    """The life of one delivery of one job on this worker."""
+
+    def __init__(self, worker: Worker, msg: Msg, route: str | None) -> None:
+        self.w = worker
+        self.msg = msg
+        self.from_route = route  # None: came from the pool's own subject
+        self.job: Job | None = None
+        self.model = ""
+        self.attempt = 0
+        self.seq = 0
+        self.started = time.monotonic()
+        self.first_token_at: float | None = None
+        self.degraded = False
+        self.cancel_scope = anyio.CancelScope()
+        self.cancelled_by_client = False
+        self.last_progress = time.monotonic()
+        self._items: AsyncIterator[StreamItem] | None = None
+
+    @property
+    def deliveries(self) -> int:
+        return int(self.msg.metadata.num_delivered)
+
+    # --- steps -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            await self._close_upstream()
+
+    async def _run(self) -> None:
+        job = await self._decode()
+        if job is None:
+            return
+        self.job = job
+        if not await self._resolve_model(job):
+            return
+        self.attempt = sum(a.deliveries for a in job.attempts) + self.deliveries
+        self.w.metrics.job_started((now_ms() - job.created_ms) / 1000 if job.created_ms else 0.0)
+        if self._remaining_s() <= 0:
+            await self._finish_error(
+                "deadline_exceeded", "the job's deadline passed while it was queued"
+            )
+            return
+        if self.deliveries > 1:
+            await self._publish(
+                Notice(
+                    kind="redelivered",
+                    attempt=self.attempt,
+                    reset=True,
+                    message="the job was delivered again; earlier text is void",
+                )
+            )
+        await self._attempt(job)
+
+    async def _attempt(self, job: Job) -> None:
+        if not self.w.breaker.allow():
+            await self._failed(job, CircuitOpen(f"circuit of pool {self.w.pool_name} is open"))
+            return
+        estimate = estimate_tokens(sum(len(m.content) for m in job.messages), job.max_tokens)
+        self.w.budget.charge_tokens(estimate)
+        try:
+            with self.cancel_scope:
+                finish = await self._stream(job)
+        except ProviderError as err:
+            self.w.budget.charge_tokens(-estimate)
+            await self._close_upstream()
+            await self._failed(job, err)
+            return
+        except DeadlineHit:
+            self.w.budget.charge_tokens(-estimate)
+            await self._finish_error("deadline_exceeded", "the job's deadline passed mid-answer")
+            return
+        if self.cancel_scope.cancelled_caught:
+            await self._cancelled()
+            return
+        assert finish is not None
+        await self._succeeded(job, finish, estimate)
+
+    # --- streaming ---------------------------------------------------------------
+
+    async def _stream(self, job: Job) -> Finish | None:
+        self.w.metrics.upstream_request()
+        self._items = self.w.provider.stream(job, self.model).__aiter__()
+        while True:
+            item = await self._next(self._items)
+            finish = await self._handle_item(item)
+            if finish is not None:
+                return finish
+
+    async def _close_upstream(self, *, finished: bool = False) -> None:
+        """Close the provider's stream, after the client has its answer.
+
+        After a ``Finish`` the adapter is resumed once more so that it leaves its
+        ``async with`` normally, draining the last bytes (``[DONE]``, the chunked
+        terminator): that is what lets httpx put the connection back in the
+        pool. Closing it at the ``yield`` instead would discard the connection.
+        """
+        items, self._items = self._items, None
+        if items is None:
+            return
+        if finished:
+            with (
+                anyio.move_on_after(_DRAIN_S),
+                contextlib.suppress(StopAsyncIteration, ProviderError),
+            ):
+                await items.__anext__()
+        await _close(items)
+
+    async def _next(self, items: AsyncIterator[StreamItem]) -> StreamItem:
+        """The next item, within the time-to-first-token or idle limit and the deadline."""
+        timeouts = self.w.pool.timeouts
+        limit = timeouts.ttft_s if self.first_token_at is None else timeouts.idle_s
+        remaining = self._remaining_s()
+        with anyio.move_on_after(min(limit, remaining)) as scope:
+            try:
+                return await items.__anext__()
+            except StopAsyncIteration:
+                raise StreamInterrupted("the provider's stream ended without a finish") from None
+        assert scope.cancelled_caught
+        if remaining <= limit:
+            raise DeadlineHit()
+        if self.first_token_at is None:
+            raise ProviderTimeout(f"no first token within {limit:g}s")
+        raise StreamInterrupted(f"the stream stalled for {limit:g}s mid-answer")
+
+    async def _handle_item(self, item: StreamItem) -> Finish | None:
+        if isinstance(item, TextDelta):
+            if not item.text:
+                return None
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+                self.w.metrics.first_token(self.model, self.first_token_at - self.started)
+            await self._publish(Chunk(seq=self.seq, attempt=self.attempt, delta=item.text))
+            self.seq += 1
+            return None
+        if isinstance(item, Malformed):
+            self.w.metrics.malformed_event()
+            if self._has_other_target():
+                raise BadUpstreamEvent(f"undecodable event from the provider: {item.raw[:120]!r}")
+            self.degraded = True
+            return None
+        return item
+
+    def _has_other_target(self) -> bool:
+        assert self.job is not None
+        ctx = self._failure_context(self.job)
+        probe = decide(StreamInterrupted("probe"), ctx, self.w.config)
+        return isinstance(probe, Requeue)
+
+    # --- outcomes ----------------------------------------------------------------
+
+    async def _succeeded(self, job: Job, finish: Finish, estimate: int) -> None:
+        usage = finish.usage or Usage(
+            prompt_tokens=max(1, sum(len(m.content) for m in job.messages) // 4),
+            completion_tokens=self.seq,
+        )
+        self.w.budget.charge_tokens(usage.prompt_tokens + usage.completion_tokens - estimate)
+        state = self.w.breaker.record_success()
+        self.w.circuit_changed(state)
+        total_s = time.monotonic() - self.started
+        await self._publish(
+            Done(
+                attempt=self.attempt,
+                finish_reason=finish.reason,
+                usage=usage,
+                pool=self.w.pool_name,
+                model=self.model,
+                timings=self._timings(job, total_s),
+                degraded=self.degraded,
+                attempts=job.attempts,
+            )
+        )
+        await self.msg.ack()
+        await self._close_upstream(finished=True)
+        self.w.metrics.job_done(self.model, total_s, usage.prompt_tokens, usage.completion_tokens)
+        await self._lifecycle("done", f"{self.w.pool_name}/{self.model} {total_s * 1000:.0f}ms")
+
+    def _timings(self, job: Job, total_s: float) -> Timings:
+        queued_ms = float(now_ms() - job.created_ms) - total_s * 1000 if job.created_ms else 0.0
+        ttft = (self.first_token_at - self.started) * 1000 if self.first_token_at else None
+        return Timings(queued_ms=max(0.0, queued_ms), ttft_ms=ttft, total_ms=total_s * 1000)
+
+    async def _failed(self, job: Job, err: ProviderError) -> None:
+        self.w.metrics.attempt_failed(self.model, err.code)
+        if err.code not in (
+            "bad_request",
+            "content_filtered",
+            "context_length_exceeded",
+            "circuit_open",
+        ):
+            if err.code == "auth_failed":
+                self.w.breaker.trip()
+            self.w.circuit_changed(self.w.breaker.record_failure())
+        if err.code == "rate_limited" and err.retry_after_s:
+            await self.w.pause_pool(err.retry_after_s)
+        log.info("job %s attempt %d on %s failed: %s", job.id, self.attempt, self.w.pool_name, err)
+        await self._apply(decide(err, self._failure_context(job), self.w.config), job, err)
+
+    def _failure_context(self, job: Job) -> FailureContext:
+        return FailureContext(
+            job=job,
+            pool_name=self.w.pool_name,
+            deliveries=self.deliveries,
+            chunks_sent=self.seq,
+            remaining_s=self._remaining_s(),
+            pinned=job.pool is not None,
+        )
+
+    async def _apply(self, decision: Decision, job: Job, err: ProviderError) -> None:
+        if isinstance(decision, Retry):
+            await self._retry(decision, err)
+        elif isinstance(decision, Requeue):
+            await self._requeue(decision, job, err)
+        else:
+            await self._fail(decision, job, err)
+
+    async def _retry(self, decision: Retry, err: ProviderError) -> None:
+        self.w.metrics.retried()
+        await self._publish(
+            Notice(
+                kind="retry",
+                attempt=self.attempt,
+                from_pool=self.w.pool_name,
+                to_pool=self.w.pool_name,
+                reset=self.seq > 0,
+                delay_ms=int(decision.delay_s * 1000),
+                message=f"{err.code}: {err.message}",
+            )
+        )
+        await self.msg.nak(delay=decision.delay_s)
+        await self._lifecycle("retry", f"{err.code}; again in {decision.delay_s:.2f}s")
+
+    async def _requeue(self, decision: Requeue, job: Job, err: ProviderError) -> None:
+        moved = msgspec.structs.replace(
+            job, attempts=[*job.attempts, self._attempt_record(err)], rank=decision.rank
+        )
+        subject = pool_subject(decision.pool)
+        ttl_s = max(1, math.ceil(self._remaining_s()) + 1)
+        headers = {"Nats-Msg-Id": f"{job.id}.{len(moved.attempts)}", "Nats-TTL": f"{ttl_s}s"}
+        try:
+            await self.w.js.publish(subject, encode(moved), headers=headers, timeout=5.0)
+        except Exception as exc:  # noqa: BLE001 - any publish failure: hand the job back, lose nothing
+            log.warning(
+                "re-queue of %s to %s failed (%s); redelivering", job.id, decision.pool, exc
+            )
+            await self.msg.nak(delay=1.0)
+            return
+        self.w.metrics.failed_over(decision.pool)
+        await self._publish(
+            Notice(
+                kind="failover",
+                attempt=self.attempt,
+                from_pool=self.w.pool_name,
+                to_pool=decision.pool,
+                reset=decision.reset,
+                message=f"{err.code}: {err.message}",
+            )
+        )
+        await self.msg.ack()
+        await self._lifecycle("failover", f"{self.w.pool_name} -> {decision.pool}: {err.code}")
+
+    async def _fail(self, decision: Fail, job: Job, err: ProviderError) -> None:
+        attempts = [*job.attempts, self._attempt_record(err)]
+        if decision.dead_letter:
+            await self.w.dead_letter(
+                DeadLetter(
+                    code=decision.code,
+                    message=decision.message,
+                    at_ms=now_ms(),
+                    route=job.route,
+                    job=msgspec.structs.replace(job, attempts=attempts),
+                )
+            )
+        retryable = decision.code == "all_providers_failed"
+        await self._publish(
+            Error(
+                code=decision.code,
+                message=decision.message,
+                retryable=retryable,
+                attempt=self.attempt,
+                attempts=attempts,
+            )
+        )
+        await self.msg.ack()
+        self.w.metrics.job_outcome(self.model, "error")
+        await self._lifecycle("dead" if decision.dead_letter else "failed", decision.code)
+
+    def _attempt_record(self, err: ProviderError) -> Attempt:
+        return Attempt(
+            pool=self.w.pool_name,
+            model=self.model,
+            code=err.code,
+            message=err.message,
+            retryable=err.retryable,
+            status=err.status,
+            deliveries=self.deliveries,
+            chunks_sent=self.seq,
+            at_ms=now_ms(),
+        )
+
+    async def _cancelled(self) -> None:
+        if not self.cancelled_by_client:
+            # Shutdown: hand the job back to the queue for another worker.
+            await self.msg.nak()
+            return
+        await self._finish_error("cancelled", "the client cancelled the request")
+
+    async def _finish_error(self, code: str, message: str) -> None:
+        assert self.job is not None
+        await self._publish(
+            Error(code=code, message=message, attempt=self.attempt, attempts=self.job.attempts)
+        )
+        await self.msg.ack()
+        self.w.metrics.job_outcome(self.model, code)
+        await self._lifecycle("failed", code)
+
+    # --- input checks ------------------------------------------------------------
+
+    async def _decode(self) -> Job | None:
+        try:
+            job = decode_job(self.msg.data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            await self._reject_raw("invalid_job", f"the job could not be decoded: {exc}")
+            return None
+        if not _valid_reply(job.reply_to):
+            await self._reject_raw("invalid_job", "reply_to must be a subject under llm.reply.")
+            return None
+        return job
+
+    async def _resolve_model(self, job: Job) -> bool:
+        model = self.w.model_for(job, self.from_route)
+        if model is None:
+            await self._reject(
+                job, "unknown_route", f"pool {self.w.pool_name} does not serve route {job.route!r}"
+            )
+            return False
+        self.model = model
+        return True
+
+    async def _reject(self, job: Job, code: str, message: str) -> None:
+        await self._publish(Error(code=code, message=message, attempts=job.attempts))
+        route = job.route if is_valid_name(job.route) else INVALID_ROUTE_TOKEN
+        await self.w.dead_letter(
+            DeadLetter(code=code, message=message, at_ms=now_ms(), route=route, job=job)
+        )
+        await self.msg.term()
+
+    async def _reject_raw(self, code: str, message: str) -> None:
+        """Answer a job we could not decode, if a reply subject can be read from it."""
+        loose = _loose_fields(self.msg.data)
+        reply, route = loose.get("reply_to"), loose.get("route")
+        if isinstance(reply, str) and _valid_reply(reply):
+            await self.w.nc.publish(reply, encode(Error(code=code, message=message)))
+        token = route if isinstance(route, str) and is_valid_name(route) else INVALID_ROUTE_TOKEN
+        raw = self.msg.data[: self.w.config.streams.max_job_bytes].decode(errors="replace")
+        await self.w.dead_letter(
+            DeadLetter(code=code, message=message, at_ms=now_ms(), route=token, raw=raw)
+        )
+        await self.msg.term()
+
+    # --- helpers -----------------------------------------------------------------
+
+    def _remaining_s(self) -> float:
+        assert self.job is not None
+        return self.job.deadline_ms / 1000 - time.time()
+
+    async def _publish(self, event: Event) -> None:
+        assert self.job is not None
+        await self.w.nc.publish(self.job.reply_to, encode(event))
+
+    async def _lifecycle(self, kind: str, detail: str) -> None:
+        assert self.job is not None
+        event = LifecycleEvent(
+            kind=kind,
+            request_id=self.job.id,
+            route=self.job.route,
+            pool=self.w.pool_name,
+            at_ms=now_ms(),
+            detail=detail,
+        )
+        await self.w.nc.publish(events_subject(kind), encode(event))
+
+
+async def _close(items: AsyncIterator[StreamItem]) -> None:
+    aclose = getattr(items, "aclose", None)
+    if aclose is not None:
+        with anyio.CancelScope(shield=True):
+            await aclose()
+
+
+def _valid_reply(subject: str) -> bool:
+    """Only plain subjects under llm.reply.: a job must not make a worker publish elsewhere."""
+    return (
+        subject.startswith(REPLY_PREFIX + ".")
+        and len(subject) > len(REPLY_PREFIX) + 1
+        and not any(c in subject for c in "*> \t\r\n")
+    )
+
+
+def _loose_fields(data: bytes) -> dict[str, object]:
+    try:
+        value = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}

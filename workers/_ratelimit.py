@@ -1,0 +1,138 @@
+"""Rate budgets: token buckets for requests/min and tokens/min.
+
+A pool's limits are shared by its live workers: each worker's bucket refills at
+``limit / live_workers`` (the count comes from the heartbeat KV), so N workers
+together stay within the provider's limit. A 429 with Retry-After pauses the
+whole pool (every worker) until then. Clocks are injected so tests need no
+sleeping.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+Clock = Callable[[], float]
+
+
+class TokenBucket:
+    """``rate_per_s`` tokens per second, holding at most ``burst``; may go into debt."""
+
+    def __init__(self, rate_per_s: float, burst: float, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self._level = burst
+        self._at = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._level = min(self.burst, self._level + (now - self._at) * self.rate_per_s)
+        self._at = now
+
+    @property
+    def level(self) -> float:
+        self._refill()
+        return self._level
+
+    def try_take(self, n: float = 1.0) -> bool:
+        self._refill()
+        if self._level < n:
+            return False
+        self._level -= n
+        return True
+
+    def take(self, n: float) -> None:
+        """Take ``n`` even if that leaves a debt (used to correct estimates)."""
+        self._refill()
+        self._level -= n
+
+    def give_back(self, n: float) -> None:
+        self._refill()
+        self._level = min(self.burst, self._level + n)
+
+    def wait_s(self, n: float = 1.0) -> float:
+        """Seconds until ``n`` tokens are available (0 if now)."""
+        self._refill()
+        missing = n - self._level
+        if missing <= 0:
+            return 0.0
+        return missing / self.rate_per_s if self.rate_per_s > 0 else float("inf")
+
+    def fill(self) -> None:
+        self._level = self.burst
+        self._at = self._clock()
+
+    def set_rate(self, rate_per_s: float, burst: float) -> None:
+        self._refill()
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self._level = min(self._level, burst)
+
+
+class RateBudget:
+    """The pool's requests/min and tokens/min budget as seen by one worker.
+
+    ``rpm``/``tpm`` of 0 mean unlimited. The burst is one second's worth of the
+    worker's share (at least one request), so a worker never exceeds its share
+    of the per-minute limit over any window: a full minute-sized burst would
+    let N workers together send N minutes of traffic at once.
+    """
+
+    def __init__(self, rpm: int, tpm: int, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self.rpm = rpm
+        self.tpm = tpm
+        self.share = 1
+        self.paused_until = 0.0
+        self.requests = TokenBucket(0, 0, clock)
+        self.tokens = TokenBucket(0, 0, clock)
+        self.set_share(1)
+        self.requests.fill()
+        self.tokens.fill()
+
+    def set_share(self, live_workers: int) -> None:
+        """Split the pool's limits across ``live_workers`` workers."""
+        self.share = max(1, live_workers)
+        req_rate = self.rpm / 60 / self.share
+        tok_rate = self.tpm / 60 / self.share
+        self.requests.set_rate(req_rate, max(1.0, req_rate))
+        self.tokens.set_rate(tok_rate, max(1.0, tok_rate * 10))
+
+    def pause(self, seconds: float) -> None:
+        self.paused_until = max(self.paused_until, self._clock() + seconds)
+
+    def wait_s(self) -> float:
+        """Seconds before one more request may start (0 = now)."""
+        waits = [max(0.0, self.paused_until - self._clock())]
+        if self.rpm:
+            waits.append(self.requests.wait_s(1.0))
+        if self.tpm:
+            waits.append(self.tokens.wait_s(1.0))
+        return max(waits)
+
+    def try_acquire(self) -> bool:
+        """Take one request from the budget if it allows one now."""
+        if self.wait_s() > 0:
+            return False
+        if self.rpm:
+            self.requests.take(1.0)
+        return True
+
+    def release_unused(self) -> None:
+        """A pull that brought no job gives its request back."""
+        if self.rpm:
+            self.requests.give_back(1.0)
+
+    def charge_tokens(self, n: int) -> None:
+        """Charge (or, negative, refund) tokens: estimate first, then the correction."""
+        if self.tpm and n:
+            if n > 0:
+                self.tokens.take(n)
+            else:
+                self.tokens.give_back(-n)
+
+
+def estimate_tokens(text_chars: int, max_tokens: int | None, default_completion: int = 256) -> int:
+    """Rough prompt+completion estimate before the call (~4 chars per token)."""
+    return max(1, text_chars // 4) + (max_tokens or default_completion)
