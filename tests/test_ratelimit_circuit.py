@@ -35,7 +35,8 @@ def test_rpm_budget_never_exceeds_limit_in_any_minute() -> None:
         clock.now += 0.01
     worst = max(sum(1 for t in starts if s <= t < s + 60) for s in starts)
     assert worst <= 121  # the limit plus the one-request burst
-    assert len(starts) >= 120 * 200 / 60 - 2
+    assert all(b - a >= 0.5 - 1e-9 for a, b in zip(starts[1:], starts[2:], strict=False))
+    assert len(starts) >= 0.97 * 120 * 200 / 60
 
 
 def test_share_splits_the_limit_between_workers() -> None:
@@ -46,7 +47,7 @@ def test_share_splits_the_limit_between_workers() -> None:
     for _ in range(6000):  # 60 s
         taken += budget.try_acquire()
         clock.now += 0.01
-    assert 195 <= taken <= 205
+    assert 190 <= taken <= 201
 
 
 def test_pause_blocks_until_retry_after() -> None:

@@ -73,10 +73,10 @@ class TokenBucket:
 class RateBudget:
     """The pool's requests/min and tokens/min budget as seen by one worker.
 
-    ``rpm``/``tpm`` of 0 mean unlimited. The burst is one second's worth of the
-    worker's share (at least one request), so a worker never exceeds its share
-    of the per-minute limit over any window: a full minute-sized burst would
-    let N workers together send N minutes of traffic at once.
+    ``rpm``/``tpm`` of 0 mean unlimited. Requests are paced smoothly (a burst
+    of one), so no window of any length holds more than ``rate * length + 1``
+    requests: a burst allowance would let the first minute exceed ``rpm``, and
+    N workers together N times that.
     """
 
     def __init__(self, rpm: int, tpm: int, clock: Clock = time.monotonic) -> None:
@@ -96,7 +96,7 @@ class RateBudget:
         self.share = max(1, live_workers)
         req_rate = self.rpm / 60 / self.share
         tok_rate = self.tpm / 60 / self.share
-        self.requests.set_rate(req_rate, max(1.0, req_rate))
+        self.requests.set_rate(req_rate, 1.0)
         self.tokens.set_rate(tok_rate, max(1.0, tok_rate * 10))
 
     def pause(self, seconds: float) -> None:

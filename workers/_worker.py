@@ -69,9 +69,8 @@ log = logging.getLogger("llmrelay.worker")
 VERSION = "0.1.0"
 CONTROL_PREFIX = "llm.control"
 MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{JOBS_STREAM}.*"
-# Pull weights: the primary job of a pool is its rank-0 routes; its own subject
-# (re-queues from other pools, pinned jobs) always keeps at least one pull.
-_WEIGHT_PRIMARY, _WEIGHT_BACKUP, _WEIGHT_POOL = 4.0, 2.0, 1.0
+# Route pull weights: a pool's main job is the routes it is primary for.
+_WEIGHT_PRIMARY, _WEIGHT_BACKUP = 2.0, 1.0
 
 
 class Worker:
@@ -109,6 +108,7 @@ class Worker:
         self.running: dict[str, JobRun] = {}
         self.pullers: list[Puller] = []
         self.peers: dict[str, Heartbeat] = {}
+        self._own_turn = True  # one-slot workers alternate between own subject and routes
         self._wake = anyio.Event()
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
@@ -290,10 +290,21 @@ class Worker:
         return None
 
     def _pick(self, route_room: int) -> Puller | None:
+        """Which consumer gets the next free slot.
+
+        The pool's own subject (failovers from other pools, pinned jobs) keeps
+        exactly one pull, so a failover starts in milliseconds even while the
+        routes are busy; every other free slot goes to the routes, rank-0 routes
+        weighted above backup routes. A one-slot worker alternates.
+        """
+        own = self.pullers[0]
+        if own.outstanding == 0 and (self.slots > 1 or self._own_turn):
+            self._own_turn = False
+            return own
         best: Puller | None = None
         best_load = float("inf")
-        for p in self.pullers:
-            if p.is_route and (route_room <= 0 or not self._may_pull_route(p)):
+        for p in self.pullers[1:]:
+            if route_room <= 0 or not self._may_pull_route(p):
                 continue
             load = (p.outstanding + 1) / self._weight(p)
             if load < best_load:
@@ -301,8 +312,6 @@ class Worker:
         return best
 
     def _weight(self, p: Puller) -> float:
-        if not p.is_route:
-            return _WEIGHT_POOL
         assert p.route is not None
         return _WEIGHT_PRIMARY if p.rank == self._top_rank(p.route) else _WEIGHT_BACKUP
 
@@ -327,6 +336,7 @@ class Worker:
         return any(hb.pool in better and hb.circuit != "open" for hb in self.peers.values())
 
     def _on_job(self, msg: Msg, puller: Puller) -> None:
+        self._own_turn = puller.is_route
         self.busy += 1
         self.metrics.slots(self.busy, self.slots)
         if self._tg is None or self._stopping.is_set():
@@ -344,6 +354,8 @@ class Worker:
 
     def _on_idle(self, puller: Puller) -> None:
         self.budget.release_unused()
+        if puller.is_route:
+            self._own_turn = True
         self._poke()
 
     async def _run_job(self, msg: Msg, route: str | None) -> None:

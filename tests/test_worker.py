@@ -1,0 +1,297 @@
+"""Worker pools end to end: real nats-server, real workers, real HTTP to fake providers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+import yaml
+from nats.aio.client import Client as NATS
+
+from broker import Chunk, Done, Error, Notice, RelayClient
+from broker._protocol import decode_dead_letter
+from tests._harness import mock_pool, relay_config, running_workers
+from workers.mock_provider import MockProvider, expected_answer
+
+
+async def collect(handle: Any) -> list[Any]:
+    return [event async for event in handle.events()]
+
+
+async def wait_until(predicate: Any, timeout_s: float = 10.0, what: str = "condition") -> None:
+    """Poll a condition that has no event to await (an external process's state)."""
+    with anyio.fail_after(timeout_s):
+        while not predicate():
+            await anyio.sleep(0.01)
+
+
+async def test_200_concurrent_streams_arrive_complete_and_in_order(
+    nc: NATS, worker_url: str, client_url: str
+) -> None:
+    async with MockProvider(name="mock-a", tokens=12, token_delay_ms=1) as mock:
+        cfg = relay_config({"a": mock_pool(mock.url, concurrency=16)}, {"chat": [("a", "m")]})
+        async with (
+            running_workers(cfg, ["a"], worker_url),
+            RelayClient(client_url, config=cfg) as relay,
+        ):
+            handles = [await relay.submit(f"question {i}", route="chat") for i in range(200)]
+            results: dict[str, list[Any]] = {}
+
+            async def run(h: Any) -> None:
+                results[h.id] = await collect(h)
+
+            async with anyio.create_task_group() as tg:
+                for h in handles:
+                    tg.start_soon(run, h)
+    expected = expected_answer("mock-a", 12)
+    assert len(results) == 200
+    for events in results.values():
+        chunks = [e for e in events if isinstance(e, Chunk)]
+        assert [c.seq for c in chunks] == list(range(len(chunks)))
+        assert "".join(c.delta for c in chunks) == expected
+        assert isinstance(events[-1], Done) and events[-1].usage.completion_tokens == 12
+    assert mock.stats()["peak_concurrency"] <= 16
+
+
+async def test_provider_never_sees_more_concurrency_than_slots(
+    nc: NATS, worker_url: str, client_url: str
+) -> None:
+    async with MockProvider(name="p", tokens=5, token_delay_ms=10) as mock:
+        cfg = relay_config({"a": mock_pool(mock.url, concurrency=4)}, {"chat": [("a", "m")]})
+        async with (
+            running_workers(cfg, ["a"], worker_url),
+            RelayClient(client_url, config=cfg) as relay,
+        ):
+            handles = [await relay.submit(f"q{i}", route="chat") for i in range(40)]
+            texts = [await h.text() for h in handles]
+    assert texts == [expected_answer("p", 5)] * 40
+    stats = mock.stats()
+    assert stats["requests"] == 40
+    # Saturated, never more than the slots. One slot always listens on the pool's
+    # own subject (failovers), so route traffic alone fills the other three.
+    assert stats["peak_concurrency"] == 3
+
+
+@pytest.mark.slow
+async def test_connection_reuse_over_1000_requests(
+    nc: NATS, worker_url: str, client_url: str
+) -> None:
+    async with MockProvider(name="p", tokens=3) as mock:
+        cfg = relay_config({"a": mock_pool(mock.url, concurrency=16)}, {"chat": [("a", "m")]})
+        async with (
+            running_workers(cfg, ["a"], worker_url),
+            RelayClient(client_url, config=cfg) as relay,
+        ):
+            sem = anyio.Semaphore(64)
+            done: list[str] = []
+
+            async def one(i: int) -> None:
+                async with sem:
+                    h = await relay.submit(f"q{i}", route="chat")
+                    done.append(await h.text())
+
+            async with anyio.create_task_group() as tg:
+                for i in range(1000):
+                    tg.start_soon(one, i)
+    stats = mock.stats()
+    assert len(done) == 1000 and stats["requests"] == 1000
+    reuse = 1 - stats["connections"] / stats["requests"]
+    assert reuse >= 0.98, stats["connections"]
+
+
+async def test_requests_per_minute_limit_holds(nc: NATS, worker_url: str, client_url: str) -> None:
+    rpm = 1200  # 20 requests/s
+    async with MockProvider(name="p", tokens=2) as mock:
+        cfg = relay_config(
+            {"a": mock_pool(mock.url, concurrency=16, rpm=rpm)}, {"chat": [("a", "m")]}
+        )
+        async with (
+            running_workers(cfg, ["a"], worker_url),
+            RelayClient(client_url, config=cfg) as relay,
+        ):
+            handles = [await relay.submit(f"q{i}", route="chat") for i in range(50)]
+            for h in handles:
+                await h.text()
+    times = sorted(entry["t"] for entry in mock.stats()["log"])
+    assert len(times) == 50
+    per_s = rpm / 60
+    for i, start in enumerate(times):  # no window of any length exceeds rate * length + burst
+        for j in range(i + 1, len(times)):
+            assert j - i + 1 <= per_s * (times[j] - start) + 2, (i, j, times[j] - start)
+    assert times[-1] - times[0] >= (50 - 2) / per_s * 0.9
+
+
+async def test_two_workers_of_one_pool_share_load_and_limit(
+    nc: NATS, worker_url: str, client_url: str
+) -> None:
+    async with MockProvider(name="p", tokens=3, token_delay_ms=5) as mock:
+        cfg = relay_config({"a": mock_pool(mock.url, concurrency=2)}, {"chat": [("a", "m")]})
+        async with (
+            running_workers(cfg, ["a", "a"], worker_url) as workers,
+            RelayClient(client_url, config=cfg) as relay,
+        ):
+            await wait_until(lambda: all(len(w.peers) == 2 for w in workers), what="peers")
+            handles = [await relay.submit(f"q{i}", route="chat") for i in range(30)]
+            for h in handles:
+                await h.text()
+            assert [w.budget.share for w in workers] == [2, 2]
+            served = [_samples(w, "llmrelay_requests_total") for w in workers]
+    assert sum(served) == 30
+    assert min(served) >= 5, served
+    assert mock.stats()["peak_concurrency"] <= 4
+
+
+def _samples(worker: Any, name: str) -> float:
+    total = 0.0
+    for metric in worker.metrics.registry.collect():
+        for sample in metric.samples:
+            if sample.name == name:
+                total += sample.value
+    return total
+
+
+async def test_cancel_stops_the_upstream_stream(nc: NATS, worker_url: str, client_url: str) -> None:
+    async with MockProvider(name="p", tokens=200, token_delay_ms=50) as mock:
+        cfg = relay_config({"a": mock_pool(mock.url)}, {"chat": [("a", "m")]})
+        async with (
+            running_workers(cfg, ["a"], worker_url),
+            RelayClient(client_url, config=cfg) as relay,
+        ):
+            handle = await relay.submit("long story", route="chat")
+            events = handle.events()
+            first = await anext(events)
+            assert isinstance(first, Chunk)
+            assert mock.stats()["active"] == 1
+            await handle.cancel()
+            rest = [e async for e in events]
+            await wait_until(lambda: mock.stats()["active"] == 0, timeout_s=2.0)
+    assert isinstance(rest[-1], Error) and rest[-1].code == "cancelled"
+    assert sum(isinstance(e, Chunk) for e in rest) < 50
+
+
+@pytest.mark.parametrize("provider_kind", ["openai", "anthropic", "ollama"])
+async def test_each_adapter_through_the_broker(
+    provider_kind: str, nc: NATS, worker_url: str, client_url: str
+) -> None:
+    kind = provider_kind
+    async with MockProvider(name=f"{kind}-fake", tokens=6) as mock:
+        cfg = relay_config({"p": mock_pool(mock.url, kind)}, {"chat": [("p", "some-model")]})
+        async with (
+            running_workers(cfg, ["p"], worker_url),
+            RelayClient(client_url, config=cfg) as relay,
+        ):
+            handle = await relay.submit("hi", route="chat", system="be brief")
+            text = await handle.text()
+    assert text == expected_answer(f"{kind}-fake", 6)
+    assert handle.done is not None
+    assert (handle.done.pool, handle.done.model) == ("p", "some-model")
+    assert handle.done.usage.completion_tokens == 6
+    assert mock.stats()["by_model"] == {"some-model": 1}
+
+
+async def test_malformed_job_is_answered_and_dead_lettered(
+    nc: NATS, worker_url: str, client_url: str
+) -> None:
+    async with MockProvider(name="p", tokens=2) as mock:
+        cfg = relay_config({"a": mock_pool(mock.url)}, {"chat": [("a", "m")]})
+        async with (
+            running_workers(cfg, ["a"], worker_url),
+            RelayClient(client_url, config=cfg) as relay,
+        ):
+            sub = await nc.subscribe("llm.reply.bad-1")
+            bad = {
+                "id": "bad-1",
+                "route": "chat",
+                "reply_to": "llm.reply.bad-1",
+                "messages": "oops",
+            }
+            await nc.jetstream().publish("llm.jobs.chat", json.dumps(bad).encode())
+            reply = msgspec.json.decode((await sub.next_msg(timeout=5)).data)
+            await nc.jetstream().publish("llm.jobs.chat", b"\x00 not json at all")
+            # The worker survives both and still serves.
+            assert await (await relay.submit("fine", route="chat")).text() == expected_answer(
+                "p", 2
+            )
+    assert (
+        reply["type"] == "error"
+        and reply["code"] == "invalid_job"
+        and "messages" in reply["message"]
+    )
+    dlq = await nc.jetstream().stream_info("LLM_DLQ", subjects_filter=">")
+    assert dlq.state.subjects == {"llm.dlq.chat": 1, "llm.dlq._invalid": 1}
+    first = await nc.jetstream().get_last_msg("LLM_DLQ", "llm.dlq.chat")
+    assert decode_dead_letter(first.data or b"").code == "invalid_job"
+    assert mock.stats()["requests"] == 1
+
+
+async def test_expired_job_is_answered_without_calling_upstream(
+    nc: NATS, worker_url: str, client_url: str
+) -> None:
+    async with MockProvider(name="p", tokens=2) as mock:
+        cfg = relay_config({"a": mock_pool(mock.url)}, {"chat": [("a", "m")]})
+        async with (
+            running_workers(cfg, ["a"], worker_url),
+            RelayClient(client_url, config=cfg) as relay,
+        ):
+            job = msgspec.structs.replace(relay.build_job("too late", route="chat"), deadline_ms=1)
+            sub = await nc.subscribe(job.reply_to)
+            await nc.jetstream().publish("llm.jobs.chat", msgspec.json.encode(job))
+            reply = msgspec.json.decode((await sub.next_msg(timeout=5)).data)
+    assert reply["type"] == "error" and reply["code"] == "deadline_exceeded"
+    assert mock.stats()["requests"] == 0
+
+
+def _write_config(path: Path, cfg_doc: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(cfg_doc))
+    return path
+
+
+async def test_sigkill_mid_stream_redelivers_and_client_gets_one_clean_answer(
+    nc: NATS, worker_url: str, client_url: str, tmp_path: Path
+) -> None:
+    async with MockProvider(name="p", tokens=30, token_delay_ms=30) as mock:
+        pool = mock_pool(mock.url, ack_wait_s=1.0)
+        doc = {"pools": {"a": pool}, "routes": {"chat": {"targets": [{"pool": "a", "model": "m"}]}}}
+        cfg_path = _write_config(tmp_path / "relay.yaml", doc)
+        cfg = relay_config({"a": pool}, {"chat": [("a", "m")]})
+        proc = _spawn_worker(cfg_path, "a", worker_url)
+        try:
+            async with RelayClient(client_url, config=cfg) as relay:
+                handle = await relay.submit("story", route="chat", timeout_s=30)
+                events = handle.events()
+                first = await anext(events)
+                assert isinstance(first, Chunk) and first.attempt == 1
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                async with running_workers(cfg, ["a"], worker_url):
+                    rest = [e async for e in events]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    resets = [e for e in rest if isinstance(e, Notice) and e.reset]
+    assert resets and resets[0].kind == "redelivered"
+    final_chunks = [e for e in rest if isinstance(e, Chunk) and e.attempt == resets[0].attempt]
+    assert "".join(c.delta for c in final_chunks) == expected_answer("p", 30)
+    assert isinstance(rest[-1], Done)
+    assert mock.stats()["requests"] == 2
+
+
+def _spawn_worker(cfg_path: Path, pool: str, nats_url: str) -> subprocess.Popen[bytes]:
+    exe = Path(sys.executable).parent / "llmrelay"
+    proc = subprocess.Popen(
+        [str(exe), "worker", "--pool", pool, "--config", str(cfg_path), "--nats-url", nats_url],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    line = proc.stderr.readline().decode()  # "... worker <id> serving pool a with N slots"
+    assert "serving pool" in line, line
+    return proc
