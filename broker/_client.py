@@ -78,8 +78,14 @@ async def connect_nats(
     user: str | None = None,
     password: str | None = None,
     token: str | None = None,
+    inbox_prefix: str = "_INBOX",
 ) -> NATS:
-    """Connect to NATS or raise ``ConnectFailed`` with one clear line."""
+    """Connect to NATS or raise ``ConnectFailed`` with one clear line.
+
+    Workers pass a private ``inbox_prefix``: jobs are pulled into inboxes, and
+    clients may subscribe to ``_INBOX.>`` (nats.conf), so a worker's inboxes
+    must live elsewhere or any client could read other users' prompts.
+    """
 
     async def quiet(_: Exception) -> None:
         return None
@@ -95,6 +101,7 @@ async def connect_nats(
             user=user,
             password=password,
             token=token,
+            inbox_prefix=inbox_prefix,
         )
     except (NoServersError, OSError, NatsTimeout) as exc:
         raise ConnectFailed(f"no NATS server answered at {_redact(url)} ({exc})") from exc

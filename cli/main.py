@@ -26,6 +26,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Keep `llmrelay` a command group even if only one command module is registered."""
+
+
 def _register() -> None:
     # Imported here so that each module can import `app`-free helpers freely.
     from cli import _commands

@@ -295,3 +295,29 @@ def _spawn_worker(cfg_path: Path, pool: str, nats_url: str) -> subprocess.Popen[
     line = proc.stderr.readline().decode()  # "... worker <id> serving pool a with N slots"
     assert "serving pool" in line, line
     return proc
+
+
+async def test_a_client_cannot_read_jobs_pulled_by_workers(
+    nc: NATS, worker_url: str, client_url: str
+) -> None:
+    import nats
+
+    snoop = await nats.connect(client_url)  # clients may subscribe to _INBOX.> (PubAcks)
+    seen: list[bytes] = []
+
+    async def record(msg: Any) -> None:
+        seen.append(msg.data)
+
+    await snoop.subscribe("_INBOX.>", cb=record)
+    await snoop.flush()
+    async with MockProvider(name="p", tokens=2) as mock:
+        cfg = relay_config({"a": mock_pool(mock.url)}, {"chat": [("a", "m")]})
+        async with (
+            running_workers(cfg, ["a"], worker_url),
+            RelayClient(client_url, config=cfg) as relay,
+        ):
+            text = await (await relay.submit("TOP-SECRET prompt", route="chat")).text()
+    await snoop.flush()
+    await snoop.close()
+    assert text == expected_answer("p", 2)
+    assert not any(b"TOP-SECRET" in data for data in seen)

@@ -68,6 +68,8 @@ log = logging.getLogger("llmrelay.worker")
 
 VERSION = "0.1.0"
 CONTROL_PREFIX = "llm.control"
+# Jobs are pulled into inboxes; clients may read _INBOX.>, so workers use their own.
+WORKER_INBOX_PREFIX = "_LLMRELAY_WORKER_INBOX"
 MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{JOBS_STREAM}.*"
 # Route pull weights: a pool's main job is the routes it is primary for.
 _WEIGHT_PRIMARY, _WEIGHT_BACKUP = 2.0, 1.0
@@ -170,6 +172,7 @@ class Worker:
             user=n.user,
             password=n.password.reveal() if n.password else None,
             token=n.token.reveal() if n.token else None,
+            inbox_prefix=WORKER_INBOX_PREFIX,
         )
         await ensure_topology(self._nc, self.config)
         self._kv = await self.js.key_value(WORKERS_BUCKET)
@@ -500,6 +503,8 @@ class Worker:
             version=VERSION,
             at_ms=now_ms(),
             metrics_port=self.metrics_port,
+            rpm_used=self.budget.requests_used.total(),
+            tpm_used=self.budget.tokens_used.total(),
         )
 
     async def _heartbeat_loop(self) -> None:
