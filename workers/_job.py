@@ -137,6 +137,11 @@ class JobRun:
         await self._attempt(job)
 
     async def _attempt(self, job: Job) -> None:
+        if not await self._wait_pause_over():
+            await self._finish_error(
+                "deadline_exceeded", "the pool was paused (429) past the deadline"
+            )
+            return
         if not self.w.breaker.allow():
             await self._failed(job, CircuitOpen(f"circuit of pool {self.w.pool_name} is open"))
             return
@@ -159,6 +164,16 @@ class JobRun:
             return
         assert finish is not None
         await self._succeeded(job, finish, estimate)
+
+    async def _wait_pause_over(self) -> bool:
+        """A job pulled before a 429 paused the pool waits out the pause, within its deadline."""
+        pause_s = self.w.budget.pause_remaining_s()
+        if pause_s <= 0:
+            return True
+        if pause_s >= self._remaining_s():
+            return False
+        await anyio.sleep(pause_s)
+        return True
 
     # --- streaming ---------------------------------------------------------------
 
@@ -275,8 +290,9 @@ class JobRun:
             if err.code == "auth_failed":
                 self.w.breaker.trip()
             self.w.circuit_changed(self.w.breaker.record_failure())
-        if err.code == "rate_limited" and err.retry_after_s:
-            await self.w.pause_pool(err.retry_after_s)
+        if err.code == "rate_limited":
+            # The whole pool backs off: Retry-After if given, else the base backoff.
+            await self.w.pause_pool(err.retry_after_s or self.w.pool.backoff_base_s)
         log.info("job %s attempt %d on %s failed: %s", job.id, self.attempt, self.w.pool_name, err)
         await self._apply(decide(err, self._failure_context(job), self.w.config), job, err)
 

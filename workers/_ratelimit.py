@@ -10,6 +10,7 @@ sleeping.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 
 Clock = Callable[[], float]
@@ -70,6 +71,27 @@ class TokenBucket:
         self._level = min(self._level, burst)
 
 
+class MinuteCounter:
+    """A sum over the last 60 s, in one-second buckets (what heartbeats report as used)."""
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self._buckets: deque[list[float]] = deque()
+
+    def add(self, n: float) -> None:
+        second = float(int(self._clock()))
+        if self._buckets and self._buckets[-1][0] == second:
+            self._buckets[-1][1] += n
+        else:
+            self._buckets.append([second, n])
+
+    def total(self) -> int:
+        horizon = self._clock() - 60.0
+        while self._buckets and self._buckets[0][0] <= horizon:
+            self._buckets.popleft()
+        return max(0, int(sum(n for _, n in self._buckets)))
+
+
 class RateBudget:
     """The pool's requests/min and tokens/min budget as seen by one worker.
 
@@ -90,6 +112,8 @@ class RateBudget:
         self.set_share(1)
         self.requests.fill()
         self.tokens.fill()
+        self.requests_used = MinuteCounter(clock)
+        self.tokens_used = MinuteCounter(clock)
 
     def set_share(self, live_workers: int) -> None:
         """Split the pool's limits across ``live_workers`` workers."""
@@ -101,6 +125,9 @@ class RateBudget:
 
     def pause(self, seconds: float) -> None:
         self.paused_until = max(self.paused_until, self._clock() + seconds)
+
+    def pause_remaining_s(self) -> float:
+        return max(0.0, self.paused_until - self._clock())
 
     def wait_s(self) -> float:
         """Seconds before one more request may start (0 = now)."""
@@ -117,15 +144,18 @@ class RateBudget:
             return False
         if self.rpm:
             self.requests.take(1.0)
+        self.requests_used.add(1)
         return True
 
     def release_unused(self) -> None:
         """A pull that brought no job gives its request back."""
+        self.requests_used.add(-1)
         if self.rpm:
             self.requests.give_back(1.0)
 
     def charge_tokens(self, n: int) -> None:
         """Charge (or, negative, refund) tokens: estimate first, then the correction."""
+        self.tokens_used.add(n)
         if self.tpm and n:
             if n > 0:
                 self.tokens.take(n)

@@ -111,6 +111,8 @@ class Worker:
         self.pullers: list[Puller] = []
         self.peers: dict[str, Heartbeat] = {}
         self._own_turn = True  # one-slot workers alternate between own subject and routes
+        self._circuit_seen = "closed"
+        self._peers_known = False
         self._wake = anyio.Event()
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
@@ -326,7 +328,8 @@ class Worker:
         assert p.route is not None
         if self.config.routes[p.route].spill != "failover" or p.rank == self._top_rank(p.route):
             return True
-        return not self._better_pool_healthy(p.route, p.rank)
+        # A pull cannot be taken back, so wait for the first full view of the peers.
+        return self._peers_known and not self._better_pool_healthy(p.route, p.rank)
 
     def _min_pending(self, p: Puller) -> int | None:
         if p.min_pending is None or p.route is None:
@@ -437,8 +440,28 @@ class Worker:
         await self.nc.publish(f"{CONTROL_PREFIX}.{self.pool_name}.pause", payload)
 
     def circuit_changed(self, state: str) -> None:
+        """Called after every breaker update; publishes real changes."""
         self.metrics.circuit_state(state)
         self._poke()
+        if state != self._circuit_seen:
+            previous, self._circuit_seen = self._circuit_seen, state
+            if self._tg is not None:
+                self._tg.start_soon(self._announce_circuit, previous, state)
+
+    async def _announce_circuit(self, previous: str, state: str) -> None:
+        """Tell `llm.events.circuit` and the heartbeat KV at once, not at the next beat."""
+        log.warning(
+            "pool %s circuit %s -> %s (worker %s)", self.pool_name, previous, state, self.worker_id
+        )
+        event = LifecycleEvent(
+            kind="circuit",
+            request_id="",
+            pool=self.pool_name,
+            at_ms=now_ms(),
+            detail=f"{previous} -> {state}",
+        )
+        await self.nc.publish(events_subject("circuit"), encode(event))
+        await self._put_heartbeat()
 
     # --- subscriptions ----------------------------------------------------------------
 
@@ -510,10 +533,15 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         interval = self.config.streams.heartbeat_ttl_s / 3
         while True:
-            assert self._kv is not None
-            await self._kv.put(f"{self.pool_name}.{self.worker_id}", encode(self.heartbeat()))
-            self.metrics.circuit_state(self.breaker.state)
+            await self._put_heartbeat()
+            state = self.breaker.state  # open -> half_open happens by the clock
+            if state != self._circuit_seen:
+                self.circuit_changed(state)
             await anyio.sleep(interval)
+
+    async def _put_heartbeat(self) -> None:
+        assert self._kv is not None
+        await self._kv.put(f"{self.pool_name}.{self.worker_id}", encode(self.heartbeat()))
 
     async def _delete_heartbeat(self) -> None:
         if self._kv is not None:
@@ -523,7 +551,9 @@ class Worker:
         assert self._kv is not None
         watcher = await self._kv.watchall()
         async for entry in watcher:
-            if entry is None:
+            if entry is None:  # end of the initial snapshot
+                self._peers_known = True
+                self._poke()
                 continue
             if entry.operation in ("DEL", "PURGE") or not entry.value:
                 self.peers.pop(entry.key, None)

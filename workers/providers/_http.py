@@ -1,0 +1,174 @@
+"""The streamed POST every adapter makes, with httpx errors translated at the edge.
+
+``open_stream`` sends the request and hands back an ``UpstreamBody`` once the
+response headers are in; an error status is read (it is small) and raised as a
+``ProviderError`` before the adapter sees anything. ``UpstreamBody`` yields
+parsed items (SSE events or NDJSON lines) as bytes arrive, never buffering the
+whole answer, and turns a broken connection into ``StreamInterrupted``.
+
+When the adapter has its final item it stops reading at once; on the way out
+the rest of the body (normally just a ``[DONE]`` or the chunked terminator,
+already in the socket buffer) is drained for a moment so the connection goes
+back to the pool for reuse instead of being torn down.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager, suppress
+from typing import Any, Generic, Protocol, TypeVar
+
+import anyio
+import httpx
+
+from broker._config import PoolConfig
+from broker._protocol import Job
+from workers.providers._base import StreamInterrupted
+from workers.providers._errors_map import error_for_status, error_for_transport
+
+T = TypeVar("T")
+
+# Bounds on the post-finish drain: long enough for bytes already on the way,
+# short enough that a server which never ends its body costs almost nothing.
+DRAIN_S = 0.05
+_DRAIN_MAX_BYTES = 65_536
+_ERROR_BODY_MAX_BYTES = 65_536
+
+
+class Parser(Protocol[T]):
+    def feed(self, chunk: bytes) -> list[T]: ...
+
+    def close(self) -> list[T]: ...
+
+
+class UpstreamBody:
+    """A streamed response body, read chunk by chunk from one byte iterator.
+
+    The adapter sets ``complete`` just before it yields its ``Finish``: from then
+    on, however the caller stops iterating, the rest of the body is drained for
+    reuse. Without it (an abandoned or failed answer) the connection is closed,
+    which is also how an upstream generation is cancelled.
+    """
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self.complete = False
+        self._chunks = response.aiter_bytes()
+
+    async def next_chunk(self) -> bytes | None:
+        """The next bytes, or None at the end of the body."""
+        try:
+            return await anext(self._chunks)
+        except StopAsyncIteration:
+            return None
+        except httpx.RequestError as exc:  # transport errors, and a body that fails to decode
+            raise error_for_transport(exc, headers_received=True) from exc
+
+    def items(self, parser: Parser[T]) -> ParsedItems[T]:
+        """Iterate ``parser``'s items over the rest of the body."""
+        return ParsedItems(self, parser)
+
+    async def drain(self) -> None:
+        """Read what is left (briefly, boundedly) so the connection can be reused.
+
+        Shielded: it also runs when the caller was cancelled after the answer was
+        complete, and then must not be cut short by that cancellation.
+        """
+        seen = 0
+        with anyio.move_on_after(DRAIN_S, shield=True), suppress(StreamInterrupted):
+            while seen <= _DRAIN_MAX_BYTES:
+                chunk = await self.next_chunk()
+                if chunk is None:
+                    return
+                seen += len(chunk)
+
+
+class ParsedItems(Generic[T]):
+    """Async iterator of parsed items; a class, not a generator, so it needs no closing."""
+
+    def __init__(self, body: UpstreamBody, parser: Parser[T]) -> None:
+        self._body = body
+        self._parser = parser
+        self._pending: deque[T] = deque()
+        self._eof = False
+
+    def __aiter__(self) -> ParsedItems[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        while not self._pending:
+            if self._eof:
+                raise StopAsyncIteration
+            chunk = await self._body.next_chunk()
+            if chunk is None:
+                self._eof = True
+                self._pending.extend(self._parser.close())
+            else:
+                self._pending.extend(self._parser.feed(chunk))
+        return self._pending.popleft()
+
+
+@asynccontextmanager
+async def open_stream(
+    client: httpx.AsyncClient, url: str, *, headers: Mapping[str, str], body: bytes
+) -> AsyncIterator[UpstreamBody]:
+    """POST ``body`` and yield the streamed body of a successful answer."""
+    response = await _send(client, client.build_request("POST", url, headers=headers, content=body))
+    try:
+        if not response.is_success:  # a redirect means a wrong base_url: not an answer
+            raise error_for_status(
+                response.status_code, response.headers, await _small_body(response)
+            )
+        upstream = UpstreamBody(response)
+        try:
+            yield upstream
+        finally:
+            if upstream.complete:
+                await upstream.drain()
+    finally:
+        await response.aclose()
+
+
+async def _send(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+    try:
+        return await client.send(request, stream=True)
+    except httpx.TransportError as exc:
+        raise error_for_transport(exc, headers_received=False) from exc
+
+
+async def _small_body(response: httpx.Response) -> bytes:
+    """Up to 64 KiB of an error answer; a broken error body is just shorter."""
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in response.aiter_bytes():
+            parts.append(chunk)
+            size += len(chunk)
+            if size >= _ERROR_BODY_MAX_BYTES:
+                break
+    except httpx.TransportError:
+        pass
+    return b"".join(parts)[:_ERROR_BODY_MAX_BYTES]
+
+
+def join_url(base_url: str, path: str) -> str:
+    return base_url.rstrip("/") + path
+
+
+def static_headers(pool: PoolConfig, auth: Mapping[str, str]) -> dict[str, str]:
+    """Headers every request of a pool carries; the pool's own headers win."""
+    return {"content-type": "application/json", **auth, **pool.headers}
+
+
+def job_headers(static: Mapping[str, str], job: Job) -> dict[str, str]:
+    """The pool's headers plus the job's trace context, passed through to the provider."""
+    if job.traceparent:
+        return {**static, "traceparent": job.traceparent}
+    return dict(static)
+
+
+def job_params(job: Job, names: Mapping[str, str]) -> dict[str, Any]:
+    """Sampling parameters set on the job, renamed to the provider's keys (unset ones omitted)."""
+    values = {name: getattr(job, name) for name in names}
+    return {wire: values[name] for name, wire in names.items() if values[name] is not None}

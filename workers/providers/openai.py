@@ -1,0 +1,145 @@
+"""OpenAI-compatible chat completions: OpenAI itself, and the many servers that copy it.
+
+``POST {base_url}/chat/completions`` with ``stream: true`` answers with SSE
+``data:`` chunks. Usage comes in a last chunk with empty ``choices`` (asked for
+with ``stream_options.include_usage``), then ``data: [DONE]``. The answer is
+finalised as soon as it is known to be complete (the usage chunk after a
+``finish_reason``), not when the server gets round to ``[DONE]`` or closing the
+stream, so a server that forgets ``[DONE]`` costs nothing. A stream that ends
+without any ``finish_reason`` is a truncated answer and raises
+``StreamInterrupted``; it is never passed off as complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import msgspec
+
+from broker._config import PoolConfig
+from broker._protocol import Job, Usage
+from workers.providers._base import Finish, Malformed, StreamInterrupted, StreamItem, TextDelta
+from workers.providers._errors_map import error_for_payload
+from workers.providers._http import job_headers, job_params, join_url, open_stream, static_headers
+from workers.providers._sse import SSEEvent, SSEParser
+
+_PARAMS = {
+    "max_tokens": "max_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "stop": "stop",
+    "seed": "seed",
+}
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta | None = None
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_Choice] = []
+    usage: _Usage | None = None
+    error: Any = None
+
+
+_chunk_decoder = msgspec.json.Decoder(_Chunk)
+_encoder = msgspec.json.Encoder()
+
+
+class OpenAIProvider:
+    """Adapter for ``kind: openai`` pools."""
+
+    def __init__(self, pool: PoolConfig, client: httpx.AsyncClient) -> None:
+        self._client = client
+        self._url = join_url(pool.base_url, "/chat/completions")
+        auth = {"authorization": f"Bearer {pool.api_key.reveal()}"} if pool.api_key else {}
+        self._headers = static_headers(pool, {"accept": "text/event-stream", **auth})
+
+    async def stream(self, job: Job, model: str) -> AsyncIterator[StreamItem]:
+        headers = job_headers(self._headers, job)
+        async with open_stream(
+            self._client, self._url, headers=headers, body=request_body(job, model)
+        ) as body:
+            state = _StreamState()
+            async for event in body.items(SSEParser()):
+                for item in state.on_event(event):
+                    body.complete = isinstance(item, Finish)
+                    yield item
+                    if body.complete:
+                        return
+            yield state.at_end_of_body()
+
+
+def request_body(job: Job, model: str) -> bytes:
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": job.messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **job_params(job, _PARAMS),
+    }
+    return _encoder.encode(body)
+
+
+class _StreamState:
+    """What the stream has said so far: a finish reason and usage arrive separately."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.usage: Usage | None = None
+
+    def on_event(self, event: SSEEvent) -> list[StreamItem]:
+        if event.data == "[DONE]":
+            return [self._finish("[DONE] came")]
+        if event.event == "error":
+            raise error_for_payload(_json_or_text(event.data))
+        try:
+            chunk = _chunk_decoder.decode(event.data)
+        except msgspec.DecodeError:
+            return [Malformed(event.data)]
+        return self._on_chunk(chunk)
+
+    def _on_chunk(self, chunk: _Chunk) -> list[StreamItem]:
+        if chunk.error is not None:
+            raise error_for_payload({"error": chunk.error})
+        items: list[StreamItem] = []
+        if chunk.choices:
+            choice = chunk.choices[0]
+            if choice.delta is not None and choice.delta.content:
+                items.append(TextDelta(choice.delta.content))
+            self.reason = choice.finish_reason or self.reason
+        if chunk.usage is not None:
+            self.usage = Usage(
+                prompt_tokens=chunk.usage.prompt_tokens,
+                completion_tokens=chunk.usage.completion_tokens,
+            )
+            if self.reason is not None:
+                items.append(self._finish("usage came"))
+        return items
+
+    def at_end_of_body(self) -> Finish:
+        return self._finish("the stream ended")
+
+    def _finish(self, where: str) -> Finish:
+        if self.reason is None:
+            raise StreamInterrupted(f"{where} before any finish_reason: answer truncated")
+        return Finish(self.reason, self.usage)
+
+
+def _json_or_text(data: str) -> Any:
+    try:
+        return msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return {"error": data}
