@@ -7,6 +7,7 @@ nothing was lost (answered, or in the dead-letter queue).
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -99,7 +100,7 @@ async def test_5xx_is_retried_then_fails_over_to_the_backup(
         ("a", "upstream_unavailable", 3)
     ]
     assert len(a_log) == 3 and len(b_log) == 1  # max_retries=2: three tries on a
-    gaps = [y["t"] - x["t"] for x, y in zip(a_log, a_log[1:], strict=False)]
+    gaps = [y["t"] - x["t"] for x, y in itertools.pairwise(a_log)]
     assert all(g >= 0.02 for g in gaps), gaps  # backoff, never a tight loop
     # Each redelivery says so (reset=True): a redelivered job cannot tell a planned
     # retry from a worker that died mid-stream.
