@@ -82,8 +82,9 @@ def test_answer_drops_text_of_an_abandoned_attempt() -> None:
     answer.add(Notice(kind="failover", attempt=2, from_pool="a", to_pool="b", reset=True))
     answer.add(Chunk(seq=0, attempt=2, delta="clean "))
     answer.add(Chunk(seq=1, attempt=2, delta="answer"))
-    answer.add(Done(attempt=2, finish_reason="stop", usage=Usage(), pool="b", model="m",
-                    timings=Timings()))  # fmt: skip
+    answer.add(
+        Done(attempt=2, finish_reason="stop", usage=Usage(), pool="b", model="m", timings=Timings())
+    )
     assert answer.text == "clean answer"
     assert answer.resets == 1
 

@@ -44,10 +44,19 @@ def test_secrets_never_appear_in_repr() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("pools: {a: {kind: openai, base_url: 'http://x', concurrency: 0}}", r"pools\.a\.concurrency"),
+        (
+            "pools: {a: {kind: openai, base_url: 'http://x', concurrency: 0}}",
+            r"pools\.a\.concurrency",
+        ),
         ("pools: {a: {kind: nope, base_url: 'http://x'}}", r"pools\.a\.kind"),
-        ("pools: {a: {kind: openai, base_url: 'http://x', concurency: 3}}", r"pools\.a.*concurency"),
-        ("pools: {a: {kind: openai, base_url: 'http://x', timeouts: {ttft_s: -1}}}", r"timeouts\.ttft_s"),
+        (
+            "pools: {a: {kind: openai, base_url: 'http://x', concurency: 3}}",
+            r"pools\.a.*concurency",
+        ),
+        (
+            "pools: {a: {kind: openai, base_url: 'http://x', timeouts: {ttft_s: -1}}}",
+            r"timeouts\.ttft_s",
+        ),
         ("routes: {r: {targets: [{pool: zz, model: m}]}}", r"routes\.r\.targets\[0\]\.pool.*'zz'"),
         ("routes: {r: {targets: []}}", r"routes\.r\.targets"),
         ("streams: {queue_capacity: many}", r"streams\.queue_capacity"),

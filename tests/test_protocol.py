@@ -8,7 +8,18 @@ import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker import ERROR_CODES, Chunk, Done, Error, Job, Message, Notice, Timings, Usage, json_schema
+from broker import (
+    ERROR_CODES,
+    Chunk,
+    Done,
+    Error,
+    Job,
+    Message,
+    Notice,
+    Timings,
+    Usage,
+    json_schema,
+)
 from broker._protocol import decode_event, decode_job, encode
 
 
@@ -41,10 +52,16 @@ def test_events_are_a_tagged_union() -> None:
     events = [
         Chunk(seq=0, attempt=1, delta="He"),
         Notice(kind="failover", attempt=2, from_pool="a", to_pool="b", reset=True),
-        Done(attempt=2, finish_reason="stop", usage=Usage(prompt_tokens=3, completion_tokens=4),
-             pool="b", model="m", timings=Timings(total_ms=5.0)),
+        Done(
+            attempt=2,
+            finish_reason="stop",
+            usage=Usage(prompt_tokens=3, completion_tokens=4),
+            pool="b",
+            model="m",
+            timings=Timings(total_ms=5.0),
+        ),
         Error(code="all_providers_failed", message="x"),
-    ]  # fmt: skip
+    ]
     for event in events:
         data = encode(event)
         assert json.loads(data)["type"] in {"chunk", "notice", "done", "error"}

@@ -12,16 +12,23 @@ from broker._jsapi import consumer_info
 from tests._builders import make_config
 
 POOLS = {"p1": {}, "p2": {}}
-ROUTES = {"chat": [("p1", "m1"), ("p2", "m2")], "spill": {
-    "targets": [{"pool": "p1", "model": "m"}, {"pool": "p2", "model": "m"}],
-    "spill": "backlog", "min_pending": 5}}  # fmt: skip
+ROUTES = {
+    "chat": [("p1", "m1"), ("p2", "m2")],
+    "spill": {
+        "targets": [{"pool": "p1", "model": "m"}, {"pool": "p2", "model": "m"}],
+        "spill": "backlog",
+        "min_pending": 5,
+    },
+}
 
 
 async def test_topology_is_idempotent(nc: NATS) -> None:
     cfg = make_config(POOLS, ROUTES)
     await ensure_topology(nc, cfg)
     js = nc.jetstream()
-    before = {s: await js.stream_info(s) for s in ("LLM_JOBS", "LLM_REPLIES", "LLM_EVENTS", "LLM_DLQ")}
+    before = {
+        s: await js.stream_info(s) for s in ("LLM_JOBS", "LLM_REPLIES", "LLM_EVENTS", "LLM_DLQ")
+    }
     consumers = ("route_chat", "route_spill", "pool_p1", "pool_p2")
     c_before = {c: await consumer_info(nc, "LLM_JOBS", c) for c in consumers}
 
@@ -63,7 +70,9 @@ async def test_raw_json_job_from_plain_nats_lands_on_route_subject(nc: NATS) -> 
         "reply_to": "llm.reply.raw-1",
         "deadline_ms": 9_999_999_999_999,
     }
-    ack = await js.publish("llm.jobs.chat", json.dumps(job).encode(), headers={"Nats-Msg-Id": "raw-1"})
+    ack = await js.publish(
+        "llm.jobs.chat", json.dumps(job).encode(), headers={"Nats-Msg-Id": "raw-1"}
+    )
     stored = await js.get_msg("LLM_JOBS", ack.seq)
     assert stored.subject == "llm.jobs.chat"
     assert msgspec.json.decode(stored.data)["messages"][0]["content"] == "hello from any client"
