@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
 
 import nats
@@ -79,6 +79,7 @@ async def connect_nats(
     password: str | None = None,
     token: str | None = None,
     inbox_prefix: str = "_INBOX",
+    reconnected: Callable[[], Awaitable[None]] | None = None,
 ) -> NATS:
     """Connect to NATS or raise ``ConnectFailed`` with one clear line.
 
@@ -102,6 +103,7 @@ async def connect_nats(
             password=password,
             token=token,
             inbox_prefix=inbox_prefix,
+            reconnected_cb=reconnected,
         )
     except (NoServersError, OSError, NatsTimeout) as exc:
         raise ConnectFailed(f"no NATS server answered at {_redact(url)} ({exc})") from exc

@@ -87,6 +87,12 @@ class Puller:
             self._issued.append(time.monotonic())
             await self.nc.publish(self._subject, body, reply=self._inbox)
 
+    def forget_all(self) -> int:
+        """The connection was lost: the server dropped every pull we had waiting."""
+        n = len(self._issued)
+        self._issued.clear()
+        return n
+
     def write_off_stale(self) -> int:
         """Forget pulls the server should have ended by now; return how many."""
         horizon = time.monotonic() - self.expires_s - _GRACE_S

@@ -28,6 +28,7 @@ from typing import Any
 import anyio
 import httpx
 import msgspec
+import nats.errors
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -37,6 +38,7 @@ from nats.js.kv import KeyValue
 
 from broker._client import connect_nats
 from broker._config import Config, PoolConfig
+from broker._errors import RelayError
 from broker._protocol import (
     DeadLetter,
     Error,
@@ -175,6 +177,7 @@ class Worker:
             password=n.password.reveal() if n.password else None,
             token=n.token.reveal() if n.token else None,
             inbox_prefix=WORKER_INBOX_PREFIX,
+            reconnected=self._on_reconnected,
         )
         await ensure_topology(self._nc, self.config)
         self._kv = await self.js.key_value(WORKERS_BUCKET)
@@ -276,6 +279,8 @@ class Worker:
             await self._wait_wake(wait_s)
 
     async def _issue_pulls(self) -> float | None:
+        if not self.nc.is_connected:
+            return 0.5  # pulls made now would wait in a buffer and outlive their slot
         outstanding = sum(p.outstanding for p in self.pullers)
         free = self.slots - self.busy - outstanding
         route_out = sum(p.outstanding for p in self.pullers if p.is_route)
@@ -465,6 +470,26 @@ class Worker:
 
     # --- subscriptions ----------------------------------------------------------------
 
+    async def _on_reconnected(self) -> None:
+        """Pulls do not survive a lost connection: free their slots and pull again."""
+        lost = sum(p.forget_all() for p in self.pullers)
+        log.warning("reconnected to NATS; re-issuing %d pulls", lost)
+        if self._tg is not None:  # a brand-new server has no streams yet
+            self._tg.start_soon(self._reensure_topology)
+        self._poke()
+
+    async def _reensure_topology(self) -> None:
+        """JetStream may take a moment after a restart; the memory KV is gone with it."""
+        for delay_s in (0.1, 0.25, 0.5, 1, 2, 4, 8):
+            try:
+                await ensure_topology(self.nc, self.config)
+                self._poke()
+                return
+            except (RelayError, nats.errors.Error) as exc:
+                log.info("topology not ready after reconnect (%r); again in %gs", exc, delay_s)
+                await anyio.sleep(delay_s)
+        log.warning("could not re-create the topology after reconnecting")
+
     async def _on_cancel(self, msg: Msg) -> None:
         rid = msg.subject.rsplit(".", 1)[-1]
         for run in self.running.values():
@@ -533,7 +558,10 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         interval = self.config.streams.heartbeat_ttl_s / 3
         while True:
-            await self._put_heartbeat()
+            try:
+                await self._put_heartbeat()
+            except nats.errors.Error as exc:  # server away: the next beat will do
+                log.debug("heartbeat not stored: %r", exc)
             state = self.breaker.state  # open -> half_open happens by the clock
             if state != self._circuit_seen:
                 self.circuit_changed(state)
@@ -544,10 +572,23 @@ class Worker:
         await self._kv.put(f"{self.pool_name}.{self.worker_id}", encode(self.heartbeat()))
 
     async def _delete_heartbeat(self) -> None:
-        if self._kv is not None:
-            await self._kv.delete(f"{self.pool_name}.{self.worker_id}")
+        """Best effort: if it fails, the key expires after heartbeat_ttl_s anyway."""
+        if self._kv is not None and self.nc.is_connected:
+            try:
+                await self._kv.delete(f"{self.pool_name}.{self.worker_id}")
+            except nats.errors.Error as exc:
+                log.info("heartbeat not deleted (%r); it will expire", exc)
 
     async def _watch_peers(self) -> None:
+        """Follow every worker's heartbeat; restart the watch if the connection drops."""
+        while True:
+            try:
+                await self._follow_peers()
+            except nats.errors.Error as exc:
+                log.debug("peer watch interrupted: %r", exc)
+            await anyio.sleep(1.0)
+
+    async def _follow_peers(self) -> None:
         assert self._kv is not None
         watcher = await self._kv.watchall()
         async for entry in watcher:
@@ -573,7 +614,7 @@ class Worker:
             await anyio.sleep(interval)
             now = time.monotonic()
             for run in list(self.running.values()):
-                if now - run.last_progress >= self.pool.ack_wait_s / 3:
+                if now - run.last_progress >= self.pool.ack_wait_s / 3 and self.nc.is_connected:
                     run.last_progress = now
                     await run.msg.in_progress()
             if sum(p.write_off_stale() for p in self.pullers):
