@@ -321,3 +321,19 @@ async def test_a_client_cannot_read_jobs_pulled_by_workers(
     await snoop.close()
     assert text == expected_answer("p", 2)
     assert not any(b"TOP-SECRET" in data for data in seen)
+
+
+async def test_long_stream_outlives_ack_wait_without_redelivery(
+    nc: NATS, worker_url: str, client_url: str
+) -> None:
+    async with MockProvider(name="p", tokens=25, token_delay_ms=100) as mock:  # ~2.5 s stream
+        cfg = relay_config({"a": mock_pool(mock.url, ack_wait_s=1.0)}, {"chat": [("a", "m")]})
+        async with (
+            running_workers(cfg, ["a", "a"], worker_url),
+            RelayClient(client_url, config=cfg) as relay,
+        ):
+            handle = await relay.submit("long", route="chat")
+            events = await collect(handle)
+    assert not any(isinstance(e, Notice) for e in events)  # never redelivered
+    assert isinstance(events[-1], Done) and events[-1].attempt == 1
+    assert mock.stats()["requests"] == 1
