@@ -17,6 +17,7 @@ abandoned attempt is dropped.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import time
@@ -88,10 +89,12 @@ async def connect_nats(
     must live elsewhere or any client could read other users' prompts.
     """
 
-    async def quiet(_: Exception) -> None:
-        return None
+    first = _FirstConnect(servers=url.count(",") + 1)
 
-    try:
+    async def quiet(exc: Exception) -> None:
+        first.failed(exc)
+
+    async def _connect() -> NATS:
         return await nats.connect(
             url,
             name=name,
@@ -105,10 +108,50 @@ async def connect_nats(
             inbox_prefix=inbox_prefix,
             reconnected_cb=reconnected,
         )
+
+    try:
+        return await first.run(_connect(), timeout_s=timeout_s * first.servers + 0.5)
     except (NoServersError, OSError, NatsTimeout) as exc:
-        raise ConnectFailed(f"no NATS server answered at {_redact(url)} ({exc})") from exc
+        cause = first.error or exc
+        if isinstance(cause, nats.errors.Error) and not isinstance(cause, NatsTimeout):
+            raise ConnectFailed(f"cannot connect to {_redact(url)}: {cause}") from exc
+        why = str(cause) or f"timed out after {timeout_s:g}s"
+        raise ConnectFailed(f"no NATS server answered at {_redact(url)} ({why})") from exc
     except nats.errors.Error as exc:
         raise ConnectFailed(f"cannot connect to {_redact(url)}: {exc}") from exc
+
+
+class _FirstConnect:
+    """Give every server one try: nats-py retries a first connect forever when
+    ``max_reconnect_attempts=-1`` (which we want for later reconnects)."""
+
+    def __init__(self, servers: int) -> None:
+        self.servers = servers
+        self.error: Exception | None = None
+        self._failures = 0
+        self._gave_up = asyncio.Event()
+
+    def failed(self, exc: Exception) -> None:
+        self.error = exc
+        self._failures += 1
+        if self._failures >= self.servers:
+            self._gave_up.set()
+
+    async def run(self, connect: Awaitable[NATS], *, timeout_s: float) -> NATS:
+        task = asyncio.ensure_future(connect)
+        gave_up = asyncio.ensure_future(self._gave_up.wait())
+        try:
+            await asyncio.wait(
+                {task, gave_up}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            gave_up.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise NoServersError()
 
 
 def _redact(url: str) -> str:
@@ -193,12 +236,19 @@ class Answer:
         return "".join(self._parts)
 
     def add(self, event: Event) -> None:
+        """Fold one event in. Events of an attempt older than the newest seen are stale.
+
+        Chunks and notices of two attempts can interleave (a backup may stream
+        before the failing worker's notice arrives), so only ``attempt`` orders them.
+        """
         if isinstance(event, Chunk):
-            if event.attempt != self.attempt:
+            if event.attempt < self.attempt:
+                return
+            if event.attempt > self.attempt:
                 self._reset(event.attempt)
             self._parts.append(event.delta)
         elif isinstance(event, Notice):
-            if event.reset:
+            if event.reset and event.attempt >= self.attempt:
                 self._reset(event.attempt)
         elif isinstance(event, Done):
             self.done = event

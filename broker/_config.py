@@ -149,11 +149,33 @@ class RouteConfig(_Strict, frozen=True):
         return [(t.rank if t.rank is not None else i, t) for i, t in enumerate(self.targets)]
 
 
+class GatewaySettings(_Strict, frozen=True):
+    """`llmrelay gateway`: the OpenAI-compatible HTTP front door (broker/_gateway.py).
+
+    ``api_keys``: bearer keys clients must send; empty means no key is asked for.
+    ``request_timeout_s``: a request's deadline; unset, the route's ``deadline_s``.
+    ``stream_holdback_ms``: how long a streamed answer's first text is held back so
+    that an early failover (which voids it) stays invisible; 0 forwards text at
+    once. ``nats_user``/``nats_password``: the gateway's NATS user (the ``client``
+    user of nats.conf), used when the NATS URL carries no credentials.
+    """
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    api_keys: list[Secret] = []
+    request_timeout_s: PositiveFloat | None = None
+    stream_holdback_ms: NonNegFloat = 0.0
+    retry_after_s: PositiveInt = 1
+    nats_user: str | None = None
+    nats_password: Secret | None = None
+
+
 class Config(_Strict, frozen=True):
     nats: NatsSettings = NatsSettings()
     streams: StreamSettings = StreamSettings()
     pools: dict[str, PoolConfig] = {}
     routes: dict[str, RouteConfig] = {}
+    gateway: GatewaySettings = GatewaySettings()
 
     def pool(self, name: str) -> PoolConfig:
         return self.pools[name]
@@ -225,6 +247,10 @@ def _friendly(err: msgspec.ValidationError) -> str:
 
 
 def _check_references(cfg: Config) -> None:
+    for i, key in enumerate(cfg.gateway.api_keys):
+        if not key:
+            # An unset ${VAR:-} must not turn into "any request without a key".
+            raise ConfigError(f"gateway.api_keys[{i}]: an API key must not be empty")
     for name in [*cfg.pools, *cfg.routes]:
         if not is_valid_name(name):
             raise ConfigError(f"{name!r}: pool and route names must match [a-z0-9_-]+")

@@ -94,3 +94,13 @@ def test_answer_resets_on_newer_attempt_even_without_notice() -> None:
     answer.add(Chunk(seq=0, attempt=1, delta="lost worker's text"))
     answer.add(Chunk(seq=0, attempt=2, delta="redelivered"))
     assert answer.text == "redelivered"
+
+
+def test_answer_ignores_a_stale_notice_that_arrives_after_the_backup_started() -> None:
+    answer = Answer()
+    answer.add(Chunk(seq=0, attempt=1, delta="partial"))
+    answer.add(Chunk(seq=0, attempt=2, delta="backup "))  # the backup was quicker...
+    answer.add(Notice(kind="failover", attempt=1, from_pool="a", to_pool="b", reset=True))
+    answer.add(Chunk(seq=1, attempt=2, delta="answer"))
+    answer.add(Chunk(seq=5, attempt=1, delta="late chunk of the dead attempt"))
+    assert answer.text == "backup answer"

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 import msgspec
+import nats.errors
 from nats.aio.msg import Msg
 
 from broker._protocol import (
@@ -331,21 +332,7 @@ class JobRun:
         await self._lifecycle("retry", f"{err.code}; again in {decision.delay_s:.2f}s")
 
     async def _requeue(self, decision: Requeue, job: Job, err: ProviderError) -> None:
-        moved = msgspec.structs.replace(
-            job, attempts=[*job.attempts, self._attempt_record(err)], rank=decision.rank
-        )
-        subject = pool_subject(decision.pool)
-        ttl_s = max(1, math.ceil(self._remaining_s()) + 1)
-        headers = {"Nats-Msg-Id": f"{job.id}.{len(moved.attempts)}", "Nats-TTL": f"{ttl_s}s"}
-        try:
-            await self.w.js.publish(subject, encode(moved), headers=headers, timeout=5.0)
-        except Exception as exc:  # noqa: BLE001 - any publish failure: hand the job back, lose nothing
-            log.warning(
-                "re-queue of %s to %s failed (%s); redelivering", job.id, decision.pool, exc
-            )
-            await self.msg.nak(delay=1.0)
-            return
-        self.w.metrics.failed_over(decision.pool)
+        # Tell the client first: the backup may start streaming within a millisecond.
         await self._publish(
             Notice(
                 kind="failover",
@@ -356,6 +343,22 @@ class JobRun:
                 message=f"{err.code}: {err.message}",
             )
         )
+        moved = msgspec.structs.replace(
+            job, attempts=[*job.attempts, self._attempt_record(err)], rank=decision.rank
+        )
+        ttl_s = max(1, math.ceil(self._remaining_s()) + 1)
+        headers = {"Nats-Msg-Id": f"{job.id}.{len(moved.attempts)}", "Nats-TTL": f"{ttl_s}s"}
+        try:
+            await self.w.js.publish(
+                pool_subject(decision.pool), encode(moved), headers=headers, timeout=5.0
+            )
+        except nats.errors.Error as exc:  # full backup queue, timeout: hand the job back
+            log.warning(
+                "re-queue of %s to %s failed (%r); redelivering", job.id, decision.pool, exc
+            )
+            await self.msg.nak(delay=1.0)
+            return
+        self.w.metrics.failed_over(decision.pool)
         await self.msg.ack()
         await self._lifecycle("failover", f"{self.w.pool_name} -> {decision.pool}: {err.code}")
 
