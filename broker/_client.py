@@ -301,7 +301,10 @@ class RelayClient:
         """Close the connection (if this client opened it). Safe to call twice."""
         nc, self._nc = self._nc, None
         if nc is not None and self._owns_nc and not nc.is_closed:
-            await nc.drain()
+            # flush + close, not drain: drain waits for handles nobody reads any more.
+            with contextlib.suppress(nats.errors.Error):
+                await nc.flush(timeout=2)
+            await nc.close()
 
     def build_job(
         self,

@@ -159,6 +159,8 @@ class Heartbeat(msgspec.Struct, kw_only=True, omit_defaults=True):
     at_ms: int = 0
     rpm_used: int = 0
     metrics_port: int | None = None
+    # Tokens this worker charged to the pool's budget in the last minute.
+    tpm_used: int = 0
 
 
 class LifecycleEvent(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -11,8 +11,10 @@ from typing import Annotated, Any, TypeVar
 
 import anyio
 import typer
+from nats.aio.client import Client as NATS
 
-from broker._config import Config, load_config
+from broker._client import connect_nats
+from broker._config import CONFIG_ENV, Config, NatsSettings, load_config
 
 T = TypeVar("T")
 
@@ -88,3 +90,25 @@ def setup_logging(json_logs: bool, level: str = "info") -> None:
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def optional_config(path: str | None) -> Config | None:
+    """The config from --config/$LLMRELAY_CONFIG (must exist), else ./llmrelay.yaml if present."""
+    if path or os.environ.get(CONFIG_ENV):
+        return load_config(path)
+    return load_config() if os.path.exists("llmrelay.yaml") else None
+
+
+async def open_nats(nats_url: str | None, cfg: Config | None, name: str) -> NATS:
+    """Connect with --nats-url (its own credentials), else the config's URL and credentials."""
+    url = nats_url or (cfg.nats.url if cfg else NatsSettings().url)
+    n = cfg.nats if cfg else NatsSettings()
+    own_creds = "@" in url.split(",", 1)[0]
+    return await connect_nats(
+        url,
+        name=name,
+        timeout_s=n.connect_timeout_s,
+        user=None if own_creds else n.user,
+        password=n.password.reveal() if n.password and not own_creds else None,
+        token=n.token.reveal() if n.token and not own_creds else None,
+    )

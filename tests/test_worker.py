@@ -337,3 +337,21 @@ async def test_long_stream_outlives_ack_wait_without_redelivery(
     assert not any(isinstance(e, Notice) for e in events)  # never redelivered
     assert isinstance(events[-1], Done) and events[-1].attempt == 1
     assert mock.stats()["requests"] == 1
+
+
+async def test_no_route_starves_when_slots_are_fewer_than_routes(
+    nc: NATS, worker_url: str, client_url: str
+) -> None:
+    async with MockProvider(name="p", tokens=2) as mock:
+        routes = {"first": [("a", "m1")], "second": [("a", "m2")], "third": [("a", "m3")]}
+        cfg = relay_config({"a": mock_pool(mock.url, concurrency=2)}, routes)
+        async with (
+            running_workers(cfg, ["a"], worker_url),
+            RelayClient(client_url, config=cfg) as relay,
+        ):
+            texts = []
+            for route in ("third", "second", "first", "third"):
+                handle = await relay.submit("hi", route=route, timeout_s=15)
+                texts.append(await handle.text())
+    assert texts == [expected_answer("p", 2)] * 4
+    assert mock.stats()["by_model"] == {"m1": 1, "m2": 1, "m3": 2}

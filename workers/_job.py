@@ -90,6 +90,7 @@ class JobRun:
         self.from_route = route  # None: came from the pool's own subject
         self.job: Job | None = None
         self.model = ""
+        self.model_label = ""
         self.attempt = 0
         self.seq = 0
         self.started = time.monotonic()
@@ -229,7 +230,7 @@ class JobRun:
                 return None
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
-                self.w.metrics.first_token(self.model, self.first_token_at - self.started)
+                self.w.metrics.first_token(self.model_label, self.first_token_at - self.started)
             await self._publish(Chunk(seq=self.seq, attempt=self.attempt, delta=item.text))
             self.seq += 1
             return None
@@ -272,7 +273,9 @@ class JobRun:
         )
         await self.msg.ack()
         await self._close_upstream(finished=True)
-        self.w.metrics.job_done(self.model, total_s, usage.prompt_tokens, usage.completion_tokens)
+        self.w.metrics.job_done(
+            self.model_label, total_s, usage.prompt_tokens, usage.completion_tokens
+        )
         await self._lifecycle("done", f"{self.w.pool_name}/{self.model} {total_s * 1000:.0f}ms")
 
     def _timings(self, job: Job, total_s: float) -> Timings:
@@ -281,7 +284,7 @@ class JobRun:
         return Timings(queued_ms=max(0.0, queued_ms), ttft_ms=ttft, total_ms=total_s * 1000)
 
     async def _failed(self, job: Job, err: ProviderError) -> None:
-        self.w.metrics.attempt_failed(self.model, err.code)
+        self.w.metrics.attempt_failed(self.model_label, err.code)
         if err.code not in (
             "bad_request",
             "content_filtered",
@@ -294,8 +297,25 @@ class JobRun:
         if err.code == "rate_limited":
             # The whole pool backs off: Retry-After if given, else the base backoff.
             await self.w.pause_pool(err.retry_after_s or self.w.pool.backoff_base_s)
-        log.info("job %s attempt %d on %s failed: %s", job.id, self.attempt, self.w.pool_name, err)
+        log.info(
+            "job %s attempt %d on %s failed: %s",
+            job.id,
+            self.attempt,
+            self.w.pool_name,
+            err,
+            extra=self._log_fields(job),
+        )
         await self._apply(decide(err, self._failure_context(job), self.w.config), job, err)
+
+    def _log_fields(self, job: Job) -> dict[str, object]:
+        """What JSON log lines carry (cli/_common.JsonFormatter); never message content."""
+        return {
+            "request_id": job.id,
+            "route": job.route,
+            "pool": self.w.pool_name,
+            "attempt": self.attempt,
+            "worker_id": self.w.worker_id,
+        }
 
     def _failure_context(self, job: Job) -> FailureContext:
         return FailureContext(
@@ -343,6 +363,7 @@ class JobRun:
                 message=f"{err.code}: {err.message}",
             )
         )
+        await self._lifecycle("failover", f"{self.w.pool_name} -> {decision.pool}: {err.code}")
         moved = msgspec.structs.replace(
             job, attempts=[*job.attempts, self._attempt_record(err)], rank=decision.rank
         )
@@ -354,13 +375,16 @@ class JobRun:
             )
         except nats.errors.Error as exc:  # full backup queue, timeout: hand the job back
             log.warning(
-                "re-queue of %s to %s failed (%r); redelivering", job.id, decision.pool, exc
+                "re-queue of %s to %s failed (%r); redelivering",
+                job.id,
+                decision.pool,
+                exc,
+                extra=self._log_fields(job),
             )
             await self.msg.nak(delay=1.0)
             return
         self.w.metrics.failed_over(decision.pool)
         await self.msg.ack()
-        await self._lifecycle("failover", f"{self.w.pool_name} -> {decision.pool}: {err.code}")
 
     async def _fail(self, decision: Fail, job: Job, err: ProviderError) -> None:
         attempts = [*job.attempts, self._attempt_record(err)]
@@ -385,8 +409,9 @@ class JobRun:
             )
         )
         await self.msg.ack()
-        self.w.metrics.job_outcome(self.model, "error")
-        await self._lifecycle("dead" if decision.dead_letter else "failed", decision.code)
+        self.w.metrics.job_outcome(self.model_label, "error")
+        if not decision.dead_letter:  # Worker.dead_letter announced "dead" already
+            await self._lifecycle("failed", decision.code)
 
     def _attempt_record(self, err: ProviderError) -> Attempt:
         return Attempt(
@@ -414,7 +439,7 @@ class JobRun:
             Error(code=code, message=message, attempt=self.attempt, attempts=self.job.attempts)
         )
         await self.msg.ack()
-        self.w.metrics.job_outcome(self.model, code)
+        self.w.metrics.job_outcome(self.model_label, code)
         await self._lifecycle("failed", code)
 
     # --- input checks ------------------------------------------------------------
@@ -438,6 +463,7 @@ class JobRun:
             )
             return False
         self.model = model
+        self.model_label = self.w.model_label(model)
         return True
 
     async def _reject(self, job: Job, code: str, message: str) -> None:

@@ -7,6 +7,8 @@ code, route), never a request id. Served by ``serve()`` on ``--metrics-port``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -149,5 +151,7 @@ class WorkerMetrics:
     def circuit_state(self, state: str) -> None:
         self.circuit.labels(self.pool).set(CIRCUIT_VALUES.get(state, 0))
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, port: int, addr: str = "0.0.0.0") -> Any:
+        """Serve /metrics in a thread; returns the server (``shutdown()`` stops it)."""
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        return server

@@ -51,6 +51,7 @@ class Puller:
         self.min_pending = min_pending
         self.expires_s = expires_s
         self._issued: deque[float] = deque()
+        self.last_pull_at = 0.0
         self._sub: Subscription | None = None
         self._inbox = ""
         self._subject = next_subject(JOBS_STREAM, consumer)
@@ -76,15 +77,18 @@ class Puller:
             await sub.unsubscribe()
         self._issued.clear()
 
-    async def pull(self, n: int = 1, *, min_pending: int | None = None) -> None:
+    async def pull(
+        self, n: int = 1, *, min_pending: int | None = None, expires_s: float | None = None
+    ) -> None:
         body = pull_request_body(
             group=PRIORITY_GROUP,
             priority=self.priority,
-            expires_s=self.expires_s,
+            expires_s=expires_s or self.expires_s,
             min_pending=min_pending if min_pending is not None else self.min_pending,
         )
+        self.last_pull_at = time.monotonic()
         for _ in range(n):
-            self._issued.append(time.monotonic())
+            self._issued.append(self.last_pull_at)
             await self.nc.publish(self._subject, body, reply=self._inbox)
 
     def forget_all(self) -> int:

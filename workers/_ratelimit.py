@@ -144,14 +144,16 @@ class RateBudget:
             return False
         if self.rpm:
             self.requests.take(1.0)
-        self.requests_used.add(1)
         return True
 
     def release_unused(self) -> None:
         """A pull that brought no job gives its request back."""
-        self.requests_used.add(-1)
         if self.rpm:
             self.requests.give_back(1.0)
+
+    def note_request(self) -> None:
+        """A pull brought a job: count it as used (heartbeats report the last minute)."""
+        self.requests_used.add(1)
 
     def charge_tokens(self, n: int) -> None:
         """Charge (or, negative, refund) tokens: estimate first, then the correction."""

@@ -73,6 +73,7 @@ CONTROL_PREFIX = "llm.control"
 # Jobs are pulled into inboxes; clients may read _INBOX.>, so workers use their own.
 WORKER_INBOX_PREFIX = "_LLMRELAY_WORKER_INBOX"
 MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{JOBS_STREAM}.*"
+ROTATING_PULL_EXPIRY_S = 1.0
 # Route pull weights: a pool's main job is the routes it is primary for.
 _WEIGHT_PRIMARY, _WEIGHT_BACKUP = 2.0, 1.0
 
@@ -115,6 +116,10 @@ class Worker:
         self._own_turn = True  # one-slot workers alternate between own subject and routes
         self._circuit_seen = "closed"
         self._peers_known = False
+        self._metrics_server: Any = None
+        self._known_models = set(self.pool.models) | {
+            t.model for _, _, t in config.routes_of_pool(pool_name)
+        }
         self._wake = anyio.Event()
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
@@ -189,7 +194,7 @@ class Worker:
             MAX_DELIVERIES_ADVISORY, queue="llmrelay-dlq", cb=self._on_max_deliveries
         )
         if self.metrics_port is not None:
-            self.metrics.serve(self.metrics_port)
+            self._metrics_server = self.metrics.serve(self.metrics_port)
         self.metrics.slots(0, self.slots)
         self.metrics.circuit_state("closed")
         log.info(
@@ -255,6 +260,10 @@ class Worker:
         await self._delete_heartbeat()
 
     async def _close(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
         if self._http is not None:
             await self._http.aclose()
             self._http = None
@@ -294,7 +303,7 @@ class Worker:
             if puller is None:
                 return None
             self.budget.try_acquire()
-            await puller.pull(min_pending=self._min_pending(puller))
+            await puller.pull(min_pending=self._min_pending(puller), expires_s=self._expiry(puller))
             free -= 1
             route_room -= 1 if puller.is_route else 0
         return None
@@ -312,14 +321,22 @@ class Worker:
             self._own_turn = False
             return own
         best: Puller | None = None
-        best_load = float("inf")
+        best_key = (float("inf"), float("inf"))
         for p in self.pullers[1:]:
             if route_room <= 0 or not self._may_pull_route(p):
                 continue
-            load = (p.outstanding + 1) / self._weight(p)
-            if load < best_load:
-                best, best_load = p, load
+            # Ties go to the route pulled least recently, so no route starves
+            # when there are fewer slots than routes.
+            key = ((p.outstanding + 1) / self._weight(p), p.last_pull_at)
+            if key < best_key:
+                best, best_key = p, key
         return best
+
+    def _expiry(self, p: Puller) -> float | None:
+        """Fewer route slots than routes: short pulls, so the slots rotate between routes."""
+        if p.is_route and self.slots - 1 < len(self.pullers) - 1:
+            return ROTATING_PULL_EXPIRY_S
+        return None
 
     def _weight(self, p: Puller) -> float:
         assert p.route is not None
@@ -349,6 +366,7 @@ class Worker:
     def _on_job(self, msg: Msg, puller: Puller) -> None:
         self._own_turn = puller.is_route
         self.busy += 1
+        self.budget.note_request()
         self.metrics.slots(self.busy, self.slots)
         if self._tg is None or self._stopping.is_set():
             self._tg_spawn_nak(msg)
@@ -418,6 +436,10 @@ class Worker:
         if job.pool == self.pool_name and (not self.pool.models or job.route in self.pool.models):
             return job.route  # pinned to this pool with an upstream model name as the route
         return None
+
+    def model_label(self, model: str) -> str:
+        """A bounded metric label: configured models by name, anything else as "other"."""
+        return model if model in self._known_models else "other"
 
     async def dead_letter(self, letter: DeadLetter) -> None:
         subject = dlq_subject(letter.route)

@@ -1,0 +1,105 @@
+"""A worker's /metrics over HTTP after known traffic, read with the Prometheus parser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nats.aio.client import Client as NATS
+
+from broker import RelayClient, RequestFailed
+from broker._server import free_port
+from tests._harness import mock_pool, relay_config, running_workers
+from tests.test_monitor import scrape
+from workers.mock_provider import MockProvider
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def labels(**kv: str) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(kv.items()))
+
+
+def histogram(samples: Samples, name: str, **kv: str) -> tuple[float, float, list[float]]:
+    """count, sum and the cumulative bucket counts (in le order) of one histogram series."""
+    buckets = sorted(
+        (float(dict(lbls)["le"]), value)
+        for (n, lbls), value in samples.items()
+        if n == f"{name}_bucket" and {k: v for k, v in lbls if k != "le"} == kv
+    )
+    key = labels(**kv)
+    return samples[f"{name}_count", key], samples[f"{name}_sum", key], [v for _, v in buckets]
+
+
+async def test_worker_metrics_after_known_traffic(
+    nc: NATS, worker_url: str, client_url: str
+) -> None:
+    async with (
+        MockProvider(name="mock-a", tokens=5) as a,
+        MockProvider(name="mock-b", tokens=3) as b,
+    ):
+        pools = {  # 4 slots: one pull for each of a's three routes and one for its own subject
+            "a": mock_pool(a.url, concurrency=4, max_retries=1, backoff_base_s=0.05),
+            "b": mock_pool(b.url, concurrency=2),
+        }
+        routes: dict[str, Any] = {
+            "chat": [("a", "gpt")],
+            "bad": [("a", "gpt+status=400")],
+            "flaky": [("a", "gpt+status=503"), ("b", "claude")],
+        }
+        cfg = relay_config(pools, routes)
+        port_a, port_b = free_port(), free_port()
+        async with (
+            running_workers(cfg, ["a"], worker_url, metrics_port=port_a),
+            running_workers(cfg, ["b"], worker_url, metrics_port=port_b),
+            RelayClient(client_url) as relay,
+        ):
+            done, ids = [], []
+            for i in range(4):  # one after the other: one connection serves them all
+                handle = await relay.submit(f"question {i}", route="chat")
+                await handle.text()
+                done.append(handle.done)
+                ids.append(handle.id)
+            reuse = await scrape(f"http://127.0.0.1:{port_a}/metrics")
+            try:
+                await (await relay.submit("x", route="bad")).text()
+            except RequestFailed as exc:
+                bad_code = exc.code
+            flaky = await relay.submit("y", route="flaky")
+            await flaky.text()
+            after = await scrape(f"http://127.0.0.1:{port_a}/metrics")
+            on_b = await scrape(f"http://127.0.0.1:{port_b}/metrics")
+        served_by_mock_a = a.stats()["requests"]
+
+    a_gpt = {"pool": "a", "model": "gpt"}
+    # Requests and connections: 4 requests over 1 connection.
+    assert reuse["llmrelay_requests_total", labels(**a_gpt, outcome="ok")] == 4
+    assert reuse["llmrelay_upstream_requests_total", labels(pool="a")] == 4
+    assert reuse["llmrelay_upstream_connections_opened_total", labels(pool="a")] == 1
+    # Tokens as the provider reported them.
+    prompt = sum(d.usage.prompt_tokens for d in done if d is not None)
+    assert prompt > 0
+    assert after["llmrelay_tokens_total", labels(**a_gpt, kind="completion")] == 4 * 5
+    assert after["llmrelay_tokens_total", labels(**a_gpt, kind="prompt")] == prompt
+    # Histograms: one observation per answered request, cumulative buckets.
+    for name in ("llmrelay_request_duration_seconds", "llmrelay_ttft_seconds"):
+        count, total, buckets = histogram(after, name, **a_gpt)
+        assert count == 4 and total > 0
+        assert buckets == sorted(buckets) and buckets[-1] == 4
+    # Errors by code, retries, failovers.
+    assert bad_code == "bad_request"
+    bad = {"pool": "a", "model": "gpt+status=400"}
+    flaky_a = {"pool": "a", "model": "gpt+status=503"}
+    assert after["llmrelay_errors_total", labels(**bad, code="bad_request")] == 1
+    assert after["llmrelay_requests_total", labels(**bad, outcome="error")] == 1
+    assert after["llmrelay_errors_total", labels(**flaky_a, code="upstream_unavailable")] == 2
+    assert after["llmrelay_retries_total", labels(pool="a")] == 1
+    assert after["llmrelay_failovers_total", labels(from_pool="a", to_pool="b")] == 1
+    assert after["llmrelay_upstream_requests_total", labels(pool="a")] == served_by_mock_a == 7
+    assert on_b["llmrelay_requests_total", labels(pool="b", model="claude", outcome="ok")] == 1
+    # Gauges: slots and circuit.
+    assert after["llmrelay_slots", labels(pool="a")] == 4
+    assert after["llmrelay_slots_busy", labels(pool="a")] == 0
+    assert after["llmrelay_circuit_state", labels(pool="a")] == 0
+    # Never a request id in a label.
+    values = {v for _, lbls in after for _, v in lbls}
+    assert not values & {*ids, flaky.id}
