@@ -11,7 +11,19 @@ import importlib
 
 import typer
 
-_MODULES = ["_up", "_basic", "_worker", "_mock", "_demo"]
+_MODULES = [
+    "_up",
+    "_basic",
+    "_worker",
+    "_mock",
+    "_demo",
+    "_submit",
+    "_gateway",
+    "_status",
+    "_tail",
+    "_dlq",
+    "_monitor",
+]
 
 
 def register(app: typer.Typer) -> None:
