@@ -19,6 +19,7 @@ _MODULES = [
     "_demo",
     "_submit",
     "_gateway",
+    "_bench",
     "_status",
     "_tail",
     "_dlq",

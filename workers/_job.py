@@ -14,7 +14,6 @@ parked in the dead-letter queue.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -61,8 +60,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmrelay.worker")
 
 INVALID_ROUTE_TOKEN = "_invalid"
-# How long to wait for the end of an upstream body after its final item.
-_DRAIN_S = 0.1
 
 
 class CircuitOpen(ProviderError):
@@ -100,6 +97,7 @@ class JobRun:
         self.cancelled_by_client = False
         self.last_progress = time.monotonic()
         self._items: AsyncIterator[StreamItem] | None = None
+        self._shard: int | None = None
 
     @property
     def deliveries(self) -> int:
@@ -181,31 +179,28 @@ class JobRun:
 
     async def _stream(self, job: Job) -> Finish | None:
         self.w.metrics.upstream_request()
-        self._items = self.w.provider.stream(job, self.model).__aiter__()
+        assert self.w.http is not None
+        self._shard, provider = self.w.http.acquire()
+        self._items = provider.stream(job, self.model).__aiter__()
         while True:
             item = await self._next(self._items)
             finish = await self._handle_item(item)
             if finish is not None:
                 return finish
 
-    async def _close_upstream(self, *, finished: bool = False) -> None:
-        """Close the provider's stream, after the client has its answer.
+    async def _close_upstream(self) -> None:
+        """Close the provider's stream (after the client has its answer) and free the shard.
 
-        After a ``Finish`` the adapter is resumed once more so that it leaves its
-        ``async with`` normally, draining the last bytes (``[DONE]``, the chunked
-        terminator): that is what lets httpx put the connection back in the
-        pool. Closing it at the ``yield`` instead would discard the connection.
+        After a ``Finish`` the adapter drains the last bytes on its way out, so
+        the connection goes back to the pool; before one, closing aborts the
+        upstream call (cancel, failover).
         """
         items, self._items = self._items, None
-        if items is None:
-            return
-        if finished:
-            with (
-                anyio.move_on_after(_DRAIN_S),
-                contextlib.suppress(StopAsyncIteration, ProviderError),
-            ):
-                await items.__anext__()
-        await _close(items)
+        if items is not None:
+            await _close(items)
+        if self._shard is not None and self.w.http is not None:
+            self.w.http.release(self._shard)
+            self._shard = None
 
     async def _next(self, items: AsyncIterator[StreamItem]) -> StreamItem:
         """The next item, within the time-to-first-token or idle limit and the deadline."""
@@ -272,7 +267,7 @@ class JobRun:
             )
         )
         await self.msg.ack()
-        await self._close_upstream(finished=True)
+        await self._close_upstream()
         self.w.metrics.job_done(
             self.model_label, total_s, usage.prompt_tokens, usage.completion_tokens
         )

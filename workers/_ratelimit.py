@@ -95,10 +95,11 @@ class MinuteCounter:
 class RateBudget:
     """The pool's requests/min and tokens/min budget as seen by one worker.
 
-    ``rpm``/``tpm`` of 0 mean unlimited. Requests are paced smoothly (a burst
-    of one), so no window of any length holds more than ``rate * length + 1``
-    requests: a burst allowance would let the first minute exceed ``rpm``, and
-    N workers together N times that.
+    ``rpm``/``tpm`` of 0 mean unlimited. Requests are paced nearly smoothly: the
+    bucket holds a small burst (5% of a second's share, at least one request) so
+    that a late wake-up of the pull pump does not lose budget for good, and the
+    refill rate is lowered by exactly that burst, so that no 60-second window
+    holds more than the share of ``rpm`` (burst + rate * 60 = rpm / workers).
     """
 
     def __init__(self, rpm: int, tpm: int, clock: Clock = time.monotonic) -> None:
@@ -120,7 +121,8 @@ class RateBudget:
         self.share = max(1, live_workers)
         req_rate = self.rpm / 60 / self.share
         tok_rate = self.tpm / 60 / self.share
-        self.requests.set_rate(req_rate, 1.0)
+        burst = max(1.0, req_rate * 0.05)
+        self.requests.set_rate(max(0.0, req_rate - burst / 60), burst)
         self.tokens.set_rate(tok_rate, max(1.0, tok_rate * 10))
 
     def pause(self, seconds: float) -> None:

@@ -60,11 +60,11 @@ from broker._subjects import (
 )
 from broker._topology import ensure_topology
 from workers._circuit import CircuitBreaker
+from workers._http import HttpShards
 from workers._job import JobRun
 from workers._metrics import WorkerMetrics
 from workers._puller import Puller
 from workers._ratelimit import RateBudget
-from workers.providers import make_provider
 
 log = logging.getLogger("llmrelay.worker")
 
@@ -125,9 +125,8 @@ class Worker:
         self._stopped = anyio.Event()
         self._tg: TaskGroup | None = None
         self._nc: NATS | None = None
-        self._http: httpx.AsyncClient | None = None
+        self.http: HttpShards | None = None
         self._kv: KeyValue | None = None
-        self.provider: Any = None
 
     # --- public --------------------------------------------------------------------
 
@@ -186,8 +185,9 @@ class Worker:
         )
         await ensure_topology(self._nc, self.config)
         self._kv = await self.js.key_value(WORKERS_BUCKET)
-        self._http = self._make_http_client()
-        self.provider = make_provider(self.pool, self._http)
+        self.http = HttpShards(
+            self.pool, self.slots, on_request=self._trace_request, transport=self._transport
+        )
         await self.nc.subscribe(f"{CANCEL_PREFIX}.*", cb=self._on_cancel)
         await self.nc.subscribe(f"{CONTROL_PREFIX}.{self.pool_name}.pause", cb=self._on_pause)
         await self.nc.subscribe(
@@ -199,21 +199,6 @@ class Worker:
         self.metrics.circuit_state("closed")
         log.info(
             "worker %s serving pool %s with %d slots", self.worker_id, self.pool_name, self.slots
-        )
-
-    def _make_http_client(self) -> httpx.AsyncClient:
-        t = self.pool.timeouts
-        return httpx.AsyncClient(
-            limits=httpx.Limits(
-                max_connections=self.slots,
-                max_keepalive_connections=self.slots,
-                keepalive_expiry=60.0,
-            ),
-            timeout=httpx.Timeout(
-                connect=t.connect_s, read=None, write=t.connect_s, pool=t.connect_s
-            ),
-            transport=self._transport,
-            event_hooks={"request": [self._trace_request]},
         )
 
     async def _trace_request(self, request: httpx.Request) -> None:
@@ -264,9 +249,9 @@ class Worker:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
             self._metrics_server = None
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
+        if self.http is not None:
+            await self.http.aclose()
+            self.http = None
         nc, self._nc = self._nc, None
         if nc is not None and not nc.is_closed:
             await nc.drain()

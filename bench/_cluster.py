@@ -1,0 +1,353 @@
+"""The processes of one benchmark run, and their clean-up.
+
+``Cluster`` starts nats-server (temp store dir), fake providers, worker
+processes (from a generated config file) and load generators, each as a child
+process of its own, and ends every one of them in ``close()``: on success, on
+error and on Ctrl-C (``close`` is synchronous so that it also runs while the
+event loop is being torn down). Children are started in sessions of their own,
+so a Ctrl-C in the terminal reaches only the orchestrator, which then stops them
+in order (load generators, workers, providers, nats-server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+import httpx
+import msgspec
+import yaml
+from nats.aio.client import Client as NATS
+
+from bench._loadgen import LoadResult, LoadSpec
+from bench._procstat import ProcWatch
+from bench.presets import ProviderSpec
+from broker._client import connect_nats
+from broker._config import load_config
+from broker._errors import RelayError
+from broker._jsapi import consumer_info
+from broker._server import WORKER_USER, NatsServer, free_port
+from broker._subjects import JOBS_STREAM, WORKERS_BUCKET, route_consumer
+from broker._topology import ensure_topology
+from workers.mock_provider import MockProviderProcess
+
+_CLI = "from cli.main import main; main()"
+READY_TIMEOUT_S = 30.0
+
+
+class BenchError(RelayError):
+    """A benchmark process failed to start or to report."""
+
+    code = "bench_failed"
+
+
+def _stop(proc: subprocess.Popen[Any], timeout_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if it does not exit in time. Safe on an exited process."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
+
+
+class WorkerProc:
+    """One ``llmrelay worker`` child process."""
+
+    def __init__(self, pool: str, index: int, config: Path, nats_url: str, log_dir: Path) -> None:
+        self.pool = pool
+        self.name = f"worker-{pool}-{index}"
+        self.metrics_port = free_port()
+        self.log_path = log_dir / f"{self.name}-{time.time_ns()}.log"
+        cmd = [
+            *worker_command(),
+            "worker",
+            *("--pool", pool, "--config", str(config), "--nats-url", nats_url),
+            *("--metrics-port", str(self.metrics_port), "--drain-s", "2"),
+        ]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def watch(self) -> ProcWatch:
+        return ProcWatch(self.name, "worker", self.pid)
+
+    def kill(self) -> None:
+        """SIGKILL: the worker dies at once, as in a crash."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        _stop(self.proc, 10.0)
+
+    def log_tail(self) -> str:
+        with contextlib.suppress(OSError):
+            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-5:])
+        return ""
+
+    def metrics(self) -> dict[str, float]:
+        """The worker's Prometheus samples as ``name{labels} -> value`` (empty if down)."""
+        try:
+            text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            return {}
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                with contextlib.suppress(ValueError):
+                    out[key] = float(value)
+        return out
+
+
+def worker_command() -> list[str]:
+    """How to run ``llmrelay`` with this interpreter (works without the console script)."""
+    return [sys.executable, "-c", _CLI]
+
+
+class LoadProc:
+    """One load-generator child process (``bench._loadgen.main``)."""
+
+    def __init__(self, spec: LoadSpec, log_dir: Path) -> None:
+        self.spec = spec
+        self.name = f"loadgen-{spec.target}-{spec.index}"
+        self.log_path = log_dir / f"{self.name}-{time.time_ns()}.log"
+        with open(self.log_path, "wb") as log:
+            self.proc: subprocess.Popen[bytes] = subprocess.Popen(
+                [sys.executable, "-c", "from bench._loadgen import main; main()"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                start_new_session=True,
+            )
+        self._send(msgspec.json.encode(spec))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def watch(self) -> ProcWatch:
+        return ProcWatch(self.name, "loadgen", self.pid)
+
+    def _send(self, line: bytes) -> None:
+        stdin = self.proc.stdin
+        assert stdin is not None
+        stdin.write(line + b"\n")
+        stdin.flush()
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        line = self._read_line(timeout_s)
+        if line.strip() != b"ready":
+            raise BenchError(f"{self.name} did not start: {line!r} {self.log_tail()}")
+
+    def go(self) -> None:
+        self._send(b"go")
+
+    def stop_sending(self) -> None:
+        """Ask the generator to stop sending now (SIGUSR1; it still waits for answers)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGUSR1)
+
+    def result(self, timeout_s: float) -> LoadResult:
+        line = self._read_line(timeout_s)
+        if not line and self.proc.poll() is None:
+            raise BenchError(f"{self.name}: no result within {timeout_s:.0f} s")
+        if not line:
+            raise BenchError(f"{self.name} ended without a result: {self.log_tail()}")
+        return msgspec.json.decode(line, type=LoadResult)
+
+    def _read_line(self, timeout_s: float) -> bytes:
+        stdout: IO[bytes] | None = self.proc.stdout
+        assert stdout is not None
+        ready, _, _ = select.select([stdout], [], [], timeout_s)
+        return stdout.readline() if ready else b""
+
+    def log_tail(self) -> str:
+        with contextlib.suppress(OSError):
+            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-5:])
+        return ""
+
+    def stop(self) -> None:
+        _stop(self.proc, 2.0)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
+
+class Cluster:
+    """Everything one benchmark run started; ``close()`` ends all of it."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.nats: NatsServer | None = None
+        self.mocks: dict[str, MockProviderProcess] = {}
+        self.workers: list[WorkerProc] = []
+        self.loadgens: list[LoadProc] = []
+        self.config_path = workdir / "llmrelay-bench.yaml"
+        self.profile_dir: Path | None = None
+        self.profilers: list[subprocess.Popen[bytes]] = []
+        self._closed = False
+
+    # --- nats-server and providers ---------------------------------------------------
+
+    def start_nats(self) -> NatsServer:
+        self.nats = NatsServer(store_dir=self.workdir / "nats")
+        self.nats.start()
+        return self.nats
+
+    @property
+    def worker_url(self) -> str:
+        assert self.nats is not None
+        return self.nats.url_for(WORKER_USER)
+
+    def start_mock(self, name: str, spec: ProviderSpec, fault: str = "") -> MockProviderProcess:
+        mock = MockProviderProcess(
+            name=name,
+            tokens=spec.tokens,
+            ttft_ms=spec.ttft_ms,
+            token_delay_ms=spec.token_delay_ms,
+            fault=fault or None,
+        )
+        self.mocks[name] = mock
+        mock.start()
+        return mock
+
+    def write_config(self, doc: dict[str, Any]) -> Path:
+        self.config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return self.config_path
+
+    # --- workers -------------------------------------------------------------------
+
+    def start_worker(self, pool: str, index: int) -> WorkerProc:
+        w = WorkerProc(pool, index, self.config_path, self.worker_url, self.workdir)
+        self.workers.append(w)
+        return w
+
+    async def wait_ready(
+        self, nc: NATS, workers: list[WorkerProc], timeout_s: float = READY_TIMEOUT_S
+    ) -> None:
+        """Until every worker's heartbeat is in the KV (its pulls are in place by then)."""
+        kv = await nc.jetstream().key_value(WORKERS_BUCKET)
+        waiting = {w.pid: w for w in workers}
+        with anyio.fail_after(timeout_s):
+            while waiting:
+                for w in list(waiting.values()):
+                    if w.proc.poll() is not None:
+                        raise BenchError(f"{w.name} exited at start: {w.log_tail()}")
+                for key in await _kv_keys(kv):
+                    for pid in [p for p in waiting if f"-{p}-" in key]:
+                        del waiting[pid]
+                if waiting:
+                    await anyio.sleep(0.05)
+
+    def profile(self, w: WorkerProc) -> None:
+        """Sample the worker with py-spy (``--profile DIR``) until the run ends."""
+        if self.profile_dir is None:
+            return
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        # One sampler per worker at 100 Hz: py-spy takes CPU from the two cores too.
+        # Collapsed stacks: `python -m bench._profile`, or open them in speedscope.
+        out = self.profile_dir / f"{w.name}-{w.pid}"
+        cmd = [spy, "record", "--pid", str(w.pid), "--rate", "100", "--nonblocking"]
+        cmd += ["--format", "raw", "--output", f"{out}.collapsed.txt"]
+        with open(f"{out}.py-spy.log", "wb") as log:
+            self.profilers.append(
+                subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+            )
+
+    async def purge_jobs(self, nc: NATS, route: str, timeout_s: float = 15.0) -> None:
+        """Drop jobs left queued by abandoned requests; let the in-flight ones finish.
+
+        After an overloaded phase the queue still holds jobs whose clients gave up
+        (they are counted as errors already); left there, they would load the
+        workers during the next phase.
+        """
+        await nc.jetstream().purge_stream(JOBS_STREAM)
+        with anyio.move_on_after(timeout_s):
+            while True:
+                info = await consumer_info(nc, JOBS_STREAM, route_consumer(route))
+                if not info["num_ack_pending"] and not info["num_pending"]:
+                    return
+                await anyio.sleep(0.1)
+
+    def drop_worker(self, w: WorkerProc) -> None:
+        if w in self.workers:
+            self.workers.remove(w)
+
+    # --- load generators -----------------------------------------------------------
+
+    def start_loadgens(self, specs: list[LoadSpec]) -> list[LoadProc]:
+        procs = [LoadProc(spec, self.workdir) for spec in specs]
+        self.loadgens.extend(procs)
+        for p in procs:
+            p.wait_ready()
+        return procs
+
+    def end_loadgens(self, procs: list[LoadProc]) -> None:
+        for p in procs:
+            p.stop()
+            if p in self.loadgens:
+                self.loadgens.remove(p)
+
+    # --- clean-up ------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop every child, newest kind first. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for lg in self.loadgens:
+            lg.stop()
+        for spy in self.profilers:  # SIGINT: py-spy writes its profile and exits
+            with contextlib.suppress(OSError):
+                spy.send_signal(signal.SIGINT)
+        for spy in self.profilers:
+            try:
+                spy.wait(30.0)
+            except subprocess.TimeoutExpired:
+                _stop(spy)
+        for w in self.workers:
+            with contextlib.suppress(OSError):
+                w.proc.send_signal(signal.SIGTERM)
+        for w in self.workers:
+            w.stop()
+        for mock in self.mocks.values():
+            mock.close()
+        if self.nats is not None:
+            self.nats.stop()
+
+    async def connect(self) -> NATS:
+        """A worker-privileged connection, with the topology of the written config in place."""
+        nc = await connect_nats(self.worker_url, name="llmrelay-bench")
+        await ensure_topology(nc, load_config(self.config_path))
+        return nc
+
+
+async def _kv_keys(kv: Any) -> list[str]:
+    from nats.js.errors import NoKeysError
+
+    try:
+        keys: list[str] = await kv.keys()
+    except NoKeysError:
+        return []
+    return keys

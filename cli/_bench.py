@@ -1,0 +1,122 @@
+"""`llmrelay bench`: run a named benchmark scenario (bench/) and print its figures."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Literal, cast
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)
+
+
+def bench(
+    preset: Annotated[str, typer.Option("--preset", "-p", help="Scenario (see --list).")] = "smoke",
+    rate: Annotated[
+        float | None,
+        typer.Option(
+            min=0.1, help="Open-loop arrival rate, req/s (failover: rate during the kills)."
+        ),
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option("--duration", min=0.1, help="Measured seconds of each phase.")
+    ] = None,
+    requests: Annotated[
+        int | None, typer.Option(min=1, help="Jobs in a spike; failover: 503 samples.")
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, help="Closed loop: clients; spike: publishes in flight.")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Worker processes of the pool.")
+    ] = None,
+    slots: Annotated[
+        int | None, typer.Option(min=1, help="Slots (concurrency) of each worker.")
+    ] = None,
+    loadgen_procs: Annotated[
+        int | None, typer.Option("--loadgen-procs", min=1, help="Load-generator processes.")
+    ] = None,
+    tokens: Annotated[int | None, typer.Option(min=1, help="Chunks per answer.")] = None,
+    provider_ttft_ms: Annotated[
+        float | None, typer.Option(help="Fake provider: delay before the first token.")
+    ] = None,
+    provider_token_delay_ms: Annotated[
+        float | None, typer.Option(help="Fake provider: delay between tokens.")
+    ] = None,
+    mode: Annotated[
+        str | None, typer.Option(help="Load shape of every phase: open, closed or burst.")
+    ] = None,
+    trials: Annotated[
+        int | None, typer.Option(min=1, help="Failover: SIGKILLs of the primary.")
+    ] = None,
+    warmup: Annotated[
+        float | None, typer.Option("--warmup", help="Seconds sent before measuring.")
+    ] = None,
+    no_direct: Annotated[
+        bool, typer.Option("--no-direct", help="Skip the direct (no broker) side.")
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Also write the JSON report here.")] = None,
+    keep_dir: Annotated[
+        Path | None, typer.Option(help="Keep logs, config and store in this directory.")
+    ] = None,
+    profile: Annotated[
+        Path | None,
+        typer.Option(help="Profile the workers with py-spy (llmrelay[bench]) into this dir."),
+    ] = None,
+    list_presets: Annotated[bool, typer.Option("--list", help="List the presets.")] = False,
+) -> None:
+    """Benchmark the broker against the fake provider, side by side with a direct run."""
+    import anyio
+
+    from bench import PRESETS, Overrides, apply_overrides, render_text, run_preset
+    from bench._report import to_json
+
+    if list_presets:
+        for name, p in PRESETS.items():
+            typer.echo(f"{name:14} {p.description}")
+        return
+    if preset not in PRESETS:
+        known = ", ".join(PRESETS)
+        raise typer.BadParameter(f"unknown preset (known: {known})", param_hint="--preset")
+    overrides = Overrides(
+        rate=rate,
+        duration_s=duration,
+        requests=requests,
+        concurrency=concurrency,
+        workers=workers,
+        slots=slots,
+        loadgen_procs=loadgen_procs,
+        tokens=tokens,
+        provider_ttft_ms=provider_ttft_ms,
+        provider_token_delay_ms=provider_token_delay_ms,
+        mode=_mode(mode),
+        trials=trials,
+        warmup_s=warmup,
+        direct=False if no_direct else None,
+    )
+    chosen = apply_overrides(PRESETS[preset], overrides)
+    command = "llmrelay " + shlex.join(sys.argv[1:])
+    try:
+        report = anyio.run(
+            lambda: run_preset(chosen, command=command, keep_dir=keep_dir, profile_dir=profile)
+        )
+    except KeyboardInterrupt:
+        typer.secho("bench interrupted; every process it started was stopped", err=True)
+        raise typer.Exit(130) from None
+    data = to_json(report)
+    if out is not None:
+        out.write_bytes(data + b"\n")
+    typer.echo(data.decode() if json_out else render_text(report))
+
+
+def _mode(value: str | None) -> Literal["open", "closed", "burst"] | None:
+    if value is None:
+        return None
+    if value not in ("open", "closed", "burst"):
+        raise typer.BadParameter("open, closed or burst", param_hint="--mode")
+    return cast(Literal["open", "closed", "burst"], value)

@@ -1,0 +1,82 @@
+"""A pool's HTTP connections, split over several small httpx clients.
+
+httpcore's connection pool re-examines every connection for each request (about
+O(size²) work), so one client with hundreds of connections spends most of the
+worker's CPU on bookkeeping: measured with 1,024 slots, 77% of the CPU and
+4.5 req/s (bench/RESULTS.md). Shards of at most ``SHARD_SIZE`` connections keep
+that cost flat; a job takes the least busy shard. Together the shards hold
+exactly ``slots`` connections, all keep-alive, and share one TLS context (one
+per client would cost ~100 MB at 1,024 slots).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import certifi  # httpx's own CA bundle (a dependency of httpx)
+import httpx
+
+from broker._config import PoolConfig
+from workers.providers import make_provider
+from workers.providers._base import Provider
+
+SHARD_SIZE = 8
+
+RequestHook = Callable[[httpx.Request], Awaitable[None]]
+
+
+class HttpShards:
+    """``slots`` keep-alive connections to one provider, in shards of <= SHARD_SIZE."""
+
+    def __init__(
+        self,
+        pool: PoolConfig,
+        slots: int,
+        *,
+        on_request: RequestHook | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        shards = -(-slots // SHARD_SIZE)
+        tls = ssl.create_default_context(cafile=certifi.where())
+        sizes = [slots // shards + (1 if i < slots % shards else 0) for i in range(shards)]
+        hooks: dict[str, list[Any]] = {"request": [on_request]} if on_request else {}
+        self.clients = [_client(pool, n, tls, hooks, transport) for n in sizes]
+        self.providers: list[Provider] = [make_provider(pool, c) for c in self.clients]
+        self.busy = [0] * shards
+
+    def acquire(self) -> tuple[int, Provider]:
+        """The least busy shard's index and provider; ``release(index)`` when done."""
+        i = min(range(len(self.busy)), key=self.busy.__getitem__)
+        self.busy[i] += 1
+        return i, self.providers[i]
+
+    def release(self, index: int) -> None:
+        self.busy[index] -= 1
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.aclose()
+
+
+def _client(
+    pool: PoolConfig,
+    connections: int,
+    tls: ssl.SSLContext,
+    hooks: dict[str, list[Any]],
+    transport: httpx.AsyncBaseTransport | None,
+) -> httpx.AsyncClient:
+    t = pool.timeouts
+    return httpx.AsyncClient(
+        verify=tls,
+        limits=httpx.Limits(
+            max_connections=connections,
+            max_keepalive_connections=connections,
+            keepalive_expiry=60.0,
+        ),
+        # pool=None: slots bound concurrency; the job's own limits bound any wait.
+        timeout=httpx.Timeout(connect=t.connect_s, read=None, write=t.connect_s, pool=None),
+        transport=transport,
+        event_hooks=hooks,
+    )
