@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import anyio
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -29,7 +30,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError, ServerError
 
 from broker._config import Config, RouteConfig
 from broker._jsapi import create_or_update_consumer, priority_consumer_config
@@ -51,6 +52,7 @@ from broker._subjects import (
     route_subject,
 )
 
+_ERR_CREATING_STORE = 10049
 # Outstanding pulls a consumer accepts: one per free slot of every worker.
 MAX_WAITING_PULLS = 8192
 REPLIES_MAX_BYTES = 512 * 1024 * 1024
@@ -114,10 +116,23 @@ async def _ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
     try:
         info = await js.stream_info(wanted.name)
     except NotFoundError:
-        await js.add_stream(wanted)
+        await _add_stream(js, wanted)
         return
     if _differs(wanted, info.config):
         await js.update_stream(wanted)
+
+
+async def _add_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
+    """Create a stream; retry "error creating store" (10049), which the server
+    answers for a moment after a stream of the same name was deleted."""
+    for delay_s in (0.05, 0.1, 0.2, 0.4, 0.8, 0):
+        try:
+            await js.add_stream(wanted)
+            return
+        except ServerError as exc:
+            if exc.err_code != _ERR_CREATING_STORE or not delay_s:
+                raise
+            await anyio.sleep(delay_s)
 
 
 async def _ensure_workers_bucket(js: JetStreamContext, config: Config) -> None:

@@ -94,21 +94,19 @@ async def _run(
             )
             raise typer.Exit(2) from exc
         janitor_text = f"janitor on, grace {grace_s:g}s" if janitor else "janitor off"
-        typer.echo(
-            f"llmrelay monitor: metrics on http://{host}:{bound}/metrics "
-            f"(snapshot every {interval:g}s; {janitor_text}). Ctrl-C to stop."
-        )
-        async with anyio.create_task_group() as tg:
-            await tg.start(mon.run)
-            await _wait_for_signal()
-            tg.cancel_scope.cancel()
+        # The signal handler goes in before the ready line: a Ctrl-C right after
+        # it must stop the monitor cleanly, not kill it.
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with anyio.create_task_group() as tg:
+                await tg.start(mon.run)
+                typer.echo(
+                    f"llmrelay monitor: metrics on http://{host}:{bound}/metrics "
+                    f"(snapshot every {interval:g}s; {janitor_text}). Ctrl-C to stop."
+                )
+                async for signum in signals:
+                    log.info("monitor stopping (%s)", signal.Signals(signum).name)
+                    break
+                tg.cancel_scope.cancel()
     finally:
         mon.close()
         await nc.close()
-
-
-async def _wait_for_signal() -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("monitor stopping (%s)", signal.Signals(signum).name)
-            return

@@ -5,6 +5,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import pytest
 import yaml
 from nats.aio.client import Client as NATS
 
-from broker import Chunk, Done, Notice, RelayClient
+from broker import Chunk, Config, Done, Notice, RelayClient
 from broker._server import CLIENT_USER, WORKER_USER, NatsServer, free_port
 from tests._harness import mock_pool, relay_config, running_workers
 from workers.mock_provider import MockProvider, expected_answer
@@ -41,41 +43,52 @@ async def test_worker_recovers_when_nats_server_restarts(tmp_path: Path) -> None
     assert before == after == expected_answer("p", 3)
 
 
-def _worker_process(
-    cfg_doc: dict[str, Any], tmp: Path, url: str, *extra: str
-) -> subprocess.Popen[bytes]:
-    path = tmp / "relay.yaml"
-    path.write_text(yaml.safe_dump(cfg_doc))
+class StreamingWorker:
+    """A `llmrelay worker` process of pool `a` that is mid-way through streaming one answer."""
+
+    def __init__(
+        self, proc: subprocess.Popen[bytes], cfg: Config, events: AsyncIterator[Any]
+    ) -> None:
+        self.proc, self.cfg, self.events = proc, cfg, events
+
+
+@asynccontextmanager
+async def streaming_worker(
+    mock: MockProvider, urls: tuple[str, str], tmp: Path, drain_s: float
+) -> AsyncIterator[StreamingWorker]:
+    """Start a worker process, submit one request, return once its first chunk arrived."""
+    worker_url, client_url = urls
+    pool = mock_pool(mock.url)
+    doc = {"pools": {"a": pool}, "routes": {"chat": {"targets": [{"pool": "a", "model": "m"}]}}}
+    (tmp / "relay.yaml").write_text(yaml.safe_dump(doc))
     exe = Path(sys.executable).parent / "llmrelay"
+    cmd = [str(exe), "worker", "--pool", "a", "--config", str(tmp / "relay.yaml")]
     proc = subprocess.Popen(
-        [str(exe), "worker", "--pool", "a", "--config", str(path), "--nats-url", url, *extra],
+        [*cmd, "--nats-url", worker_url, "--drain-s", str(drain_s)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    assert proc.stderr is not None
-    assert "serving pool" in proc.stderr.readline().decode()
-    return proc
+    try:
+        assert proc.stderr is not None
+        assert "serving pool" in proc.stderr.readline().decode()
+        cfg = relay_config({"a": pool}, {"chat": [("a", "m")]})
+        async with RelayClient(client_url, config=cfg) as relay:
+            events = (await relay.submit("story", route="chat")).events()
+            assert isinstance(await anext(events), Chunk)
+            yield StreamingWorker(proc, cfg, events)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 async def test_sigterm_lets_the_running_answer_finish(
     nc: NATS, worker_url: str, client_url: str, tmp_path: Path
 ) -> None:
-    async with MockProvider(name="p", tokens=15, token_delay_ms=40) as mock:
-        pool = mock_pool(mock.url)
-        doc = {"pools": {"a": pool}, "routes": {"chat": {"targets": [{"pool": "a", "model": "m"}]}}}
-        cfg = relay_config({"a": pool}, {"chat": [("a", "m")]})
-        proc = _worker_process(doc, tmp_path, worker_url, "--drain-s", "10")
-        try:
-            async with RelayClient(client_url, config=cfg) as relay:
-                handle = await relay.submit("story", route="chat")
-                events = handle.events()
-                assert isinstance(await anext(events), Chunk)
-                proc.send_signal(signal.SIGTERM)
-                rest = [e async for e in events]
-            code = await anyio.to_thread.run_sync(proc.wait, 10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    mock = MockProvider(name="p", tokens=15, token_delay_ms=40)
+    async with mock, streaming_worker(mock, (worker_url, client_url), tmp_path, drain_s=10) as w:
+        w.proc.send_signal(signal.SIGTERM)
+        rest = [e async for e in w.events]
+        code = await anyio.to_thread.run_sync(w.proc.wait, 10)
     assert code == 0
     assert not any(isinstance(e, Notice) for e in rest)  # finished in place, no reset
     assert isinstance(rest[-1], Done) and rest[-1].attempt == 1
@@ -85,23 +98,12 @@ async def test_sigterm_lets_the_running_answer_finish(
 async def test_drain_timeout_hands_the_job_to_another_worker(
     nc: NATS, worker_url: str, client_url: str, tmp_path: Path
 ) -> None:
-    async with MockProvider(name="p", tokens=20, token_delay_ms=50) as mock:
-        pool = mock_pool(mock.url)
-        doc = {"pools": {"a": pool}, "routes": {"chat": {"targets": [{"pool": "a", "model": "m"}]}}}
-        cfg = relay_config({"a": pool}, {"chat": [("a", "m")]})
-        proc = _worker_process(doc, tmp_path, worker_url, "--drain-s", "0.2")
-        try:
-            async with RelayClient(client_url, config=cfg) as relay:
-                handle = await relay.submit("story", route="chat")
-                events = handle.events()
-                assert isinstance(await anext(events), Chunk)
-                proc.send_signal(signal.SIGTERM)
-                code = await anyio.to_thread.run_sync(proc.wait, 10)
-                async with running_workers(cfg, ["a"], worker_url):
-                    rest = [e async for e in events]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    mock = MockProvider(name="p", tokens=20, token_delay_ms=50)
+    async with mock, streaming_worker(mock, (worker_url, client_url), tmp_path, drain_s=0.2) as w:
+        w.proc.send_signal(signal.SIGTERM)
+        code = await anyio.to_thread.run_sync(w.proc.wait, 10)
+        async with running_workers(w.cfg, ["a"], worker_url):
+            rest = [e async for e in w.events]
     assert code == 0
     resets = [e for e in rest if isinstance(e, Notice) and e.reset]
     assert resets, "the second worker must announce the restart"
