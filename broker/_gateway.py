@@ -11,9 +11,9 @@ base URL to ``http://<gateway>/v1``. Endpoints::
 
 Each request becomes one job, submitted with one shared ``RelayClient`` (one
 NATS connection per process, as the ``client`` user). The answer's ``model``
-is the upstream model that answered (``done.model``); in a stream the chunks
-carry the route name until the final chunk, which carries the upstream model,
-because a chunk event does not say who is answering.
+is the upstream model that answered (``done.model``); in a stream every chunk
+carries the upstream model named by the first chunk of the answering attempt
+(a chunk sent before any text, e.g. a keep-alive, carries the route name).
 
 **Errors** use OpenAI's JSON shape, ``{"error": {"message", "type", "param",
 "code"}}``, with ``code`` one of the stable ``ERROR_CODES`` and the status its
@@ -520,13 +520,14 @@ class SseWriter:
         self.ids = ids
         self.include_usage = include_usage
         self.role_sent = False
+        self.model: str | None = None  # the upstream model, once a chunk names it
 
     def text(self, text: str) -> bytes:
         delta: dict[str, str] = {"content": text}
         if not self.role_sent:
             delta = {"role": "assistant", **delta}
             self.role_sent = True
-        return self._frame(self.ids.route, [_choice(delta, None)])
+        return self._frame(self.model or self.ids.route, [_choice(delta, None)])
 
     def end(self, done: Done) -> bytes:
         """The finish_reason chunk, the usage chunk if asked for, and ``[DONE]``."""
@@ -986,6 +987,8 @@ class _EventStreamResponse(Response):
             while True:
                 event = await self._next(events)
                 if isinstance(event, Chunk):
+                    if event.model is not None and event.attempt >= self.fold.attempt:
+                        self.sse.model = event.model  # who answers, from its first chunk
                     await self._text(self.fold.chunk(event, time.monotonic()))
                 elif isinstance(event, Notice):
                     self.fold.notice(event)

@@ -89,10 +89,16 @@ class Timings(msgspec.Struct, kw_only=True):
     total_ms: float = 0.0
 
 
-class Chunk(msgspec.Struct, tag="chunk", tag_field="type", kw_only=True):
+class Chunk(msgspec.Struct, tag="chunk", tag_field="type", kw_only=True, omit_defaults=True):
+    """A piece of the answer. The first chunk of each attempt (``seq`` 0) also
+    names the ``pool`` and upstream ``model`` answering, so a client can show
+    who is answering before ``done``."""
+
     seq: int
     attempt: int
     delta: str
+    pool: str | None = None
+    model: str | None = None
 
 
 NoticeKind = Literal["retry", "failover", "requeued", "redelivered", "degraded"]

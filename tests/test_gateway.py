@@ -145,7 +145,7 @@ async def test_streamed_completion_is_the_exact_answer_with_usage_last(
     assert chunks[0].choices[0].delta.role == "assistant"
     finish, usage = chunks[-2], chunks[-1]
     assert finish.choices[0].finish_reason == "stop"
-    assert finish.model == "gpt-a"  # the upstream model, once the answer is done
+    assert {c.model for c in chunks} == {"gpt-a"}  # every chunk names the upstream model
     assert usage.choices == [] and usage.usage is not None
     assert (usage.usage.prompt_tokens, usage.usage.completion_tokens) == (PROMPT_TOKENS, 5)
     assert all(c.usage is None for c in chunks[:-1])
@@ -181,7 +181,7 @@ async def test_failover_before_any_text_is_invisible_but_for_the_model(
     assert whole.choices[0].message.content == expected_answer("b", 4)
     assert whole.model == "gpt-b"
     assert text == expected_answer("b", 4)
-    assert chunks[-1].model == "gpt-b"
+    assert {c.model for c in chunks} == {"gpt-b"}  # the backup's, from its first chunk on
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 

@@ -226,7 +226,12 @@ class JobRun:
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
                 self.w.metrics.first_token(self.model_label, self.first_token_at - self.started)
-            await self._publish(Chunk(seq=self.seq, attempt=self.attempt, delta=item.text))
+            if self.seq == 0:
+                chunk = Chunk(seq=0, attempt=self.attempt, delta=item.text,
+                              pool=self.w.pool_name, model=self.model)  # fmt: skip
+            else:
+                chunk = Chunk(seq=self.seq, attempt=self.attempt, delta=item.text)
+            await self._publish(chunk)
             self.seq += 1
             return None
         if isinstance(item, Malformed):
