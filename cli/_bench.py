@@ -79,6 +79,10 @@ def bench(
     if list_presets:
         for name, p in PRESETS.items():
             typer.echo(f"{name:14} {p.description}")
+        typer.echo(f"{GATEWAY_PRESET:14} {GATEWAY_DESCRIPTION}")
+        return
+    if preset == GATEWAY_PRESET:
+        _gateway(requests, tokens, provider_ttft_ms, json_out)
         return
     if preset not in PRESETS:
         known = ", ".join(PRESETS)
@@ -112,6 +116,24 @@ def bench(
     if out is not None:
         out.write_bytes(data + b"\n")
     typer.echo(data.decode() if json_out else render_text(report))
+
+
+GATEWAY_PRESET = "gateway"
+GATEWAY_DESCRIPTION = (
+    "time to first token through the OpenAI-compatible gateway (raw HTTP and the openai SDK) "
+    "vs RelayClient, one request at a time, same run (bench/gateway_ttft.py)"
+)
+
+
+def _gateway(
+    requests: int | None, tokens: int | None, ttft_ms: float | None, as_json: bool
+) -> None:
+    """The gateway preset: nats-server, fake provider, worker and gateway as processes."""
+    from bench import gateway_ttft
+
+    argv = ["--requests", str(requests or 300), "--tokens", str(tokens or 8)]
+    argv += ["--ttft-ms", str(ttft_ms or 0.0), *(["--json"] if as_json else [])]
+    gateway_ttft.main(argv)
 
 
 def _mode(value: str | None) -> Literal["open", "closed", "burst"] | None:

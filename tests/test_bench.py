@@ -148,6 +148,22 @@ def test_overrides_change_only_what_is_given() -> None:
 def test_every_preset_is_listed() -> None:
     out = subprocess.run([*BENCH, "--list"], cwd=REPO, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0
-    for name in ("smoke", "steady", "ceiling", "spike", "failover", "long-streams"):
+    for name in ("smoke", "steady", "ceiling", "spike", "failover", "long-streams", "gateway"):
         assert name in out.stdout
     assert os.path.exists(REPO / "bench" / "RESULTS.md")
+
+
+def test_gateway_preset_measures_all_three_paths() -> None:
+    out = subprocess.run(
+        [*BENCH, "--preset", "gateway", "--requests", "5", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(report) == {"direct", "gateway", "gateway+sdk"}
+    for path in report.values():
+        assert path["n"] == 5
+        assert 0 < path["p50"] <= path["p90"] <= path["p99"] <= path["max"]
