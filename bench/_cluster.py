@@ -36,11 +36,11 @@ from broker._config import load_config
 from broker._errors import RelayError
 from broker._jsapi import consumer_info
 from broker._server import WORKER_USER, NatsServer, free_port
-from broker._subjects import JOBS_STREAM, WORKERS_BUCKET, route_consumer
+from broker._subjects import JOBS_STREAM, route_consumer
 from broker._topology import ensure_topology
+from workers._stack import WorkerProcess, stop_process, wait_for_workers
 from workers.mock_provider import MockProviderProcess
 
-_CLI = "from cli.main import main; main()"
 READY_TIMEOUT_S = 30.0
 
 
@@ -50,59 +50,17 @@ class BenchError(RelayError):
     code = "bench_failed"
 
 
-def _stop(proc: subprocess.Popen[Any], timeout_s: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL if it does not exit in time. Safe on an exited process."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.terminate()
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait()
-
-
-class WorkerProc:
-    """One ``llmrelay worker`` child process."""
+class WorkerProc(WorkerProcess):
+    """A worker process with its metrics port, sampled by the bench."""
 
     def __init__(self, pool: str, index: int, config: Path, nats_url: str, log_dir: Path) -> None:
-        self.pool = pool
-        self.name = f"worker-{pool}-{index}"
-        self.metrics_port = free_port()
-        self.log_path = log_dir / f"{self.name}-{time.time_ns()}.log"
-        cmd = [
-            *worker_command(),
-            "worker",
-            *("--pool", pool, "--config", str(config), "--nats-url", nats_url),
-            *("--metrics-port", str(self.metrics_port), "--drain-s", "2"),
-        ]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
-            )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+        super().__init__(
+            pool, config, nats_url, log_dir,
+            name=f"worker-{pool}-{index}", metrics_port=free_port(), drain_s=2,
+        )  # fmt: skip
 
     def watch(self) -> ProcWatch:
         return ProcWatch(self.name, "worker", self.pid)
-
-    def kill(self) -> None:
-        """SIGKILL: the worker dies at once, as in a crash."""
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        _stop(self.proc, 10.0)
-
-    def log_tail(self) -> str:
-        with contextlib.suppress(OSError):
-            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-5:])
-        return ""
 
     def metrics(self) -> dict[str, float]:
         """The worker's Prometheus samples as ``name{labels} -> value`` (empty if down)."""
@@ -117,11 +75,6 @@ class WorkerProc:
                 with contextlib.suppress(ValueError):
                     out[key] = float(value)
         return out
-
-
-def worker_command() -> list[str]:
-    """How to run ``llmrelay`` with this interpreter (works without the console script)."""
-    return [sys.executable, "-c", _CLI]
 
 
 class LoadProc:
@@ -187,7 +140,7 @@ class LoadProc:
         return ""
 
     def stop(self) -> None:
-        _stop(self.proc, 2.0)
+        stop_process(self.proc, 2.0)
         for pipe in (self.proc.stdin, self.proc.stdout):
             if pipe is not None:
                 with contextlib.suppress(OSError):
@@ -247,18 +200,7 @@ class Cluster:
         self, nc: NATS, workers: list[WorkerProc], timeout_s: float = READY_TIMEOUT_S
     ) -> None:
         """Until every worker's heartbeat is in the KV (its pulls are in place by then)."""
-        kv = await nc.jetstream().key_value(WORKERS_BUCKET)
-        waiting = {w.pid: w for w in workers}
-        with anyio.fail_after(timeout_s):
-            while waiting:
-                for w in list(waiting.values()):
-                    if w.proc.poll() is not None:
-                        raise BenchError(f"{w.name} exited at start: {w.log_tail()}")
-                for key in await _kv_keys(kv):
-                    for pid in [p for p in waiting if f"-{p}-" in key]:
-                        del waiting[pid]
-                if waiting:
-                    await anyio.sleep(0.05)
+        await wait_for_workers(nc, workers, timeout_s)
 
     def profile(self, w: WorkerProc) -> None:
         """Sample the worker with py-spy (``--profile DIR``) until the run ends."""
@@ -325,7 +267,7 @@ class Cluster:
             try:
                 spy.wait(30.0)
             except subprocess.TimeoutExpired:
-                _stop(spy)
+                stop_process(spy, 5.0)
         for w in self.workers:
             with contextlib.suppress(OSError):
                 w.proc.send_signal(signal.SIGTERM)
@@ -341,13 +283,3 @@ class Cluster:
         nc = await connect_nats(self.worker_url, name="llmrelay-bench")
         await ensure_topology(nc, load_config(self.config_path))
         return nc
-
-
-async def _kv_keys(kv: Any) -> list[str]:
-    from nats.js.errors import NoKeysError
-
-    try:
-        keys: list[str] = await kv.keys()
-    except NoKeysError:
-        return []
-    return keys

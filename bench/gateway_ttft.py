@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -43,13 +42,13 @@ from openai.types.chat import ChatCompletionMessageParam
 from bench._stats import Summary, summarize
 from broker import Chunk, Error, RelayClient
 from broker._config import load_config
-from broker._server import CLIENT_USER, WORKER_USER, NatsServer, free_port
+from broker._server import CLIENT_USER, WORKER_USER, NatsServer, free_port, llmrelay_command
 from workers.mock_provider import MockProviderProcess
 
 ROUTE = "chat"
 PROMPT = "Say hello"
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": PROMPT}]
-_CLI = [sys.executable, "-c", "from cli.main import main; main()"]
+_CLI = llmrelay_command()
 
 
 async def direct_ttft(relay: RelayClient, route: str = ROUTE) -> float:

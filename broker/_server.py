@@ -42,6 +42,11 @@ def nats_server_binary() -> str:
     )
 
 
+def llmrelay_command() -> list[str]:
+    """How to run ``llmrelay`` with this interpreter (needs no console script on PATH)."""
+    return [sys.executable, "-c", "from cli.main import main; main()"]
+
+
 def default_nats_conf() -> Path:
     """The repository's nats.conf, else the copy bundled in the package."""
     here = Path(__file__).resolve().parent

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,10 @@ import pytest
 
 from bench._stats import percentile, summarize
 from bench.presets import PRESETS, Overrides, apply_overrides
+from broker._server import llmrelay_command
 
 REPO = Path(__file__).resolve().parent.parent
-BENCH = [sys.executable, "-c", "from cli.main import main; main()", "bench"]
+BENCH = [*llmrelay_command(), "bench"]
 TINY = ["--preset", "smoke", "--duration", "1", "--warmup", "0.2", "--rate", "20"]
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -31,7 +30,7 @@ from broker import _gateway as gateway_module
 from broker._config import Config, GatewaySettings, Secret
 from broker._gateway import InvalidRequest, ReplyFold, StreamReset, parse_request, serve_gateway
 from broker._protocol import decode_event
-from broker._server import free_port
+from broker._server import free_port, llmrelay_command
 from tests._harness import mock_pool, relay_config, running_workers
 from workers.mock_provider import MockProvider, expected_answer
 
@@ -647,7 +646,7 @@ async def test_gateway_command_with_two_worker_processes(
                 }
             )
         )
-        command = [sys.executable, "-c", "from cli.main import main; main()", "gateway"]
+        command = [*llmrelay_command(), "gateway"]
         args = ["--config", str(config_file), "--nats-url", client_url, "--workers", "2"]
         async with (
             running_workers(cfg, ["a"], worker_url),

@@ -11,29 +11,25 @@ process it started, workers first so they can drain.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
-import sys
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import anyio
 import msgspec
-from nats.js.errors import (
-    BucketNotFoundError,
-    KeyDeletedError,
-    KeyNotFoundError,
-    NoKeysError,
-    NotFoundError,
-)
+from nats.aio.client import Client as NATS
+from nats.js.errors import BucketNotFoundError, NoKeysError, NotFoundError
 
 from broker._client import connect_nats
 from broker._errors import ServerStartError
-from broker._protocol import decode_heartbeat
-from broker._server import CLIENT_USER, WORKER_USER, NatsServer
+from broker._server import CLIENT_USER, WORKER_USER, NatsServer, llmrelay_command
 from broker._subjects import WORKERS_BUCKET
 from workers.mock_provider import MockProviderProcess
 
@@ -49,34 +45,103 @@ class MockSpec(msgspec.Struct, frozen=True, kw_only=True):
     token_delay_ms: float = 0.0
 
 
-class WorkerProcess:
-    """``llmrelay worker --pool NAME`` as a child process, logging to a file."""
+def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 10.0) -> None:
+    """SIGTERM (a worker drains), then SIGKILL if it does not exit in time. Safe twice."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
 
-    def __init__(self, pool: str, config_file: Path, env: Mapping[str, str], log_dir: Path) -> None:
+
+class WorkerProcess:
+    """``llmrelay worker --pool POOL`` as a child process, logging to a file."""
+
+    def __init__(
+        self,
+        pool: str,
+        config_file: Path,
+        nats_url: str,
+        log_dir: Path,
+        *,
+        name: str | None = None,
+        env: Mapping[str, str] | None = None,
+        metrics_port: int | None = None,
+        drain_s: float | None = None,
+    ) -> None:
         self.pool = pool
-        self.log_path = log_dir / f"worker-{pool}-{os.getpid()}-{id(self)}.log"
-        exe = Path(sys.executable).parent / "llmrelay"
-        cmd = [str(exe), "worker", "--pool", pool, "--config", str(config_file)]
+        self.name = name or f"worker-{pool}"
+        self.metrics_port = metrics_port
+        self.log_path = log_dir / f"{self.name}-{time.time_ns()}.log"
+        cmd = [*llmrelay_command(), "worker", "--pool", pool, "--config", str(config_file)]
+        cmd += ["--nats-url", nats_url]
+        cmd += ["--metrics-port", str(metrics_port)] if metrics_port is not None else []
+        cmd += ["--drain-s", str(drain_s)] if drain_s is not None else []
         with open(self.log_path, "wb") as log:
+            # Its own session: a Ctrl-C in the terminal reaches only the parent,
+            # which then stops the worker in order.
             self.proc = subprocess.Popen(
-                cmd, env=dict(env), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-            )
+                cmd, env=dict(env) if env is not None else None, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL: the worker dies at once, as in a crash."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        self.proc.wait()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, timeout_s)
 
-    def log_tail(self) -> str:
+    def log_tail(self, lines: int = 3) -> str:
         try:
-            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-3:])
+            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+async def wait_for_workers(
+    nc: NATS, workers: Sequence[WorkerProcess], timeout_s: float = 20.0
+) -> None:
+    """Until every worker's heartbeat is in the KV (its pulls are in place by then).
+
+    Heartbeat keys are ``<pool>.<host>-<pid>-<random>``, so each process is found
+    by its own pid; a worker that exits while starting fails at once with its log.
+    """
+    waiting = {w.pid: w for w in workers}
+    try:
+        with anyio.fail_after(timeout_s):
+            while waiting:
+                for w in waiting.values():
+                    if w.proc.poll() is not None:
+                        raise ServerStartError(f"{w.name} exited at start: {w.log_tail()}")
+                for key in await _heartbeat_keys(nc):
+                    for pid in [p for p in waiting if f"-{p}-" in key]:
+                        del waiting[pid]
+                if waiting:
+                    await anyio.sleep(0.05)
+    except TimeoutError:
+        tails = "; ".join(f"{w.name}: {w.log_tail()}" for w in waiting.values())
+        raise ServerStartError(f"workers did not start within {timeout_s:g}s: {tails}") from None
+
+
+async def _heartbeat_keys(nc: NATS) -> list[str]:
+    try:
+        kv = await nc.jetstream().key_value(WORKERS_BUCKET)
+        keys: list[str] = await kv.keys()
+    except (NotFoundError, BucketNotFoundError, NoKeysError):
+        return []  # no worker has created the bucket or beaten yet
+    return keys
 
 
 class LocalStack:
@@ -123,7 +188,7 @@ class LocalStack:
 
     def _start_processes(self) -> None:
         self.server.start()
-        env = {**os.environ, "LLMRELAY_NATS_URL": self.worker_url}
+        env = dict(os.environ)
         for spec in self.mock_specs:
             mock = MockProviderProcess(
                 name=spec.name,
@@ -135,44 +200,16 @@ class LocalStack:
             env[spec.env] = mock.url + spec.path_suffix
         self.env = env
         for pool in self.pool_names:
-            self.workers.append(WorkerProcess(pool, self.config_file, env, self.work_dir))
+            self.workers.append(
+                WorkerProcess(pool, self.config_file, self.worker_url, self.work_dir, env=env)
+            )
 
-    async def _wait_for_workers(self, timeout_s: float = 20.0) -> None:
+    async def _wait_for_workers(self) -> None:
         nc = await connect_nats(self.worker_url)
         try:
-            with anyio.fail_after(timeout_s):
-                while len(await self._live_workers(nc)) < len(self.workers):
-                    self._check_alive()
-                    await anyio.sleep(0.05)
-        except TimeoutError:
-            tails = "; ".join(f"{w.pool}: {w.log_tail()}" for w in self.workers)
-            raise ServerStartError(
-                f"workers did not start within {timeout_s:g}s: {tails}"
-            ) from None
+            await wait_for_workers(nc, self.workers)
         finally:
             await nc.close()
-
-    async def _live_workers(self, nc: Any) -> list[str]:
-        js = nc.jetstream()
-        try:
-            kv = await js.key_value(WORKERS_BUCKET)
-            keys = await kv.keys()
-        except (NotFoundError, BucketNotFoundError, NoKeysError):
-            return []  # no worker has created the bucket or beaten yet
-        live = []
-        for key in keys:
-            try:
-                entry = await kv.get(key)
-            except (KeyNotFoundError, KeyDeletedError):
-                continue
-            if entry.value:
-                live.append(decode_heartbeat(entry.value).worker_id)
-        return live
-
-    def _check_alive(self) -> None:
-        for w in self.workers:
-            if w.proc.poll() is not None:
-                raise ServerStartError(f"worker for pool {w.pool} exited: {w.log_tail()}")
 
     def close(self) -> None:
         """Stop everything this stack started. Safe to call twice."""

@@ -64,7 +64,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -74,6 +73,8 @@ from typing import Any, NamedTuple, Protocol
 import anyio
 import httpx
 import msgspec
+
+from broker._server import llmrelay_command
 
 DEFAULT_TOKENS = 16
 LOG_SIZE = 10_000
@@ -1122,8 +1123,7 @@ class MockProviderProcess:
         return f"http://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
-        entry = "from cli.main import main; main()"
-        return [sys.executable, "-c", entry, "mock-provider", *self.args]
+        return [*llmrelay_command(), "mock-provider", *self.args]
 
     def start(self) -> MockProviderProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
