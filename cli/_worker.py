@@ -7,8 +7,10 @@ from typing import Annotated
 
 import anyio
 import typer
+from anyio.abc import TaskStatus
 
 from cli._common import ConfigOpt, JsonLogsOpt, LogLevelOpt, NatsUrlOpt, config_from, setup_logging
+from workers._worker import Worker
 
 
 def register(app: typer.Typer) -> None:
@@ -38,8 +40,6 @@ def worker(
     """
     setup_logging(json_logs, log_level)
     cfg = config_from(config)
-    from workers._worker import Worker
-
     w = Worker(
         cfg,
         pool,
@@ -51,21 +51,16 @@ def worker(
     anyio.run(_serve, w)
 
 
-async def _serve(w: object) -> None:
-    from workers._worker import Worker
-
-    assert isinstance(w, Worker)
+async def _serve(w: Worker) -> None:
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_stop_on_signal, w, tg)
+        await tg.start(_stop_on_signal, w)  # installed before the worker says it serves
         await w.run()
         tg.cancel_scope.cancel()
 
 
-async def _stop_on_signal(w: object, tg: anyio.abc.TaskGroup) -> None:
-    from workers._worker import Worker
-
-    assert isinstance(w, Worker)
+async def _stop_on_signal(w: Worker, *, task_status: TaskStatus[None]) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
         async for _ in signals:
             typer.echo(f"draining pool {w.pool_name} (up to {w.drain_s:g}s)...", err=True)
             w.stop()

@@ -84,7 +84,7 @@ def decide(
         return _larger_context(err, ctx, config)
     mid_stream = ctx.chunks_sent > 0 or err.code in _MID_STREAM
     if err.code in _FAILOVER_AT_ONCE or mid_stream:
-        target = _next_target(ctx, config)
+        target = next_target(ctx, config)
         if target is not None:
             return target if not mid_stream else msgspec.structs.replace(target, reset=True)
         if err.code in _FAILOVER_AT_ONCE:
@@ -100,7 +100,7 @@ def _retry_or_requeue(
         delay = max(backoff_s(pool, ctx.deliveries, rand), err.retry_after_s or 0.0)
         if delay < ctx.remaining_s:
             return Retry(delay)
-    target = _next_target(ctx, config)
+    target = next_target(ctx, config)
     if target is not None:
         return msgspec.structs.replace(target, reset=ctx.chunks_sent > 0)
     return _exhausted(err, ctx)
@@ -118,7 +118,7 @@ def tried_pools(job: Job, current: str) -> set[str]:
     return {a.pool for a in job.attempts} | {current}
 
 
-def _next_target(ctx: FailureContext, config: Config) -> Requeue | None:
+def next_target(ctx: FailureContext, config: Config) -> Requeue | None:
     """The best untried target of the job's route, lowest rank first."""
     if ctx.pinned:
         return None

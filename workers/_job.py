@@ -42,7 +42,7 @@ from broker._protocol import (
     now_ms,
 )
 from broker._subjects import REPLY_PREFIX, events_subject, is_valid_name, pool_subject
-from workers._decide import Decision, Fail, FailureContext, Requeue, Retry, decide
+from workers._decide import Decision, Fail, FailureContext, Requeue, Retry, decide, next_target
 from workers._ratelimit import estimate_tokens
 from workers.providers._base import (
     Finish,
@@ -244,9 +244,7 @@ class JobRun:
 
     def _has_other_target(self) -> bool:
         assert self.job is not None
-        ctx = self._failure_context(self.job)
-        probe = decide(StreamInterrupted("probe"), ctx, self.w.config)
-        return isinstance(probe, Requeue)
+        return next_target(self._failure_context(self.job), self.w.config) is not None
 
     # --- outcomes ----------------------------------------------------------------
 

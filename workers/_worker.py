@@ -38,7 +38,7 @@ from nats.js.kv import KeyValue
 
 from broker._client import connect_nats
 from broker._config import Config, PoolConfig
-from broker._errors import RelayError
+from broker._errors import RelayError, UnknownRoute
 from broker._protocol import (
     DeadLetter,
     Error,
@@ -46,6 +46,7 @@ from broker._protocol import (
     Job,
     LifecycleEvent,
     decode_heartbeat,
+    decode_job,
     encode,
     now_ms,
 )
@@ -94,8 +95,6 @@ class Worker:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if pool_name not in config.pools:
-            from broker._errors import UnknownRoute
-
             raise UnknownRoute(f"no pool named {pool_name!r} (pools: {', '.join(config.pools)})")
         self.config = config
         self.pool_name = pool_name
@@ -524,8 +523,6 @@ class Worker:
         await self._dead_letter_poison(stored.data or b"", seq)
 
     async def _dead_letter_poison(self, data: bytes, seq: int) -> None:
-        from broker._protocol import decode_job
-
         try:
             job: Job | None = decode_job(data)
         except (msgspec.ValidationError, msgspec.DecodeError):
