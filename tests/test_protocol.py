@@ -13,7 +13,6 @@ from broker import (
     Chunk,
     Done,
     Error,
-    Job,
     Message,
     Notice,
     Timings,
@@ -89,4 +88,6 @@ def test_schema_covers_job_events_and_error_codes() -> None:
     for name in ("Job", "Chunk", "Notice", "Done", "Error", "Message", "Attempt"):
         assert name in defs
     assert set(schema["error_codes"]) == set(ERROR_CODES)
-    assert isinstance(Job.__struct_fields__, tuple)
+    required = set(defs["Job"]["required"])
+    assert {"id", "route", "messages", "reply_to", "deadline_ms"} <= required
+    assert "attempts" not in required  # optional: an older client may omit it
