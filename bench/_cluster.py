@@ -31,10 +31,10 @@ from nats.aio.client import Client as NATS
 from bench._loadgen import LoadResult, LoadSpec
 from bench._procstat import ProcWatch
 from bench.presets import ProviderSpec
-from broker._client import connect_nats
 from broker._config import load_config
-from broker._errors import RelayError
+from broker._errors import BenchError
 from broker._jsapi import consumer_info
+from broker._nats import connect_nats
 from broker._server import WORKER_USER, NatsServer, free_port
 from broker._subjects import JOBS_STREAM, route_consumer
 from broker._topology import ensure_topology
@@ -42,12 +42,6 @@ from workers._stack import WorkerProcess, stop_process, wait_for_workers
 from workers.mock_provider import MockProviderProcess
 
 READY_TIMEOUT_S = 30.0
-
-
-class BenchError(RelayError):
-    """A benchmark process failed to start or to report."""
-
-    code = "bench_failed"
 
 
 class WorkerProc(WorkerProcess):

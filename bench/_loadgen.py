@@ -42,13 +42,13 @@ from typing import Literal
 import anyio
 import httpx
 import msgspec
-import nats.errors
 from anyio.abc import TaskGroup
 
 from broker._client import RelayClient
 from broker._config import PoolConfig, Secret
 from broker._errors import RelayError
 from broker._protocol import Chunk, Done, Error, Job, Message, now_ms
+from broker._subjects import reply_subject
 from workers.providers import Finish, Provider, ProviderError, TextDelta, make_provider
 
 Target = Literal["broker", "direct"]
@@ -195,8 +195,6 @@ class _BrokerSender:
                     req.code = event.code
         except RelayError as exc:
             req.code = exc.code
-        except nats.errors.Error as exc:
-            req.code = f"nats_{type(exc).__name__}"
         return time.perf_counter()
 
 
@@ -229,7 +227,7 @@ class _DirectSender:
             id=f"d{n}",
             route=self.spec.route,
             messages=self.messages,
-            reply_to=f"llm.reply.d{n}",
+            reply_to=reply_subject(f"d{n}"),
             deadline_ms=now_ms() + int(self.spec.deadline_s * 1000),
         )
         req.submitted()

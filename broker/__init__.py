@@ -4,23 +4,29 @@ Public names are listed in ``__all__``; everything else lives in private
 modules and may change.
 """
 
-from broker._client import Answer, JobHandle, RelayClient, connect_nats
+from broker._client import JobHandle, JobOptions, RelayClient
 from broker._config import Config, PoolConfig, RouteConfig, Secret, load_config, parse_config
 from broker._errors import (
+    ERROR_CODES,
+    AllProvidersFailed,
+    BrokerUnavailable,
     Cancelled,
     ConfigError,
     ConnectFailed,
     DeadlineExceeded,
+    InternalError,
     InvalidJob,
     PayloadTooLarge,
+    ProviderError,
     QueueFull,
     RelayError,
     RequestFailed,
     ServerStartError,
     UnknownRoute,
 )
+from broker._fold import Answer
+from broker._nats import connect_nats
 from broker._protocol import (
-    ERROR_CODES,
     Attempt,
     Chunk,
     Done,
@@ -31,15 +37,17 @@ from broker._protocol import (
     Notice,
     Timings,
     Usage,
-    json_schema,
 )
+from broker._schema import json_schema
 from broker._server import NatsServer
 from broker._topology import ensure_topology
 
 __all__ = [
     "ERROR_CODES",
+    "AllProvidersFailed",
     "Answer",
     "Attempt",
+    "BrokerUnavailable",
     "Cancelled",
     "Chunk",
     "Config",
@@ -49,14 +57,17 @@ __all__ = [
     "Done",
     "Error",
     "Event",
+    "InternalError",
     "InvalidJob",
     "Job",
     "JobHandle",
+    "JobOptions",
     "Message",
     "NatsServer",
     "Notice",
     "PayloadTooLarge",
     "PoolConfig",
+    "ProviderError",
     "QueueFull",
     "RelayClient",
     "RelayError",

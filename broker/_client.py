@@ -17,33 +17,31 @@ abandoned attempt is dropped.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 
-import nats
+import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
-from nats.errors import NoServersError
+from nats.errors import BadSubscriptionError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 
 from broker._config import Config
 from broker._errors import (
-    ConnectFailed,
     DeadlineExceeded,
+    JetStreamApiError,
     PayloadTooLarge,
     QueueFull,
     RelayError,
     UnknownRoute,
     error_from_event,
 )
-from broker._jsapi import JetStreamApiError, consumer_info
+from broker._fold import Answer
+from broker._jsapi import consumer_info
+from broker._nats import connect_nats, nats_errors
 from broker._protocol import (
-    Chunk,
     Done,
     Error,
     Event,
@@ -65,103 +63,20 @@ from broker._subjects import (
     route_subject,
 )
 
-# JetStream error codes (server/errors.json).
-_ERR_MAX_MSGS_PER_SUBJECT = 10077
-_ERR_MSG_SIZE = 10054
 DEFAULT_TIMEOUT_S = 120.0
 
 
-async def connect_nats(
-    url: str,
-    *,
-    name: str = "llmrelay",
-    timeout_s: float = 2.0,
-    user: str | None = None,
-    password: str | None = None,
-    token: str | None = None,
-    inbox_prefix: str = "_INBOX",
-    reconnected: Callable[[], Awaitable[None]] | None = None,
-) -> NATS:
-    """Connect to NATS or raise ``ConnectFailed`` with one clear line.
+class JobOptions(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The sampling and bookkeeping options of a job (``Job`` fields a caller may set)."""
 
-    Workers pass a private ``inbox_prefix``: jobs are pulled into inboxes, and
-    clients may subscribe to ``_INBOX.>`` (nats.conf), so a worker's inboxes
-    must live elsewhere or any client could read other users' prompts.
-    """
-
-    first = _FirstConnect(servers=url.count(",") + 1)
-
-    async def quiet(exc: Exception) -> None:
-        first.failed(exc)
-
-    async def _connect() -> NATS:
-        return await nats.connect(
-            url,
-            name=name,
-            connect_timeout=timeout_s,
-            max_reconnect_attempts=-1,
-            allow_reconnect=True,
-            error_cb=quiet,
-            user=user,
-            password=password,
-            token=token,
-            inbox_prefix=inbox_prefix,
-            reconnected_cb=reconnected,
-        )
-
-    try:
-        return await first.run(_connect(), timeout_s=timeout_s * first.servers + 0.5)
-    except (NoServersError, OSError, NatsTimeout) as exc:
-        cause = first.error or exc
-        if isinstance(cause, nats.errors.Error) and not isinstance(cause, NatsTimeout):
-            raise ConnectFailed(f"cannot connect to {_redact(url)}: {cause}") from exc
-        why = str(cause) or f"timed out after {timeout_s:g}s"
-        raise ConnectFailed(f"no NATS server answered at {_redact(url)} ({why})") from exc
-    except nats.errors.Error as exc:
-        raise ConnectFailed(f"cannot connect to {_redact(url)}: {exc}") from exc
-
-
-class _FirstConnect:
-    """Give every server one try: nats-py retries a first connect forever when
-    ``max_reconnect_attempts=-1`` (which we want for later reconnects)."""
-
-    def __init__(self, servers: int) -> None:
-        self.servers = servers
-        self.error: Exception | None = None
-        self._failures = 0
-        self._gave_up = asyncio.Event()
-
-    def failed(self, exc: Exception) -> None:
-        self.error = exc
-        self._failures += 1
-        if self._failures >= self.servers:
-            self._gave_up.set()
-
-    async def run(self, connect: Awaitable[NATS], *, timeout_s: float) -> NATS:
-        task = asyncio.ensure_future(connect)
-        gave_up = asyncio.ensure_future(self._gave_up.wait())
-        try:
-            await asyncio.wait(
-                {task, gave_up}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            gave_up.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        raise NoServersError()
-
-
-def _redact(url: str) -> str:
-    """Hide a password in a URL (nats://user:pass@host -> nats://user:***@host)."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+    priority: int = 0
+    metadata: dict[str, str] = msgspec.field(default_factory=dict)
+    traceparent: str | None = None
 
 
 class JobHandle:
@@ -194,9 +109,12 @@ class JobHandle:
         if remaining_s <= 0:
             raise DeadlineExceeded(f"request {self.id}: no answer before its deadline")
         try:
-            msg = await self._sub.next_msg(timeout=remaining_s)
-        except NatsTimeout as exc:
-            raise DeadlineExceeded(f"request {self.id}: no answer before its deadline") from exc
+            with nats_errors(f"request {self.id}: reading the answer"):
+                msg = await self._sub.next_msg(timeout=remaining_s)
+        except RelayError as exc:
+            if isinstance(exc.__cause__, NatsTimeout):
+                raise DeadlineExceeded(f"request {self.id}: no answer before its deadline") from exc
+            raise
         return decode_event(msg.data)
 
     async def text(self) -> str:
@@ -214,52 +132,20 @@ class JobHandle:
 
     async def cancel(self) -> None:
         """Ask the worker to abort the upstream call (it answers ``cancelled``)."""
-        await self._client.nc.publish(cancel_subject(self.id), b"")
+        with nats_errors(f"cancel of {self.id}"):
+            await self._client.nc.publish(cancel_subject(self.id), b"")
+
+    async def close(self) -> None:
+        """Stop listening for this job's events (the job itself goes on). Safe twice."""
+        await self._close_sub()
 
     async def _close_sub(self) -> None:
-        with contextlib.suppress(nats.errors.BadSubscriptionError):
-            await self._sub.unsubscribe()
-
-
-class Answer:
-    """Folds events into one clean answer, honouring resets."""
-
-    def __init__(self) -> None:
-        self._parts: list[str] = []
-        self.attempt = 0
-        self.done: Done | None = None
-        self.error: Error | None = None
-        self.resets = 0
-
-    @property
-    def text(self) -> str:
-        return "".join(self._parts)
-
-    def add(self, event: Event) -> None:
-        """Fold one event in. Events of an attempt older than the newest seen are stale.
-
-        Chunks and notices of two attempts can interleave (a backup may stream
-        before the failing worker's notice arrives), so only ``attempt`` orders them.
-        """
-        if isinstance(event, Chunk):
-            if event.attempt < self.attempt:
-                return
-            if event.attempt > self.attempt:
-                self._reset(event.attempt)
-            self._parts.append(event.delta)
-        elif isinstance(event, Notice):
-            if event.reset and event.attempt >= self.attempt:
-                self._reset(event.attempt)
-        elif isinstance(event, Done):
-            self.done = event
-        else:
-            self.error = event
-
-    def _reset(self, attempt: int) -> None:
-        if self._parts:
-            self.resets += 1
-        self._parts.clear()
-        self.attempt = attempt
+        try:
+            with nats_errors(f"request {self.id}: unsubscribing"):
+                await self._sub.unsubscribe()
+        except RelayError as exc:
+            if not isinstance(exc.__cause__, BadSubscriptionError):  # already gone: fine
+                raise
 
 
 class RelayClient:
@@ -302,8 +188,11 @@ class RelayClient:
         nc, self._nc = self._nc, None
         if nc is not None and self._owns_nc and not nc.is_closed:
             # flush + close, not drain: drain waits for handles nobody reads any more.
-            with contextlib.suppress(nats.errors.Error):
-                await nc.flush(timeout=2)
+            try:
+                with nats_errors("flush before close"):
+                    await nc.flush(timeout=2)
+            except RelayError:
+                pass  # the connection is going away; what was not flushed is lost either way
             await nc.close()
 
     def build_job(
@@ -315,21 +204,29 @@ class RelayClient:
         system: str | None = None,
         timeout_s: float | None = None,
         request_id: str | None = None,
-        **params: object,
+        options: JobOptions | None = None,
     ) -> Job:
+        """A job for ``prompt`` on ``route`` (or pinned to ``pool``), due in ``timeout_s``."""
         rid = request_id or new_request_id()
-        messages = _messages(prompt, system)
         timeout = timeout_s if timeout_s is not None else self._route_timeout(route)
         created = now_ms()
+        o = options or JobOptions()
         return Job(
             id=rid,
             route=route,
             pool=pool,
-            messages=messages,
+            messages=_messages(prompt, system),
             reply_to=reply_subject(rid),
             deadline_ms=created + int(timeout * 1000),
             created_ms=created,
-            **params,  # type: ignore[arg-type]
+            max_tokens=o.max_tokens,
+            temperature=o.temperature,
+            top_p=o.top_p,
+            stop=o.stop,
+            seed=o.seed,
+            priority=o.priority,
+            metadata=dict(o.metadata),
+            traceparent=o.traceparent,
         )
 
     def _route_timeout(self, route: str) -> float:
@@ -338,22 +235,40 @@ class RelayClient:
         return self.default_timeout_s
 
     async def submit(
-        self, prompt: str | Sequence[Message], *, route: str, **options: object
+        self,
+        prompt: str | Sequence[Message],
+        *,
+        route: str,
+        pool: str | None = None,
+        system: str | None = None,
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+        options: JobOptions | None = None,
     ) -> JobHandle:
-        """Publish a job; return a handle to its events. See ``build_job`` for options."""
-        job = self.build_job(prompt, route=route, **options)  # type: ignore[arg-type]
+        """Publish a job; return a handle to its events (arguments as ``build_job``)."""
+        job = self.build_job(
+            prompt,
+            route=route,
+            pool=pool,
+            system=system,
+            timeout_s=timeout_s,
+            request_id=request_id,
+            options=options,
+        )
         return await self.submit_job(job)
 
     async def submit_job(self, job: Job) -> JobHandle:
         """Publish a ready-made job (idempotent on ``job.id``)."""
         await self._check_target(job)
-        sub = await self.nc.subscribe(job.reply_to, pending_msgs_limit=65536)
+        with nats_errors(f"subscribe to {job.reply_to}"):
+            sub = await self.nc.subscribe(job.reply_to, pending_msgs_limit=65536)
+        handle = JobHandle(self, job, sub)
         try:
             await self._publish(job)
         except BaseException:
-            await sub.unsubscribe()
+            await handle.close()
             raise
-        return JobHandle(self, job, sub)
+        return handle
 
     async def _publish(self, job: Job) -> None:
         data = encode(job)
@@ -361,34 +276,25 @@ class RelayClient:
         ttl_s = max(1, math.ceil(job.deadline_ms / 1000 - time.time()) + 1)
         headers = {"Nats-Msg-Id": job.id, "Nats-TTL": f"{ttl_s}s"}
         try:
-            await self.nc.jetstream().publish(subject, data, headers=headers, timeout=5.0)
-        except ServiceUnavailableError as exc:
-            if exc.err_code == _ERR_MAX_MSGS_PER_SUBJECT:
-                raise QueueFull(await self._full_message(job)) from exc
-            raise RelayError(f"publish to {subject} refused: {exc.description}") from exc
-        except APIError as exc:
-            if exc.err_code == _ERR_MSG_SIZE:
-                raise PayloadTooLarge(
-                    f"job {job.id} is {len(data)} bytes: {exc.description}"
-                ) from exc
-            raise RelayError(f"publish to {subject} refused: {exc.description}") from exc
-        except NoStreamResponseError as exc:
-            raise RelayError(
-                f"no {JOBS_STREAM} stream answered for {subject}: start the broker "
-                "(`llmrelay up`) or a worker, which create the streams"
-            ) from exc
-        except nats.errors.MaxPayloadError as exc:
-            raise PayloadTooLarge(f"job {job.id} is {len(data)} bytes: {exc}") from exc
+            with nats_errors(f"publish to {subject}"):
+                await self.nc.jetstream().publish(subject, data, headers=headers, timeout=5.0)
+        except QueueFull as exc:
+            raise QueueFull(await self._full_message(job)) from exc.__cause__
+        except PayloadTooLarge as exc:
+            raise PayloadTooLarge(
+                f"job {job.id} is {len(data)} bytes: {exc.message}"
+            ) from exc.__cause__
 
     async def _full_message(self, job: Job) -> str:
         where = f"pool {job.pool}" if job.pool else f"route {job.route}"
         capacity = self._capacity
         if capacity is None:
             try:
-                info = await self.nc.jetstream().stream_info(JOBS_STREAM)
+                with nats_errors(f"{JOBS_STREAM} stream info"):
+                    info = await self.nc.jetstream().stream_info(JOBS_STREAM)
                 capacity = self._capacity = info.config.max_msgs_per_subject
-            except (APIError, NatsTimeout):
-                capacity = None
+            except RelayError:
+                capacity = None  # the message only lacks the number
         size = f" ({capacity} jobs waiting)" if capacity else ""
         return f"{where} queue is full{size}; retry later"
 

@@ -27,13 +27,18 @@ from typing import Any
 
 import msgspec
 from nats.aio.client import Client as NATS
-from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeout
-from nats.js.errors import APIError, ServiceUnavailableError
 
 from broker._config import Config
-from broker._errors import QueueFull, RelayError, UnknownRoute
-from broker._jsapi import JetStreamApiError, api_request, consumer_info
+from broker._errors import (
+    DeadLetterNotFound,
+    DlqAccessError,
+    JetStreamApiError,
+    QueueFull,
+    RelayError,
+    UnknownRoute,
+)
+from broker._jsapi import api_request, consumer_info
+from broker._nats import nats_errors
 from broker._protocol import DeadLetter, Job, decode_dead_letter, encode, now_ms
 from broker._status import parse_time, subject_counts
 from broker._subjects import (
@@ -41,6 +46,7 @@ from broker._subjects import (
     DLQ_STREAM,
     JOBS_STREAM,
     dlq_subject,
+    js_api,
     pool_consumer,
     pool_subject,
     route_consumer,
@@ -51,19 +57,6 @@ DEFAULT_DEADLINE_S = 120.0
 # A denied request is never answered; a local JetStream answers in milliseconds.
 REQUEST_TIMEOUT_S = 2.0
 _ERR_NO_MESSAGE = 10037
-_ERR_MAX_MSGS_PER_SUBJECT = 10077
-
-
-class DlqAccessError(RelayError):
-    """The server did not answer a DLQ request (usually: a user without operator rights)."""
-
-    code = "dlq_unavailable"
-
-
-class DeadLetterNotFound(RelayError):
-    """No DLQ entry by that sequence number or request id."""
-
-    code = "not_found"
 
 
 class DeadLetterEntry(msgspec.Struct, kw_only=True):
@@ -138,13 +131,13 @@ async def replay(nc: NATS, entry: DeadLetterEntry, config: Config | None) -> Rep
 
 
 async def delete_dead_letter(nc: NATS, seq: int) -> None:
-    await _request(nc, f"$JS.API.STREAM.MSG.DELETE.{DLQ_STREAM}", {"seq": seq})
+    await _request(nc, js_api("STREAM", "MSG", "DELETE", DLQ_STREAM), {"seq": seq})
 
 
 async def purge(nc: NATS, route: str | None = None) -> int:
     """Delete every dead letter (of one route, or all); return how many."""
     body = {"filter": dlq_subject(route)} if route else {}
-    reply = await _request(nc, f"$JS.API.STREAM.PURGE.{DLQ_STREAM}", body)
+    reply = await _request(nc, js_api("STREAM", "PURGE", DLQ_STREAM), body)
     return int(reply.get("purged", 0))
 
 
@@ -182,20 +175,17 @@ async def _publish(nc: NATS, subject: str, job: Job, *, msg_id: str) -> None:
     ttl_s = max(1, math.ceil(job.deadline_ms / 1000 - time.time()) + 1)
     headers = {"Nats-Msg-Id": msg_id, "Nats-TTL": f"{ttl_s}s"}
     try:
-        await nc.jetstream().publish(subject, encode(job), headers=headers, timeout=5.0)
-    except ServiceUnavailableError as exc:
-        if exc.err_code == _ERR_MAX_MSGS_PER_SUBJECT:
-            raise QueueFull(f"{subject} is full; request {job.id} stays in the DLQ") from exc
-        raise RelayError(f"publish to {subject} refused: {exc.description}") from exc
-    except APIError as exc:
-        raise RelayError(f"publish to {subject} refused: {exc.description}") from exc
-    except (NatsTimeout, NatsError) as exc:
-        raise RelayError(f"publish to {subject} failed: {exc}; {job.id} stays in the DLQ") from exc
+        with nats_errors(f"publish to {subject}"):
+            await nc.jetstream().publish(subject, encode(job), headers=headers, timeout=5.0)
+    except QueueFull as exc:
+        raise QueueFull(f"{subject} is full; request {job.id} stays in the DLQ") from exc
+    except RelayError as exc:
+        raise type(exc)(f"{exc.message}; {job.id} stays in the DLQ") from exc
 
 
 async def _get(nc: NATS, body: dict[str, Any]) -> DeadLetterEntry | None:
     try:
-        reply = await _request(nc, f"$JS.API.STREAM.MSG.GET.{DLQ_STREAM}", body)
+        reply = await _request(nc, js_api("STREAM", "MSG", "GET", DLQ_STREAM), body)
     except JetStreamApiError as exc:
         if exc.err_code == _ERR_NO_MESSAGE or exc.status == 404:
             return None

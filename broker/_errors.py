@@ -1,23 +1,51 @@
-"""One exception tree for llmrelay; each class maps to one stable wire ``code``.
+"""One exception tree for llmrelay. Every class carries its stable ``code``, its
+``retryable`` flag and its ``http_status``; every code table is derived from it.
 
-    RelayError
-    ├── ConfigError            bad llmrelay.yaml (names the key path)
-    ├── ConnectFailed          no NATS server at the URL, or bad credentials
-    ├── ServerStartError       the embedded nats-server could not start
-    ├── InvalidJob             a job that cannot be decoded or validated
-    ├── UnknownRoute           no such route / pool
-    ├── PayloadTooLarge        the job exceeds the size limit
-    ├── QueueFull              the route's bounded queue is at capacity
-    ├── DeadlineExceeded       the job's deadline passed
-    ├── Cancelled              the client cancelled
-    └── RequestFailed          a worker answered with an ``error`` event
-                               (``code`` says which; ``attempts`` says where)
+    RelayError                      internal                  500  (root)
+    ├── ConfigError                 config_error              bad llmrelay.yaml (names the key path)
+    ├── ServerStartError            server_start_failed       the embedded nats-server did not start
+    ├── BenchError                  bench_failed              a bench process failed
+    ├── BrokerUnavailable           service_unavailable  503  NATS trouble (translated)
+    │   └── ConnectFailed           connect_failed            no server at the URL, bad credentials
+    ├── JetStreamApiError           jetstream_error           the JetStream API answered an error
+    ├── DlqAccessError              dlq_unavailable      403  these credentials cannot read the DLQ
+    ├── DeadLetterNotFound          not_found            404  no such dead letter
+    ├── InvalidApiKey               invalid_api_key      401  (gateway) missing or wrong bearer key
+    ├── InvalidJob            wire  invalid_job          400
+    │   └── InvalidRequest          invalid_job          400  (gateway) ``param`` names the field
+    ├── UnknownRoute          wire  unknown_route        404
+    ├── PayloadTooLarge       wire  payload_too_large    413
+    ├── QueueFull             wire  queue_full           429
+    ├── DeadlineExceeded      wire  deadline_exceeded    504
+    ├── Cancelled             wire  cancelled            499
+    ├── RequestFailed               (the code of the ``error`` event; ``attempts`` says where)
+    │   ├── AllProvidersFailed wire all_providers_failed 502
+    │   └── InternalError     wire  internal             500
+    └── ProviderError               one upstream attempt failed (worker side)
+        ├── UpstreamConnectError  wire connect_error           retry, then fail over
+        ├── UpstreamUnavailable   wire upstream_unavailable    5xx, 408, overloaded
+        ├── RateLimited           wire rate_limited            429; carries retry_after_s
+        ├── ProviderTimeout       wire upstream_timeout        fail over at once
+        ├── AuthFailed            wire auth_failed             fail over at once, open circuit
+        ├── CircuitOpen           wire circuit_open            fail over at once, no call made
+        ├── ContextLengthExceeded wire context_length_exceeded only to a larger target
+        ├── ContentFiltered       wire content_filtered        no retry
+        ├── UpstreamRejected      wire bad_request             no retry (other 4xx)
+        ├── BadUpstreamEvent      wire bad_upstream_event      mid-stream: fail over
+        └── StreamInterrupted     wire stream_interrupted      mid-stream: fail over
+            └── StreamReset            stream_interrupted      (gateway) sent text was voided
 
-Foreign errors (nats, httpx, msgspec) are translated where they enter, with
-``raise Mine(...) from exc``.
+``wire`` classes name the codes an ``error`` event may carry (``ERROR_CODES``,
+``llmrelay schema --codes``, README); their first docstring line is the code's
+description. Foreign errors (nats, httpx, msgspec) are translated where they
+enter, with ``raise Mine(...) from exc``: NATS in ``broker/_nats.py``, httpx in
+``workers/providers/_http.py``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import ClassVar
 
 from broker._protocol import Attempt
 
@@ -25,7 +53,11 @@ from broker._protocol import Attempt
 class RelayError(Exception):
     """Root of every error llmrelay raises on purpose."""
 
-    code: str = "internal"
+    code: ClassVar[str] = "internal"
+    retryable: ClassVar[bool] = True
+    http_status: ClassVar[int] = 500
+    # Part of the wire vocabulary: an ``error`` event may carry this code.
+    wire: ClassVar[bool] = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -35,62 +67,273 @@ class RelayError(Exception):
         return f"{self.code}: {self.message}"
 
 
+# --- local errors: raised in a process, never sent as an event ------------------------
+
+
 class ConfigError(RelayError):
     """The config file is missing, malformed or invalid."""
 
     code = "config_error"
-
-
-class ConnectFailed(RelayError):
-    """Could not connect to NATS."""
-
-    code = "connect_failed"
+    retryable = False
 
 
 class ServerStartError(RelayError):
     """The embedded nats-server did not start."""
 
     code = "server_start_failed"
+    retryable = False
+
+
+class BenchError(RelayError):
+    """A benchmark process failed to start or to report."""
+
+    code = "bench_failed"
+    retryable = False
+
+
+class BrokerUnavailable(RelayError):
+    """NATS could not carry the request now (disconnected, timed out); retry shortly."""
+
+    code = "service_unavailable"
+    http_status = 503
+
+
+class ConnectFailed(BrokerUnavailable):
+    """Could not connect to NATS (no server, or bad credentials)."""
+
+    code = "connect_failed"
+
+
+class JetStreamApiError(RelayError):
+    """The JetStream API answered with an error (``status``, ``err_code``)."""
+
+    code = "jetstream_error"
+
+    def __init__(self, message: str, *, status: int = 0, err_code: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+        self.err_code = err_code
+
+
+class DlqAccessError(RelayError):
+    """The server did not answer a DLQ request (usually: a user without operator rights)."""
+
+    code = "dlq_unavailable"
+    retryable = False
+    http_status = 403
+
+
+class DeadLetterNotFound(RelayError):
+    """No DLQ entry by that sequence number or request id."""
+
+    code = "not_found"
+    retryable = False
+    http_status = 404
+
+
+class InvalidApiKey(RelayError):
+    """The request's bearer key is missing or not one of ``gateway.api_keys``."""
+
+    code = "invalid_api_key"
+    retryable = False
+    http_status = 401
+
+
+# --- the job itself was refused, or ended before an answer ------------------------------
 
 
 class InvalidJob(RelayError):
-    """The job is malformed."""
+    """the job could not be decoded or failed validation"""
 
     code = "invalid_job"
+    retryable = False
+    http_status = 400
+    wire = True
+
+
+class InvalidRequest(InvalidJob):
+    """The HTTP request body is malformed; ``param`` names the field."""
+
+    wire = False
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class UnknownRoute(RelayError):
-    """No such route or pool."""
+    """no route (or pinned pool) of that name is configured"""
 
     code = "unknown_route"
+    retryable = False
+    http_status = 404
+    wire = True
 
 
 class PayloadTooLarge(RelayError):
-    """The job is larger than the server accepts."""
+    """the job exceeds the maximum payload size"""
 
     code = "payload_too_large"
+    retryable = False
+    http_status = 413
+    wire = True
 
 
 class QueueFull(RelayError):
-    """The route's queue is full; retry later (HTTP 429)."""
+    """the route's bounded queue is at capacity; retry later"""
 
     code = "queue_full"
+    http_status = 429
+    wire = True
 
 
 class DeadlineExceeded(RelayError):
-    """The job's deadline passed before an answer came."""
+    """the job's deadline passed before it was answered"""
 
     code = "deadline_exceeded"
+    http_status = 504
+    wire = True
 
 
 class Cancelled(RelayError):
-    """The request was cancelled."""
+    """the client cancelled the request"""
 
     code = "cancelled"
+    retryable = False
+    http_status = 499
+    wire = True
+
+
+# --- upstream attempts (worker side) -----------------------------------------------------
+
+
+class ProviderError(RelayError):
+    """An upstream call failed. ``retryable``: worth trying again (here or elsewhere)."""
+
+    code = "upstream_unavailable"
+    http_status = 502
+    # The pool is not worth another try for this job: move to the next target now.
+    failover_now: ClassVar[bool] = False
+    # The failure says the stream broke: whatever was sent so far is incomplete.
+    mid_stream: ClassVar[bool] = False
+    # The failure says something about the provider's health (counts for the circuit),
+    # not about the caller's request.
+    health: ClassVar[bool] = True
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+
+class UpstreamConnectError(ProviderError):
+    """the provider could not be reached"""
+
+    code = "connect_error"
+    wire = True
+
+
+class UpstreamUnavailable(ProviderError):
+    """the provider answered 5xx or overloaded"""
+
+    code = "upstream_unavailable"
+    wire = True
+
+
+class RateLimited(ProviderError):
+    """the provider answered 429"""
+
+    code = "rate_limited"
+    http_status = 429
+    wire = True
+
+
+class ProviderTimeout(ProviderError):
+    """no first token within the pool's time limit"""
+
+    code = "upstream_timeout"
+    http_status = 504
+    wire = True
+    failover_now = True
+
+
+class AuthFailed(ProviderError):
+    """the provider rejected the pool's credentials (401/403)"""
+
+    code = "auth_failed"
+    wire = True
+    failover_now = True
+
+
+class CircuitOpen(ProviderError):
+    """the pool's circuit breaker is open"""
+
+    code = "circuit_open"
+    http_status = 503
+    wire = True
+    failover_now = True
+    health = False
+
+
+class ContextLengthExceeded(ProviderError):
+    """the prompt is too long for every model tried"""
+
+    code = "context_length_exceeded"
+    retryable = False
+    http_status = 400
+    wire = True
+    health = False
+
+
+class ContentFiltered(ProviderError):
+    """the provider refused the content (policy)"""
+
+    code = "content_filtered"
+    retryable = False
+    http_status = 400
+    wire = True
+    health = False
+
+
+class UpstreamRejected(ProviderError):
+    """the provider rejected the request as invalid"""
+
+    code = "bad_request"
+    retryable = False
+    http_status = 400
+    wire = True
+    health = False
+
+
+class BadUpstreamEvent(ProviderError):
+    """the provider sent an event that could not be decoded"""
+
+    code = "bad_upstream_event"
+    wire = True
+    mid_stream = True
+
+
+class StreamInterrupted(ProviderError):
+    """the provider's stream broke or stalled mid-answer"""
+
+    code = "stream_interrupted"
+    wire = True
+    mid_stream = True
+
+
+class StreamReset(StreamInterrupted):
+    """A reset voided text that was already sent to an HTTP client."""
+
+    wire = False
+
+
+# --- what a client raises for an ``error`` event -----------------------------------------
 
 
 class RequestFailed(RelayError):
-    """A worker answered with an ``error`` event."""
+    """A worker answered with an ``error`` event; ``code`` says which, ``attempts`` where."""
 
     def __init__(
         self,
@@ -101,23 +344,84 @@ class RequestFailed(RelayError):
         attempts: list[Attempt] | None = None,
     ) -> None:
         super().__init__(message)
-        self.code = code
-        self.retryable = retryable
+        self.code = code  # type: ignore[misc]  # an instance may carry any wire code
+        self.retryable = retryable  # type: ignore[misc]
         self.attempts = list(attempts or [])
 
 
-_BY_CODE: dict[str, type[RelayError]] = {
-    cls.code: cls
-    for cls in (InvalidJob, UnknownRoute, PayloadTooLarge, QueueFull, DeadlineExceeded, Cancelled)
+class AllProvidersFailed(RequestFailed):
+    """every target of the route failed; see attempts"""
+
+    code = "all_providers_failed"
+    http_status = 502
+    wire = True
+
+    def __init__(self, message: str, *, attempts: list[Attempt] | None = None) -> None:
+        super().__init__(self.code, message, retryable=True, attempts=attempts)
+
+
+class InternalError(RequestFailed):
+    """a bug in llmrelay; the job was kept in the dead-letter queue"""
+
+    code = "internal"
+    wire = True
+
+    def __init__(self, message: str, *, attempts: list[Attempt] | None = None) -> None:
+        super().__init__(self.code, message, retryable=True, attempts=attempts)
+
+
+# --- tables derived from the tree ----------------------------------------------------------
+
+
+def error_classes(root: type[RelayError] = RelayError) -> Iterator[type[RelayError]]:
+    """Every class of the tree, depth first in definition order."""
+    yield root
+    for sub in root.__subclasses__():
+        yield from error_classes(sub)
+
+
+def _description(cls: type[RelayError]) -> str:
+    return (cls.__doc__ or "").strip().splitlines()[0]
+
+
+_WIRE: dict[str, type[RelayError]] = {}
+for _cls in error_classes():
+    if _cls.wire:
+        _WIRE.setdefault(_cls.code, _cls)
+
+# The stable wire codes, in tree order: code -> (description, retryable, HTTP status).
+ERROR_CODES: dict[str, tuple[str, bool, int]] = {
+    code: (_description(cls), cls.retryable, cls.http_status) for code, cls in _WIRE.items()
 }
+
+_STATUS: dict[str, int] = {}
+for _cls in error_classes():
+    _STATUS.setdefault(_cls.code, _cls.http_status)
+
+
+def http_status(code: str) -> int:
+    """The HTTP analogue of any code of the tree (502 for a code it does not know)."""
+    return _STATUS.get(code, 502)
+
+
+def is_wire_code(code: str) -> bool:
+    return code in _WIRE
 
 
 def error_from_event(
     code: str, message: str, retryable: bool, attempts: list[Attempt]
 ) -> RelayError:
-    """The exception a client raises for an ``error`` event."""
-    cls = _BY_CODE.get(code)
-    if cls is not None:
-        err = cls(message)
-        return err
+    """The exception a client raises for an ``error`` event.
+
+    A refusal of the job itself (``queue_full``, ``unknown_route``, ...) raises its
+    own class; every other code raises ``RequestFailed`` (or its subclass for that
+    code) carrying the attempts.
+    """
+    cls = _WIRE.get(code)
+    if cls is AllProvidersFailed:
+        return AllProvidersFailed(message, attempts=attempts)
+    if cls is InternalError:
+        return InternalError(message, attempts=attempts)
+    if cls is not None and not issubclass(cls, ProviderError | RequestFailed):
+        return cls(message)
     return RequestFailed(code, message, retryable=retryable, attempts=attempts)

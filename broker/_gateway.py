@@ -101,9 +101,10 @@ from starlette.routing import Route
 from starlette.types import Message as AsgiMessage
 from starlette.types import Receive, Scope, Send
 
-from broker._client import JobHandle, RelayClient, connect_nats
+from broker._client import JobHandle, JobOptions, RelayClient
 from broker._config import Config
 from broker._errors import (
+    ERROR_CODES,
     ConnectFailed,
     DeadlineExceeded,
     InvalidJob,
@@ -112,8 +113,8 @@ from broker._errors import (
     UnknownRoute,
 )
 from broker._jsapi import consumer_info
+from broker._nats import connect_nats
 from broker._protocol import (
-    ERROR_CODES,
     Attempt,
     Chunk,
     Done,
@@ -270,20 +271,20 @@ def _text_of(m: _MessageIn, i: int) -> str:
     return "".join(texts)
 
 
-def job_options(req: ChatRequest) -> dict[str, Any]:
+def job_options(req: ChatRequest, traceparent: str | None) -> JobOptions:
     """The sampling options of a request, as ``Job`` fields."""
     metadata = dict(req.metadata or {})
     if req.user:
         metadata["user"] = req.user
-    options: dict[str, Any] = {
-        "max_tokens": req.max_completion_tokens or req.max_tokens,
-        "temperature": req.temperature,
-        "top_p": req.top_p,
-        "stop": [req.stop] if isinstance(req.stop, str) else req.stop,
-        "seed": req.seed,
-        "metadata": metadata,
-    }
-    return {k: v for k, v in options.items() if v is not None}
+    return JobOptions(
+        max_tokens=req.max_completion_tokens or req.max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        stop=[req.stop] if isinstance(req.stop, str) else req.stop,
+        seed=req.seed,
+        metadata=metadata,
+        traceparent=traceparent,
+    )
 
 
 # --- errors in OpenAI's shape ------------------------------------------------------
@@ -325,7 +326,7 @@ class ApiError(msgspec.Struct, frozen=True, kw_only=True):
 def status_for(code: str) -> int:
     """The HTTP status of an error code (the wire code's HTTP analogue)."""
     if code in ERROR_CODES:
-        return ERROR_CODES[code][2]
+        return int(ERROR_CODES[code][2])
     return _GATEWAY_STATUS.get(code, 502)
 
 
@@ -812,8 +813,7 @@ class Gateway:
             to_messages(req),
             route=req.model,
             timeout_s=timeout_s,
-            traceparent=request.headers.get("traceparent"),
-            **job_options(req),
+            options=job_options(req, request.headers.get("traceparent")),
         )
 
     async def _read_body(self, request: Request) -> bytes:

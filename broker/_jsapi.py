@@ -16,22 +16,13 @@ from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from broker._errors import RelayError
+from broker._errors import JetStreamApiError
+from broker._nats import nats_errors
+from broker._subjects import js_api
 
 _NS = 1_000_000_000
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
-
-
-class JetStreamApiError(RelayError):
-    """The JetStream API answered with an error."""
-
-    code = "jetstream_error"
-
-    def __init__(self, message: str, *, status: int = 0, err_code: int = 0) -> None:
-        super().__init__(message)
-        self.status = status
-        self.err_code = err_code
 
 
 def seconds_to_ns(seconds: float) -> int:
@@ -42,12 +33,13 @@ async def api_request(
     nc: NATS, subject: str, body: dict[str, Any], timeout_s: float = 5.0
 ) -> dict[str, Any]:
     """One JetStream API request; raise ``JetStreamApiError`` on an error reply."""
-    try:
-        msg = await nc.request(subject, _encoder.encode(body), timeout=timeout_s)
-    except NoRespondersError as exc:
-        raise JetStreamApiError(f"{subject}: JetStream is not enabled on this server") from exc
-    except NatsTimeout as exc:
-        raise JetStreamApiError(f"{subject}: no answer from JetStream in {timeout_s}s") from exc
+    with nats_errors(subject):
+        try:
+            msg = await nc.request(subject, _encoder.encode(body), timeout=timeout_s)
+        except NoRespondersError as exc:
+            raise JetStreamApiError(f"{subject}: JetStream is not enabled on this server") from exc
+        except NatsTimeout as exc:
+            raise JetStreamApiError(f"{subject}: no answer from JetStream in {timeout_s}s") from exc
     reply: dict[str, Any] = _decoder.decode(msg.data) if msg.data else {}
     err = reply.get("error")
     if err:
@@ -91,12 +83,12 @@ async def create_or_update_consumer(
 ) -> dict[str, Any]:
     """Create the durable consumer, or update it in place if it exists."""
     name = config["durable_name"]
-    subject = f"$JS.API.CONSUMER.CREATE.{stream}.{name}"
+    subject = js_api("CONSUMER", "CREATE", stream, name)
     return await api_request(nc, subject, {"stream_name": stream, "config": config})
 
 
 async def consumer_info(nc: NATS, stream: str, name: str) -> dict[str, Any]:
-    return await api_request(nc, f"$JS.API.CONSUMER.INFO.{stream}.{name}", {})
+    return await api_request(nc, js_api("CONSUMER", "INFO", stream, name), {})
 
 
 def pull_request_body(
@@ -119,4 +111,4 @@ def pull_request_body(
 
 
 def next_subject(stream: str, consumer: str) -> str:
-    return f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+    return js_api("CONSUMER", "MSG", "NEXT", stream, consumer)

@@ -26,14 +26,14 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
-from nats.errors import Error as NatsError
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from broker._config import Config
-from broker._errors import RelayError
-from broker._jsapi import JetStreamApiError, api_request
+from broker._errors import JetStreamApiError, RelayError
+from broker._jsapi import api_request
+from broker._nats import nats_errors
 from broker._protocol import (
     DeadLetter,
     Error,
@@ -52,6 +52,7 @@ from broker._subjects import (
     dlq_subject,
     events_subject,
     is_valid_name,
+    js_api,
 )
 
 log = logging.getLogger("llmrelay.monitor")
@@ -243,8 +244,9 @@ class Monitor:
         handled = 0
         for stray in status.stray:
             try:
-                handled += await Janitor(self.nc, self.grace_s).clear(stray.subject)
-            except (RelayError, NatsError) as exc:
+                with nats_errors(f"janitor on {stray.subject}"):
+                    handled += await Janitor(self.nc, self.grace_s).clear(stray.subject)
+            except RelayError as exc:
                 log.warning("janitor: %s: %s", stray.subject, exc)
         self.metrics.janitor_jobs.inc(handled)
         return handled
@@ -275,7 +277,7 @@ class Janitor:
         try:
             reply = await api_request(
                 self.nc,
-                f"$JS.API.STREAM.MSG.GET.{JOBS_STREAM}",
+                js_api("STREAM", "MSG", "GET", JOBS_STREAM),
                 {"seq": seq, "next_by_subj": subject},
             )
         except JetStreamApiError as exc:
@@ -304,7 +306,7 @@ class Janitor:
         )
         await self.nc.jetstream().publish(dlq_subject(route), encode(letter), timeout=5.0)
         await api_request(
-            self.nc, f"$JS.API.STREAM.MSG.DELETE.{JOBS_STREAM}", {"seq": int(message["seq"])}
+            self.nc, js_api("STREAM", "MSG", "DELETE", JOBS_STREAM), {"seq": int(message["seq"])}
         )
         await self._announce(letter, job)
         log.info(

@@ -130,7 +130,7 @@ class Done(msgspec.Struct, tag="done", tag_field="type", kw_only=True):
 
 
 class Error(msgspec.Struct, tag="error", tag_field="type", kw_only=True):
-    """The job ended without an answer. ``code`` is one of ``ERROR_CODES``."""
+    """The job ended without an answer. ``code`` is one of ``broker.ERROR_CODES``."""
 
     code: str
     message: str
@@ -180,28 +180,11 @@ class LifecycleEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     detail: str = ""
 
 
-# Stable error codes: (description, retryable-by-the-client, HTTP analogue).
-ERROR_CODES: dict[str, tuple[str, bool, int]] = {
-    "invalid_job": ("the job could not be decoded or failed validation", False, 400),
-    "unknown_route": ("no route (or pinned pool) of that name is configured", False, 404),
-    "payload_too_large": ("the job exceeds the maximum payload size", False, 413),
-    "queue_full": ("the route's bounded queue is at capacity; retry later", True, 429),
-    "deadline_exceeded": ("the job's deadline passed before it was answered", True, 504),
-    "cancelled": ("the client cancelled the request", False, 499),
-    "bad_request": ("the provider rejected the request as invalid", False, 400),
-    "content_filtered": ("the provider refused the content (policy)", False, 400),
-    "context_length_exceeded": ("the prompt is too long for every model tried", False, 400),
-    "auth_failed": ("the provider rejected the pool's credentials (401/403)", True, 502),
-    "rate_limited": ("the provider answered 429", True, 429),
-    "upstream_unavailable": ("the provider answered 5xx or overloaded", True, 502),
-    "upstream_timeout": ("no first token within the pool's time limit", True, 504),
-    "connect_error": ("the provider could not be reached", True, 502),
-    "stream_interrupted": ("the provider's stream broke or stalled mid-answer", True, 502),
-    "bad_upstream_event": ("the provider sent an event that could not be decoded", True, 502),
-    "circuit_open": ("the pool's circuit breaker is open", True, 503),
-    "all_providers_failed": ("every target of the route failed; see attempts", True, 502),
-    "internal": ("a bug in llmrelay; the job was kept in the dead-letter queue", True, 500),
-}
+class PoolPause(msgspec.Struct, kw_only=True):
+    """What `llm.control.<pool>.pause` carries: every worker of the pool stops
+    pulling until ``until_ms`` (an upstream 429 with Retry-After)."""
+
+    until_ms: int
 
 
 # Encoders and decoders are built once and reused (msgspec perf-tips).
@@ -211,6 +194,7 @@ _event_decoder = msgspec.json.Decoder(Event)
 _heartbeat_decoder = msgspec.json.Decoder(Heartbeat)
 _dead_letter_decoder = msgspec.json.Decoder(DeadLetter)
 _lifecycle_decoder = msgspec.json.Decoder(LifecycleEvent)
+_pause_decoder = msgspec.json.Decoder(PoolPause)
 
 
 def encode(obj: Any) -> bytes:
@@ -239,30 +223,13 @@ def decode_lifecycle(data: bytes) -> LifecycleEvent:
     return _lifecycle_decoder.decode(data)
 
 
+def decode_pause(data: bytes) -> PoolPause:
+    return _pause_decoder.decode(data)
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def json_schema() -> dict[str, Any]:
-    """The JSON Schema of a job and of the reply events, for other languages."""
-    (job_schema, event_schema), components = msgspec.json.schema_components(
-        [Job, Event], ref_template="#/$defs/{name}"
-    )
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": "llmrelay wire protocol",
-        "description": (
-            "Publish a Job (JSON) to llm.jobs.<route>; read Events (JSON) on the "
-            "job's reply_to subject. Unknown fields are ignored by readers."
-        ),
-        "$defs": components,
-        "properties": {"job": job_schema, "event": event_schema},
-        "error_codes": {
-            code: {"description": desc, "retryable": retryable, "http_status": status}
-            for code, (desc, retryable, status) in ERROR_CODES.items()
-        },
-    }

@@ -29,11 +29,12 @@ from typing import Any
 import anyio
 import msgspec
 from nats.aio.client import Client as NATS
-from nats.errors import Error as NatsError
 from nats.js.errors import BadRequestError, NotFoundError
 
 from broker._config import Config
-from broker._jsapi import JetStreamApiError, api_request
+from broker._errors import BrokerUnavailable, JetStreamApiError
+from broker._jsapi import api_request
+from broker._nats import nats_errors
 from broker._protocol import Heartbeat, decode_heartbeat, now_ms
 from broker._subjects import (
     DLQ_PREFIX,
@@ -42,6 +43,7 @@ from broker._subjects import (
     JOBS_STREAM,
     POOL_PREFIX,
     WORKERS_BUCKET,
+    js_api,
     pool_consumer,
     pool_subject,
     route_consumer,
@@ -141,9 +143,9 @@ class StatusReader:
     async def collect(self) -> Status:
         """One snapshot; NATS trouble is raised as a ``JetStreamApiError`` (one line)."""
         try:
-            with anyio.fail_after(READ_TIMEOUT_S):
+            with anyio.fail_after(READ_TIMEOUT_S), nats_errors("reading the broker's state"):
                 return await self._collect()
-        except (NatsError, TimeoutError) as exc:
+        except (BrokerUnavailable, TimeoutError) as exc:
             why = str(exc) or type(exc).__name__
             raise JetStreamApiError(f"could not read the broker's state: {why}") from exc
 
@@ -247,7 +249,7 @@ class StatusReader:
         timeout_s = PROBE_TIMEOUT_S if self.can_read_jobs is None else 5.0
         try:
             reply = await api_request(
-                self.nc, f"$JS.API.STREAM.MSG.GET.{JOBS_STREAM}", body, timeout_s
+                self.nc, js_api("STREAM", "MSG", "GET", JOBS_STREAM), body, timeout_s
             )
         except JetStreamApiError as exc:
             if exc.status == 0:  # no answer: this user may not read jobs
@@ -266,7 +268,7 @@ async def stream_info(
     """Raw stream info; a missing stream raises a ``JetStreamApiError`` that says what to do."""
     body = {"subjects_filter": subjects_filter} if subjects_filter else {}
     try:
-        return await api_request(nc, f"$JS.API.STREAM.INFO.{stream}", body)
+        return await api_request(nc, js_api("STREAM", "INFO", stream), body)
     except JetStreamApiError as exc:
         if exc.err_code == _ERR_STREAM_NOT_FOUND:
             raise JetStreamApiError(
@@ -289,7 +291,7 @@ async def list_consumers(nc: NATS, stream: str) -> dict[str, dict[str, Any]]:
     """Every consumer of ``stream`` with its state, by name (paged by the server)."""
     out: dict[str, dict[str, Any]] = {}
     while True:
-        reply = await api_request(nc, f"$JS.API.CONSUMER.LIST.{stream}", {"offset": len(out)})
+        reply = await api_request(nc, js_api("CONSUMER", "LIST", stream), {"offset": len(out)})
         page = reply.get("consumers") or []
         out.update({c["name"]: c for c in page})
         if not page or len(out) >= int(reply.get("total", 0)):
@@ -315,7 +317,7 @@ async def read_heartbeats(nc: NATS) -> list[Heartbeat]:
                 except (msgspec.ValidationError, msgspec.DecodeError):
                     continue
     finally:
-        with contextlib.suppress(NatsError):
+        with contextlib.suppress(BrokerUnavailable), nats_errors("stopping the heartbeat watch"):
             await watcher.stop()  # type: ignore[no-untyped-call]
     return sorted(beats, key=lambda hb: (hb.pool, hb.worker_id))
 

@@ -16,6 +16,16 @@ REPLY_PREFIX = "llm.reply"
 CANCEL_PREFIX = "llm.cancel"
 EVENTS_PREFIX = "llm.events"
 DLQ_PREFIX = "llm.dlq"
+CONTROL_PREFIX = "llm.control"
+
+# Jobs are pulled into inboxes; clients may read _INBOX.> (nats.conf), so
+# workers use an inbox prefix of their own that clients cannot subscribe to.
+CLIENT_INBOX_PREFIX = "_INBOX"
+WORKER_INBOX_PREFIX = "_LLMRELAY_WORKER_INBOX"
+
+JS_API_PREFIX = "$JS.API"
+# Published by the server when a job was delivered max_deliver times (NATS-NOTES.md).
+MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{JOBS_STREAM}.*"
 
 # Every priority-group consumer has exactly one group.
 PRIORITY_GROUP = "workers"
@@ -45,6 +55,21 @@ def events_subject(kind: str) -> str:
 
 def dlq_subject(route: str) -> str:
     return f"{DLQ_PREFIX}.{route}"
+
+
+def pause_subject(pool: str) -> str:
+    """Control subject: every worker of ``pool`` pauses (payload ``PoolPause``)."""
+    return f"{CONTROL_PREFIX}.{pool}.pause"
+
+
+def cancel_all_subject() -> str:
+    """What a worker subscribes to: every ``llm.cancel.<id>``."""
+    return f"{CANCEL_PREFIX}.*"
+
+
+def js_api(*tokens: str) -> str:
+    """A JetStream API subject, e.g. ``js_api("STREAM", "INFO", JOBS_STREAM)``."""
+    return ".".join((JS_API_PREFIX, *tokens))
 
 
 def route_consumer(route: str) -> str:

@@ -6,7 +6,8 @@ import json
 
 import typer
 
-from broker._protocol import ERROR_CODES, json_schema
+from broker._errors import ERROR_CODES
+from broker._schema import json_schema
 from cli._common import ConfigOpt, config_from
 
 config_app = typer.Typer(help="Inspect and validate the config file.", no_args_is_help=True)

@@ -13,8 +13,8 @@ import anyio
 import typer
 from nats.aio.client import Client as NATS
 
-from broker._client import connect_nats
 from broker._config import CONFIG_ENV, Config, NatsSettings, load_config
+from broker._nats import connect
 
 T = TypeVar("T")
 
@@ -101,14 +101,4 @@ def optional_config(path: str | None) -> Config | None:
 
 async def open_nats(nats_url: str | None, cfg: Config | None, name: str) -> NATS:
     """Connect with --nats-url (its own credentials), else the config's URL and credentials."""
-    url = nats_url or (cfg.nats.url if cfg else NatsSettings().url)
-    n = cfg.nats if cfg else NatsSettings()
-    own_creds = "@" in url.split(",", 1)[0]
-    return await connect_nats(
-        url,
-        name=name,
-        timeout_s=n.connect_timeout_s,
-        user=None if own_creds else n.user,
-        password=n.password.reveal() if n.password and not own_creds else None,
-        token=n.token.reveal() if n.token and not own_creds else None,
-    )
+    return await connect(cfg.nats if cfg else NatsSettings(), url=nats_url, name=name)

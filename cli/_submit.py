@@ -9,15 +9,16 @@ The exit code says how the request ended (``EXIT_CODES``).
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any
+from typing import Annotated
 
 import anyio
 import msgspec
 import typer
 
-from broker._client import Answer, JobHandle, RelayClient
+from broker._client import JobHandle, JobOptions, RelayClient
 from broker._config import Config
-from broker._errors import RelayError, RequestFailed
+from broker._errors import DeadlineExceeded, QueueFull, RelayError, RequestFailed, UnknownRoute
+from broker._fold import Answer
 from broker._protocol import Chunk, Done, Error, Event, Notice, encode
 from cli._common import ConfigOpt, NatsUrlOpt, open_nats, optional_config
 
@@ -32,9 +33,9 @@ EXIT_INTERRUPTED = 130
 # Exit code by error code; any other error code of a request is EXIT_FAILED,
 # any other error raised before the request was queued is EXIT_USAGE.
 _EXIT_BY_CODE = {
-    "queue_full": EXIT_QUEUE_FULL,
-    "unknown_route": EXIT_UNKNOWN_ROUTE,
-    "deadline_exceeded": EXIT_DEADLINE,
+    QueueFull.code: EXIT_QUEUE_FULL,
+    UnknownRoute.code: EXIT_UNKNOWN_ROUTE,
+    DeadlineExceeded.code: EXIT_DEADLINE,
 }
 
 EXIT_CODES = [
@@ -169,11 +170,6 @@ async def _submit(options: SubmitOptions, cfg: Config | None, nats_url: str | No
 
 
 async def _ask(relay: RelayClient, options: SubmitOptions, view: View) -> int:
-    params: dict[str, Any] = {}
-    if options.max_tokens is not None:
-        params["max_tokens"] = options.max_tokens
-    if options.temperature is not None:
-        params["temperature"] = options.temperature
     try:
         handle = await relay.submit(
             options.prompt,
@@ -181,7 +177,7 @@ async def _ask(relay: RelayClient, options: SubmitOptions, view: View) -> int:
             pool=options.pool,
             system=options.system,
             timeout_s=options.timeout_s,
-            **params,
+            options=JobOptions(max_tokens=options.max_tokens, temperature=options.temperature),
         )
     except RelayError as exc:
         return view.failed(exc, exit_code_for(exc.code, EXIT_USAGE))

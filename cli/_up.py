@@ -19,9 +19,9 @@ import anyio
 import nats.errors
 import typer
 
-from broker._client import connect_nats
 from broker._config import Config, load_config
 from broker._errors import ServerStartError
+from broker._nats import connect_nats
 from broker._server import CLIENT_USER, WORKER_USER, NatsServer
 from broker._topology import ensure_topology
 from cli._common import ConfigOpt

@@ -18,7 +18,7 @@ from broker import (
     Usage,
     ensure_topology,
 )
-from broker._client import Answer
+from broker._fold import Answer
 from broker._jsapi import consumer_info
 from tests._builders import make_config
 

@@ -24,8 +24,8 @@ from collections.abc import Callable
 import msgspec
 
 from broker._config import Config, PoolConfig
+from broker._errors import AllProvidersFailed, ContextLengthExceeded, ProviderError
 from broker._protocol import Job
-from workers.providers._base import ProviderError
 
 
 class Retry(msgspec.Struct, frozen=True):
@@ -46,10 +46,6 @@ class Fail(msgspec.Struct, frozen=True):
 
 
 Decision = Retry | Requeue | Fail
-
-# Errors after which this pool is not worth retrying for this job.
-_FAILOVER_AT_ONCE = {"auth_failed", "upstream_timeout", "circuit_open"}
-_MID_STREAM = {"stream_interrupted", "bad_upstream_event"}
 
 
 class FailureContext(msgspec.Struct, frozen=True, kw_only=True):
@@ -78,16 +74,16 @@ def decide(
     config: Config,
     rand: Callable[[], float] = random.random,
 ) -> Decision:
-    if not err.retryable and err.code != "context_length_exceeded":
-        return Fail(err.code, err.message, dead_letter=False)
-    if err.code == "context_length_exceeded":
+    if isinstance(err, ContextLengthExceeded):
         return _larger_context(err, ctx, config)
-    mid_stream = ctx.chunks_sent > 0 or err.code in _MID_STREAM
-    if err.code in _FAILOVER_AT_ONCE or mid_stream:
+    if not err.retryable:
+        return Fail(err.code, err.message, dead_letter=False)
+    mid_stream = ctx.chunks_sent > 0 or err.mid_stream
+    if err.failover_now or mid_stream:
         target = next_target(ctx, config)
         if target is not None:
             return target if not mid_stream else msgspec.structs.replace(target, reset=True)
-        if err.code in _FAILOVER_AT_ONCE:
+        if err.failover_now:
             return _exhausted(err, ctx)
     return _retry_or_requeue(err, ctx, config, rand)
 
@@ -111,7 +107,7 @@ def _exhausted(err: ProviderError, ctx: FailureContext) -> Fail:
         msg = f"pool {ctx.pool_name} failed ({err.code}: {err.message}); the job was pinned to it"
     else:
         msg = f"every target of route {ctx.job.route} failed; last: {err.code}: {err.message}"
-    return Fail("all_providers_failed", msg, dead_letter=True)
+    return Fail(AllProvidersFailed.code, msg, dead_letter=True)
 
 
 def tried_pools(job: Job, current: str) -> set[str]:
@@ -141,4 +137,4 @@ def _larger_context(err: ProviderError, ctx: FailureContext, config: Config) -> 
             window = config.pools[target.pool].context_window or 0
             if target.pool not in tried and window > here:
                 return Requeue(pool=target.pool, model=target.model, rank=rank, reset=False)
-    return Fail("context_length_exceeded", err.message, dead_letter=False)
+    return Fail(err.code, err.message, dead_letter=False)

@@ -25,6 +25,20 @@ import msgspec
 import nats.errors
 from nats.aio.msg import Msg
 
+from broker._errors import (
+    AllProvidersFailed,
+    AuthFailed,
+    BadUpstreamEvent,
+    Cancelled,
+    CircuitOpen,
+    DeadlineExceeded,
+    InvalidJob,
+    ProviderError,
+    ProviderTimeout,
+    RateLimited,
+    StreamInterrupted,
+    UnknownRoute,
+)
 from broker._protocol import (
     Attempt,
     Chunk,
@@ -44,15 +58,7 @@ from broker._protocol import (
 from broker._subjects import REPLY_PREFIX, events_subject, is_valid_name, pool_subject
 from workers._decide import Decision, Fail, FailureContext, Requeue, Retry, decide, next_target
 from workers._ratelimit import estimate_tokens
-from workers.providers._base import (
-    Finish,
-    Malformed,
-    ProviderError,
-    ProviderTimeout,
-    StreamInterrupted,
-    StreamItem,
-    TextDelta,
-)
+from workers.providers._base import Finish, Malformed, StreamItem, TextDelta
 
 if TYPE_CHECKING:
     from workers._worker import Worker
@@ -60,22 +66,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmrelay.worker")
 
 INVALID_ROUTE_TOKEN = "_invalid"
-
-
-class CircuitOpen(ProviderError):
-    """This pool's circuit is open: the job is forwarded without an upstream call."""
-
-    code = "circuit_open"
-
-
-class BadUpstreamEvent(ProviderError):
-    """An undecodable upstream event while another target could serve the job."""
-
-    code = "bad_upstream_event"
-
-
-class DeadlineHit(Exception):
-    """The job's own deadline passed while it was running."""
 
 
 class JobRun:
@@ -122,7 +112,7 @@ class JobRun:
         self.w.metrics.job_started((now_ms() - job.created_ms) / 1000 if job.created_ms else 0.0)
         if self._remaining_s() <= 0:
             await self._finish_error(
-                "deadline_exceeded", "the job's deadline passed while it was queued"
+                DeadlineExceeded.code, "the job's deadline passed while it was queued"
             )
             return
         if self.deliveries > 1:
@@ -139,7 +129,7 @@ class JobRun:
     async def _attempt(self, job: Job) -> None:
         if not await self._wait_pause_over():
             await self._finish_error(
-                "deadline_exceeded", "the pool was paused (429) past the deadline"
+                DeadlineExceeded.code, "the pool was paused (429) past the deadline"
             )
             return
         if not self.w.breaker.allow():
@@ -155,9 +145,9 @@ class JobRun:
             await self._close_upstream()
             await self._failed(job, err)
             return
-        except DeadlineHit:
+        except DeadlineExceeded:
             self.w.budget.charge_tokens(-estimate)
-            await self._finish_error("deadline_exceeded", "the job's deadline passed mid-answer")
+            await self._finish_error(DeadlineExceeded.code, "the job's deadline passed mid-answer")
             return
         if self.cancel_scope.cancelled_caught:
             await self._cancelled()
@@ -214,7 +204,7 @@ class JobRun:
                 raise StreamInterrupted("the provider's stream ended without a finish") from None
         assert scope.cancelled_caught
         if remaining <= limit:
-            raise DeadlineHit()
+            raise DeadlineExceeded("the job's deadline passed mid-answer")
         if self.first_token_at is None:
             raise ProviderTimeout(f"no first token within {limit:g}s")
         raise StreamInterrupted(f"the stream stalled for {limit:g}s mid-answer")
@@ -283,16 +273,11 @@ class JobRun:
 
     async def _failed(self, job: Job, err: ProviderError) -> None:
         self.w.metrics.attempt_failed(self.model_label, err.code)
-        if err.code not in (
-            "bad_request",
-            "content_filtered",
-            "context_length_exceeded",
-            "circuit_open",
-        ):
-            if err.code == "auth_failed":
+        if err.health:
+            if isinstance(err, AuthFailed):
                 self.w.breaker.trip()
             self.w.circuit_changed(self.w.breaker.record_failure())
-        if err.code == "rate_limited":
+        if isinstance(err, RateLimited):
             # The whole pool backs off: Retry-After if given, else the base backoff.
             await self.w.pause_pool(err.retry_after_s or self.w.pool.backoff_base_s)
         log.info(
@@ -396,7 +381,7 @@ class JobRun:
                     job=msgspec.structs.replace(job, attempts=attempts),
                 )
             )
-        retryable = decision.code == "all_providers_failed"
+        retryable = decision.code == AllProvidersFailed.code
         await self._publish(
             Error(
                 code=decision.code,
@@ -429,7 +414,7 @@ class JobRun:
             # Shutdown: hand the job back to the queue for another worker.
             await self.msg.nak()
             return
-        await self._finish_error("cancelled", "the client cancelled the request")
+        await self._finish_error(Cancelled.code, "the client cancelled the request")
 
     async def _finish_error(self, code: str, message: str) -> None:
         assert self.job is not None
@@ -446,10 +431,10 @@ class JobRun:
         try:
             job = decode_job(self.msg.data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            await self._reject_raw("invalid_job", f"the job could not be decoded: {exc}")
+            await self._reject_raw(InvalidJob.code, f"the job could not be decoded: {exc}")
             return None
         if not _valid_reply(job.reply_to):
-            await self._reject_raw("invalid_job", "reply_to must be a subject under llm.reply.")
+            await self._reject_raw(InvalidJob.code, "reply_to must be a subject under llm.reply.")
             return None
         return job
 
@@ -457,7 +442,9 @@ class JobRun:
         model = self.w.model_for(job, self.from_route)
         if model is None:
             await self._reject(
-                job, "unknown_route", f"pool {self.w.pool_name} does not serve route {job.route!r}"
+                job,
+                UnknownRoute.code,
+                f"pool {self.w.pool_name} does not serve route {job.route!r}",
             )
             return False
         self.model = model

@@ -27,8 +27,8 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.js.errors import BucketNotFoundError, NoKeysError, NotFoundError
 
-from broker._client import connect_nats
 from broker._errors import ServerStartError
+from broker._nats import connect_nats
 from broker._server import CLIENT_USER, WORKER_USER, NatsServer, llmrelay_command
 from broker._subjects import WORKERS_BUCKET
 from workers.mock_provider import MockProviderProcess

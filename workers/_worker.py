@@ -36,26 +36,31 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
-from broker._client import connect_nats
 from broker._config import Config, PoolConfig
-from broker._errors import RelayError, UnknownRoute
+from broker._errors import InternalError, RelayError, UnknownRoute
+from broker._nats import connect
 from broker._protocol import (
     DeadLetter,
     Error,
     Heartbeat,
     Job,
     LifecycleEvent,
+    PoolPause,
     decode_heartbeat,
     decode_job,
+    decode_pause,
     encode,
     now_ms,
 )
 from broker._subjects import (
-    CANCEL_PREFIX,
     JOBS_STREAM,
+    MAX_DELIVERIES_ADVISORY,
+    WORKER_INBOX_PREFIX,
     WORKERS_BUCKET,
+    cancel_all_subject,
     dlq_subject,
     events_subject,
+    pause_subject,
     pool_consumer,
     route_consumer,
 )
@@ -70,10 +75,6 @@ from workers._ratelimit import RateBudget
 log = logging.getLogger("llmrelay.worker")
 
 VERSION = "0.1.0"
-CONTROL_PREFIX = "llm.control"
-# Jobs are pulled into inboxes; clients may read _INBOX.>, so workers use their own.
-WORKER_INBOX_PREFIX = "_LLMRELAY_WORKER_INBOX"
-MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{JOBS_STREAM}.*"
 ROTATING_PULL_EXPIRY_S = 1.0
 # Route pull weights: a pool's main job is the routes it is primary for.
 _WEIGHT_PRIMARY, _WEIGHT_BACKUP = 2.0, 1.0
@@ -171,14 +172,10 @@ class Worker:
     # --- start / stop ------------------------------------------------------------------
 
     async def _start(self) -> None:
-        n = self.config.nats
-        self._nc = await connect_nats(
-            self.nats_url,
+        self._nc = await connect(
+            self.config.nats,
+            url=self.nats_url,
             name=f"llmrelay-worker-{self.pool_name}",
-            timeout_s=n.connect_timeout_s,
-            user=n.user,
-            password=n.password.reveal() if n.password else None,
-            token=n.token.reveal() if n.token else None,
             inbox_prefix=WORKER_INBOX_PREFIX,
             reconnected=self._on_reconnected,
         )
@@ -187,8 +184,8 @@ class Worker:
         self.http = HttpShards(
             self.pool, self.slots, on_request=self._trace_request, transport=self._transport
         )
-        await self.nc.subscribe(f"{CANCEL_PREFIX}.*", cb=self._on_cancel)
-        await self.nc.subscribe(f"{CONTROL_PREFIX}.{self.pool_name}.pause", cb=self._on_pause)
+        await self.nc.subscribe(cancel_all_subject(), cb=self._on_cancel)
+        await self.nc.subscribe(pause_subject(self.pool_name), cb=self._on_pause)
         await self.nc.subscribe(
             MAX_DELIVERIES_ADVISORY, queue="llmrelay-dlq", cb=self._on_max_deliveries
         )
@@ -395,12 +392,13 @@ class Worker:
         with anyio.CancelScope(shield=True):
             if job is not None:
                 err = Error(
-                    code="internal", message="llmrelay failed on this job; it was dead-lettered"
+                    code=InternalError.code,
+                    message="llmrelay failed on this job; it was dead-lettered",
                 )
                 await self.nc.publish(job.reply_to, encode(err))
             await self.dead_letter(
                 DeadLetter(
-                    code="internal",
+                    code=InternalError.code,
                     message="worker bug",
                     at_ms=now_ms(),
                     route=route,
@@ -447,8 +445,8 @@ class Worker:
     async def pause_pool(self, seconds: float) -> None:
         """Pause every worker of this pool (an upstream 429 with Retry-After)."""
         self.budget.pause(seconds)
-        payload = msgspec.json.encode({"until_ms": now_ms() + int(seconds * 1000)})
-        await self.nc.publish(f"{CONTROL_PREFIX}.{self.pool_name}.pause", payload)
+        pause = PoolPause(until_ms=now_ms() + int(seconds * 1000))
+        await self.nc.publish(pause_subject(self.pool_name), encode(pause))
 
     def circuit_changed(self, state: str) -> None:
         """Called after every breaker update; publishes real changes."""
@@ -505,10 +503,10 @@ class Worker:
 
     async def _on_pause(self, msg: Msg) -> None:
         try:
-            until_ms = int(msgspec.json.decode(msg.data)["until_ms"])
-        except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+            pause = decode_pause(msg.data)
+        except (msgspec.ValidationError, msgspec.DecodeError):
             return
-        self.budget.pause(max(0.0, (until_ms - now_ms()) / 1000))
+        self.budget.pause(max(0.0, (pause.until_ms - now_ms()) / 1000))
 
     async def _on_max_deliveries(self, msg: Msg) -> None:
         """A job delivered max_deliver times without an answer: dead-letter it."""
@@ -531,7 +529,7 @@ class Worker:
             f"delivered {self.config.streams.max_deliver} times without an answer (workers died?)"
         )
         letter = DeadLetter(
-            code="internal",
+            code=InternalError.code,
             message=reason,
             at_ms=now_ms(),
             route=job.route if job else "_invalid",
@@ -540,7 +538,9 @@ class Worker:
         )
         await self.dead_letter(letter)
         if job is not None:
-            await self.nc.publish(job.reply_to, encode(Error(code="internal", message=reason)))
+            await self.nc.publish(
+                job.reply_to, encode(Error(code=InternalError.code, message=reason))
+            )
         await self.js.delete_msg(JOBS_STREAM, seq)
 
     # --- background loops ----------------------------------------------------------------
