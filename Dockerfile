@@ -17,6 +17,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY broker ./broker
 COPY workers ./workers
+COPY gateway ./gateway
+COPY devstack ./devstack
 COPY cli ./cli
 RUN pip install . && rm -rf /src
 

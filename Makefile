@@ -26,8 +26,8 @@ demo: $(STAMP)
 	$(BIN)/llmrelay demo --config llmrelay.example.yaml
 
 lint: $(TEST_STAMP)
-	$(BIN)/ruff check broker workers cli tests bench
-	$(BIN)/ruff format --check broker workers cli tests bench
+	$(BIN)/ruff check broker workers gateway devstack cli tests bench
+	$(BIN)/ruff format --check broker workers gateway devstack cli tests bench
 
 typecheck: $(TEST_STAMP)
 	$(BIN)/mypy
