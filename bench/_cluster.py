@@ -1,12 +1,11 @@
 """The processes of one benchmark run, and their clean-up.
 
-``Cluster`` starts nats-server (temp store dir), fake providers, worker
-processes (from a generated config file) and load generators, each as a child
-process of its own, and ends every one of them in ``close()``: on success, on
-error and on Ctrl-C (``close`` is synchronous so that it also runs while the
-event loop is being torn down). Children are started in sessions of their own,
-so a Ctrl-C in the terminal reaches only the orchestrator, which then stops them
-in order (load generators, workers, providers, nats-server).
+``Cluster`` is devstack's ``Stack`` (nats-server with a temp store dir, fake
+providers, worker processes from a generated config file) plus what only the
+bench runs: load generators, py-spy samplers, and worker metrics ports to read.
+``close()`` ends every child: on success, on error and on Ctrl-C (it is
+synchronous, so it also runs while the event loop is being torn down), load
+generators and samplers first, then the stack (workers, providers, nats-server).
 """
 
 from __future__ import annotations
@@ -20,12 +19,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import anyio
 import httpx
 import msgspec
-import yaml
 from nats.aio.client import Client as NATS
 
 from bench._loadgen import LoadResult, LoadSpec
@@ -35,11 +33,10 @@ from broker._config import load_config
 from broker._errors import BenchError
 from broker._jsapi import consumer_info
 from broker._nats import connect_nats
-from broker._server import WORKER_USER, NatsServer, free_port
+from broker._server import free_port
 from broker._subjects import JOBS_STREAM, route_consumer
 from broker._topology import ensure_topology
-from workers._stack import WorkerProcess, stop_process, wait_for_workers
-from workers.mock_provider import MockProviderProcess
+from devstack import ConfigDoc, MockProviderProcess, MockSpec, Stack, WorkerProcess, stop_process
 
 READY_TIMEOUT_S = 30.0
 
@@ -141,60 +138,40 @@ class LoadProc:
                     pipe.close()
 
 
-class Cluster:
+class Cluster(Stack[WorkerProc]):
     """Everything one benchmark run started; ``close()`` ends all of it."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.nats: NatsServer | None = None
-        self.mocks: dict[str, MockProviderProcess] = {}
-        self.workers: list[WorkerProc] = []
+    def __init__(self, work_dir: Path) -> None:
+        super().__init__(work_dir)
         self.loadgens: list[LoadProc] = []
-        self.config_path = workdir / "llmrelay-bench.yaml"
+        self.config_path = work_dir / "llmrelay-bench.yaml"
         self.profile_dir: Path | None = None
         self.profilers: list[subprocess.Popen[bytes]] = []
-        self._closed = False
 
-    # --- nats-server and providers ---------------------------------------------------
+    # --- providers, config and workers -----------------------------------------------
 
-    def start_nats(self) -> NatsServer:
-        self.nats = NatsServer(store_dir=self.workdir / "nats")
-        self.nats.start()
-        return self.nats
-
-    @property
-    def worker_url(self) -> str:
-        assert self.nats is not None
-        return self.nats.url_for(WORKER_USER)
-
-    def start_mock(self, name: str, spec: ProviderSpec, fault: str = "") -> MockProviderProcess:
-        mock = MockProviderProcess(
-            name=name,
-            tokens=spec.tokens,
-            ttft_ms=spec.ttft_ms,
-            token_delay_ms=spec.token_delay_ms,
-            fault=fault or None,
+    def start_provider(self, name: str, spec: ProviderSpec, fault: str = "") -> MockProviderProcess:
+        return self.start_mock(
+            MockSpec(
+                name=name,
+                tokens=spec.tokens,
+                ttft_ms=spec.ttft_ms,
+                token_delay_ms=spec.token_delay_ms,
+                fault=fault,
+            )
         )
-        self.mocks[name] = mock
-        mock.start()
-        return mock
 
-    def write_config(self, doc: dict[str, Any]) -> Path:
-        self.config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
-        return self.config_path
-
-    # --- workers -------------------------------------------------------------------
+    def write_config(self, doc: ConfigDoc) -> Path:
+        return doc.write(self.config_path)
 
     def start_worker(self, pool: str, index: int) -> WorkerProc:
-        w = WorkerProc(pool, index, self.config_path, self.worker_url, self.workdir)
-        self.workers.append(w)
-        return w
+        return self.add_worker(
+            WorkerProc(pool, index, self.config_path, self.worker_url, self.work_dir)
+        )
 
-    async def wait_ready(
-        self, nc: NATS, workers: list[WorkerProc], timeout_s: float = READY_TIMEOUT_S
-    ) -> None:
-        """Until every worker's heartbeat is in the KV (its pulls are in place by then)."""
-        await wait_for_workers(nc, workers, timeout_s)
+    async def wait_ready(self, nc: NATS, workers: list[WorkerProc]) -> None:
+        """Until every one of ``workers`` beats (their pulls are in place by then)."""
+        await self.wait_for_workers(workers, nc=nc, timeout_s=READY_TIMEOUT_S)
 
     def profile(self, w: WorkerProc) -> None:
         """Sample the worker with py-spy (``--profile DIR``) until the run ends."""
@@ -226,14 +203,10 @@ class Cluster:
                     return
                 await anyio.sleep(0.1)
 
-    def drop_worker(self, w: WorkerProc) -> None:
-        if w in self.workers:
-            self.workers.remove(w)
-
     # --- load generators -----------------------------------------------------------
 
     def start_loadgens(self, specs: list[LoadSpec]) -> list[LoadProc]:
-        procs = [LoadProc(spec, self.workdir) for spec in specs]
+        procs = [LoadProc(spec, self.work_dir) for spec in specs]
         self.loadgens.extend(procs)
         for p in procs:
             p.wait_ready()
@@ -249,11 +222,9 @@ class Cluster:
 
     def close(self) -> None:
         """Stop every child, newest kind first. Safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
         for lg in self.loadgens:
             lg.stop()
+        self.loadgens.clear()
         for spy in self.profilers:  # SIGINT: py-spy writes its profile and exits
             with contextlib.suppress(OSError):
                 spy.send_signal(signal.SIGINT)
@@ -262,15 +233,8 @@ class Cluster:
                 spy.wait(30.0)
             except subprocess.TimeoutExpired:
                 stop_process(spy, 5.0)
-        for w in self.workers:
-            with contextlib.suppress(OSError):
-                w.proc.send_signal(signal.SIGTERM)
-        for w in self.workers:
-            w.stop()
-        for mock in self.mocks.values():
-            mock.close()
-        if self.nats is not None:
-            self.nats.stop()
+        self.profilers.clear()
+        super().close()
 
     async def connect(self) -> NATS:
         """A worker-privileged connection, with the topology of the written config in place."""

@@ -32,8 +32,8 @@ from nats.aio.client import Client as NATS
 
 from bench._cluster import Cluster, WorkerProc
 from bench._loadgen import Rec
-from bench._orchestrate import Log, Side, config_doc, load_shape, pool_doc
 from bench._report import RunResult
+from bench._scenario import Log, Side, bench_config, load_shape
 from bench._stats import summarize
 from bench.presets import Phase, Preset
 
@@ -46,15 +46,14 @@ OBSERVE_S = 0.5  # after a kill: time for the backup to take over
 async def failover_scenario(cluster: Cluster, preset: Preset, log: Log) -> list[RunResult]:
     log("starting nats-server, two fake providers, a primary and a backup worker")
     cluster.start_nats()
-    primary = cluster.start_mock("mock-primary", preset.provider)
-    backup = cluster.start_mock("mock-backup", preset.provider)
-    pools = {
-        "primary": pool_doc(
-            primary.url, preset.slots, max_retries=0, ack_wait_s=ACK_WAIT_S, circuit=NEVER_OPEN
-        ),
-        "backup": pool_doc(backup.url, preset.slots, ack_wait_s=ACK_WAIT_S),
+    primary = cluster.start_provider("mock-primary", preset.provider)
+    backup = cluster.start_provider("mock-backup", preset.provider)
+    settings: dict[str, dict[str, Any]] = {
+        "primary": {"max_retries": 0, "ack_wait_s": ACK_WAIT_S, "circuit": NEVER_OPEN},
+        "backup": {"ack_wait_s": ACK_WAIT_S},
     }
-    cluster.write_config(config_doc(pools, ["primary", "backup"], preset))
+    urls = {"primary": primary.url, "backup": backup.url}
+    cluster.write_config(bench_config(preset, urls, settings))
     nc = await cluster.connect()
     try:
         first = cluster.start_worker("primary", 0)

@@ -3,7 +3,8 @@
     .venv/bin/python -m bench.gateway_ttft [--requests 300] [--tokens 8] [--ttft-ms 0]
 
 Starts nats-server, one fake provider, one ``llmrelay worker`` and one
-``llmrelay gateway`` (each a process of its own, as deployed), then sends
+``llmrelay gateway`` (each a process of its own, as deployed, in a devstack
+``Stack``), then sends
 requests one at a time, rotating between three clients so that drift hits
 each equally:
 
@@ -25,10 +26,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +36,19 @@ import anyio
 import httpx
 import msgspec
 import openai
-import yaml
 from openai.types.chat import ChatCompletionMessageParam
 
 from bench._stats import Summary, summarize
 from broker import Chunk, Error, RelayClient
 from broker._config import load_config
-from broker._server import CLIENT_USER, WORKER_USER, NatsServer, free_port, llmrelay_command
-from workers.mock_provider import MockProviderProcess
+from broker._server import WORKER_USER, free_port
+from devstack import ConfigDoc, GatewayProcess, MockSpec, Stack, WorkerProcess
 
 ROUTE = "chat"
 PROMPT = "Say hello"
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": PROMPT}]
-_CLI = llmrelay_command()
+API_KEY = "sk-bench-gateway"
+CONFIG_FILE = "llmrelay.yaml"
 
 
 async def direct_ttft(relay: RelayClient, route: str = ROUTE) -> float:
@@ -105,55 +105,37 @@ def _has_text(line: str) -> bool:
 # --- the run -------------------------------------------------------------------------
 
 
-def write_config(directory: Path, provider_url: str, nats_url: str, gateway_port: int) -> Path:
-    doc = {
-        "nats": {"url": nats_url, "user": WORKER_USER[0], "password": WORKER_USER[1]},
-        "pools": {
-            "mock": {"kind": "openai", "base_url": f"{provider_url}/v1", "api_key": "sk-bench"}
-        },
-        "routes": {ROUTE: {"targets": [{"pool": "mock", "model": "gpt-bench"}]}},
-        "gateway": {"port": gateway_port, "api_keys": ["sk-bench-gateway"]},
-    }
-    path = directory / "llmrelay.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+def write_config(path: Path, provider_url: str, nats_url: str, gateway_port: int) -> Path:
+    return (
+        ConfigDoc()
+        .nats(nats_url, user=WORKER_USER)
+        .pool("mock", base_url=f"{provider_url}/v1", api_key="sk-bench")
+        .route(ROUTE, [("mock", "gpt-bench")])
+        .gateway(port=gateway_port, api_keys=[API_KEY])
+        .write(path)
+    )
 
 
-@contextlib.contextmanager
-def child(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([*_CLI, *args], stdout=out, stderr=out, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-async def wait_ready(url: str, timeout_s: float = 30.0) -> None:
-    """Poll a process's readiness probe (it has no event to await)."""
-    async with httpx.AsyncClient() as http:
-        with anyio.fail_after(timeout_s):
-            while True:
-                with contextlib.suppress(httpx.TransportError):
-                    if (await http.get(url)).status_code == 200:
-                        return
-                await anyio.sleep(0.05)
+def start(stack: Stack[WorkerProcess], args: argparse.Namespace) -> GatewayProcess:
+    """nats-server, the fake provider, one worker and the gateway (not waited for yet)."""
+    stack.start_nats()
+    mock = stack.start_mock(MockSpec(name="bench", tokens=args.tokens, ttft_ms=args.ttft_ms))
+    port = free_port()
+    config = write_config(stack.work_dir / CONFIG_FILE, mock.url, stack.server.url, port)
+    stack.add_worker(WorkerProcess("mock", config, stack.worker_url, stack.work_dir))
+    gateway = GatewayProcess(config, stack.client_url, stack.work_dir, port=port)
+    return stack.add_gateway(gateway)
 
 
 @contextlib.asynccontextmanager
 async def clients(
     client_url: str, base_url: str, config_path: Path
 ) -> AsyncIterator[dict[str, Callable[[], Any]]]:
-    headers = {"authorization": "Bearer sk-bench-gateway"}
+    headers = {"authorization": f"Bearer {API_KEY}"}
     async with (
         RelayClient(client_url, config=load_config(config_path)) as relay,
         httpx.AsyncClient(base_url=base_url + "/", headers=headers, timeout=30) as http,
-        openai.AsyncOpenAI(base_url=base_url, api_key="sk-bench-gateway", max_retries=0) as sdk,
+        openai.AsyncOpenAI(base_url=base_url, api_key=API_KEY, max_retries=0) as sdk,
     ):
         yield {
             "direct": lambda: direct_ttft(relay),
@@ -163,22 +145,16 @@ async def clients(
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Summary]:
-    with tempfile.TemporaryDirectory(prefix="llmrelay-gw-ttft-") as tmp:
-        work = Path(tmp)
-        with (
-            NatsServer(store_dir=work / "nats") as nats_server,
-            MockProviderProcess(name="bench", tokens=args.tokens, ttft_ms=args.ttft_ms) as mock,
-        ):
-            port = free_port()
-            config = write_config(work, mock.url, nats_server.url, port)
-            client_url = nats_server.url_for(CLIENT_USER)
-            worker = ["worker", "--pool", "mock", "--config", str(config)]
-            gateway = ["gateway", "--config", str(config), "--nats-url", client_url]
-            gateway += ["--log-level", "warning"]
-            with child(worker, work / "worker.log"), child(gateway, work / "gateway.log"):
-                await wait_ready(f"http://127.0.0.1:{port}/readyz")
-                async with clients(client_url, f"http://127.0.0.1:{port}/v1", config) as ways:
-                    return await _rounds(ways, args.requests, args.warmup)
+    with (
+        tempfile.TemporaryDirectory(prefix="llmrelay-gw-ttft-") as tmp,
+        contextlib.closing(Stack[WorkerProcess](Path(tmp))) as stack,
+    ):
+        gateway = await anyio.to_thread.run_sync(start, stack, args)
+        await stack.wait_for_workers()
+        await gateway.wait_ready()
+        config = stack.work_dir / CONFIG_FILE
+        async with clients(stack.client_url, f"{gateway.url}/v1", config) as ways:
+            return await _rounds(ways, args.requests, args.warmup)
 
 
 async def _rounds(

@@ -22,18 +22,18 @@
     │   ├── AllProvidersFailed wire all_providers_failed 502
     │   └── InternalError     wire  internal             500
     └── ProviderError               one upstream attempt failed (worker side)
-        ├── UpstreamConnectError  wire connect_error           retry, then fail over
-        ├── UpstreamUnavailable   wire upstream_unavailable    5xx, 408, overloaded
-        ├── RateLimited           wire rate_limited            429; carries retry_after_s
-        ├── ProviderTimeout       wire upstream_timeout        fail over at once
-        ├── AuthFailed            wire auth_failed             fail over at once, open circuit
-        ├── CircuitOpen           wire circuit_open            fail over at once, no call made
-        ├── ContextLengthExceeded wire context_length_exceeded only to a larger target
-        ├── ContentFiltered       wire content_filtered        no retry
         ├── UpstreamRejected      wire bad_request             no retry (other 4xx)
+        ├── ContentFiltered       wire content_filtered        no retry
+        ├── ContextLengthExceeded wire context_length_exceeded only to a larger target
+        ├── AuthFailed            wire auth_failed             fail over at once, open circuit
+        ├── RateLimited           wire rate_limited            429; carries retry_after_s
+        ├── UpstreamUnavailable   wire upstream_unavailable    5xx, 408, overloaded
+        ├── ProviderTimeout       wire upstream_timeout        no first token: fail over at once
+        ├── UpstreamConnectError  wire connect_error           retry, then fail over
+        ├── StreamInterrupted     wire stream_interrupted      mid-stream: fail over
+        │   └── StreamReset            stream_interrupted      (gateway) sent text was voided
         ├── BadUpstreamEvent      wire bad_upstream_event      mid-stream: fail over
-        └── StreamInterrupted     wire stream_interrupted      mid-stream: fail over
-            └── StreamReset            stream_interrupted      (gateway) sent text was voided
+        └── CircuitOpen           wire circuit_open            fail over at once, no call made
 
 ``wire`` classes name the codes an ``error`` event may carry (``ERROR_CODES``,
 ``llmrelay schema --codes``, README); their first docstring line is the code's
@@ -228,59 +228,10 @@ class ProviderError(RelayError):
         self.retry_after_s = retry_after_s
 
 
-class UpstreamConnectError(ProviderError):
-    """the provider could not be reached"""
+class UpstreamRejected(ProviderError):
+    """the provider rejected the request as invalid"""
 
-    code = "connect_error"
-    wire = True
-
-
-class UpstreamUnavailable(ProviderError):
-    """the provider answered 5xx or overloaded"""
-
-    code = "upstream_unavailable"
-    wire = True
-
-
-class RateLimited(ProviderError):
-    """the provider answered 429"""
-
-    code = "rate_limited"
-    http_status = 429
-    wire = True
-
-
-class ProviderTimeout(ProviderError):
-    """no first token within the pool's time limit"""
-
-    code = "upstream_timeout"
-    http_status = 504
-    wire = True
-    failover_now = True
-
-
-class AuthFailed(ProviderError):
-    """the provider rejected the pool's credentials (401/403)"""
-
-    code = "auth_failed"
-    wire = True
-    failover_now = True
-
-
-class CircuitOpen(ProviderError):
-    """the pool's circuit breaker is open"""
-
-    code = "circuit_open"
-    http_status = 503
-    wire = True
-    failover_now = True
-    health = False
-
-
-class ContextLengthExceeded(ProviderError):
-    """the prompt is too long for every model tried"""
-
-    code = "context_length_exceeded"
+    code = "bad_request"
     retryable = False
     http_status = 400
     wire = True
@@ -297,22 +248,53 @@ class ContentFiltered(ProviderError):
     health = False
 
 
-class UpstreamRejected(ProviderError):
-    """the provider rejected the request as invalid"""
+class ContextLengthExceeded(ProviderError):
+    """the prompt is too long for every model tried"""
 
-    code = "bad_request"
+    code = "context_length_exceeded"
     retryable = False
     http_status = 400
     wire = True
     health = False
 
 
-class BadUpstreamEvent(ProviderError):
-    """the provider sent an event that could not be decoded"""
+class AuthFailed(ProviderError):
+    """the provider rejected the pool's credentials (401/403)"""
 
-    code = "bad_upstream_event"
+    code = "auth_failed"
     wire = True
-    mid_stream = True
+    failover_now = True
+
+
+class RateLimited(ProviderError):
+    """the provider answered 429"""
+
+    code = "rate_limited"
+    http_status = 429
+    wire = True
+
+
+class UpstreamUnavailable(ProviderError):
+    """the provider answered 5xx or overloaded"""
+
+    code = "upstream_unavailable"
+    wire = True
+
+
+class ProviderTimeout(ProviderError):
+    """no first token within the pool's time limit"""
+
+    code = "upstream_timeout"
+    http_status = 504
+    wire = True
+    failover_now = True
+
+
+class UpstreamConnectError(ProviderError):
+    """the provider could not be reached"""
+
+    code = "connect_error"
+    wire = True
 
 
 class StreamInterrupted(ProviderError):
@@ -327,6 +309,24 @@ class StreamReset(StreamInterrupted):
     """A reset voided text that was already sent to an HTTP client."""
 
     wire = False
+
+
+class BadUpstreamEvent(ProviderError):
+    """the provider sent an event that could not be decoded"""
+
+    code = "bad_upstream_event"
+    wire = True
+    mid_stream = True
+
+
+class CircuitOpen(ProviderError):
+    """the pool's circuit breaker is open"""
+
+    code = "circuit_open"
+    http_status = 503
+    wire = True
+    failover_now = True
+    health = False
 
 
 # --- what a client raises for an ``error`` event -----------------------------------------

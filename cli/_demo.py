@@ -33,7 +33,7 @@ from broker._client import RelayClient
 from broker._config import Config, parse_config
 from broker._errors import RelayError
 from broker._protocol import Chunk, Done, Error, Notice
-from workers._stack import LocalStack, MockSpec
+from devstack import LocalStack, MockSpec
 
 DEMO_POOLS = ["mock-a", "mock-b"]
 DEMO_MOCKS = [

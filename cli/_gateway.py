@@ -1,4 +1,4 @@
-"""`llmrelay gateway`: the OpenAI-compatible HTTP front door (broker/_gateway.py).
+"""`llmrelay gateway`: the OpenAI-compatible HTTP front door (the `gateway` package).
 
 With ``--workers 1`` (the default) uvicorn serves the app in this process. With
 ``--workers N`` uvicorn starts N processes that share the port; each imports
@@ -66,7 +66,7 @@ def gateway(
     # Imported here: every other command starts without the web stack.
     import uvicorn
 
-    from broker._gateway import run_gateway
+    from gateway import run_gateway
 
     setup_logging(json_logs, log_level)
     cfg = config_from(config)
@@ -114,7 +114,7 @@ def gateway(
 
 
 async def _check_nats(cfg: Config, nats_url: str | None) -> None:
-    from broker._gateway import Gateway
+    from gateway import Gateway
 
     async with Gateway(cfg, nats_url=nats_url):
         pass
@@ -122,7 +122,7 @@ async def _check_nats(cfg: Config, nats_url: str | None) -> None:
 
 def app_from_env() -> Starlette:
     """The app of one uvicorn worker process (``--workers N``)."""
-    from broker._gateway import create_app
+    from gateway import create_app
 
     return create_app(
         config_from(None),

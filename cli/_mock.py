@@ -1,7 +1,7 @@
 """`llmrelay mock-provider`: run the fake LLM provider as its own process.
 
 The benchmark and manual experiments want the fake upstream on its own core;
-tests usually run ``workers.mock_provider.MockProvider`` in-process instead.
+tests usually run ``devstack.MockProvider`` in-process instead.
 With ``--port 0`` the bound URL is printed on one stdout line so that a parent
 process can read it.
 """
@@ -12,7 +12,7 @@ import asyncio
 
 import typer
 
-from workers.mock_provider import DEFAULT_TOKENS, MockProvider, parse_fault, serve
+from devstack import DEFAULT_TOKENS, MockProvider, parse_fault, serve
 
 
 def register(app: typer.Typer) -> None:

@@ -12,6 +12,7 @@ import sys
 import typer
 
 from broker._errors import RelayError
+from cli import _commands
 
 app = typer.Typer(
     name="llmrelay",
@@ -31,15 +32,10 @@ def _root() -> None:
     """Keep `llmrelay` a command group even if only one command module is registered."""
 
 
-def _register() -> None:
-    # Imported here so that each module can import `app`-free helpers freely.
-    from cli import _commands
-
-    _commands.register(app)
+_commands.register(app)
 
 
 def main() -> None:
-    _register()
     try:
         app()
     except RelayError as exc:

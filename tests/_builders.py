@@ -1,12 +1,18 @@
-"""Small builders for test configs (YAML through the real parser)."""
+"""``make_config``: the tests' short way to a ``Config``, built by devstack's ``ConfigDoc``.
+
+Tests name only what they are about (pools' limits, route targets); every pool
+gets an unreachable default upstream, and the document goes through the real
+parser as a user's YAML would.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-import yaml
+from broker import Config
+from devstack import ConfigDoc
 
-from broker import Config, parse_config
+UNREACHABLE = "http://127.0.0.1:9/v1"
 
 
 def make_config(
@@ -17,20 +23,12 @@ def make_config(
     nats_url: str = "nats://127.0.0.1:4222",
 ) -> Config:
     """pools: name -> pool settings; routes: name -> [(pool, model), ...] or full settings."""
-    doc: dict[str, Any] = {
-        "nats": {"url": nats_url},
-        "streams": streams or {},
-        "pools": {
-            name: {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", **settings}
-            for name, settings in pools.items()
-        },
-        "routes": {
-            name: (
-                {"targets": [{"pool": p, "model": m} for p, m in spec]}
-                if isinstance(spec, list)
-                else spec
-            )
-            for name, spec in routes.items()
-        },
-    }
-    return parse_config(yaml.safe_dump(doc), source="test", env={})
+    doc = ConfigDoc().nats(nats_url).streams(**(streams or {}))
+    for name, settings in pools.items():
+        doc.pool(name, **{"base_url": UNREACHABLE, **settings})
+    for name, spec in routes.items():
+        if isinstance(spec, list):
+            doc.route(name, spec)
+        else:
+            doc.route(name, **spec)
+    return doc.parse(source="test")

@@ -13,6 +13,7 @@ from nats.aio.client import Client as NATS
 
 from broker import RelayClient, ensure_topology
 from broker._server import free_port
+from devstack import MockProvider, expected_answer
 from tests._harness import mock_pool, relay_config, running_workers
 from tests.test_cli_submit import (
     CLI_TIMEOUT_S,
@@ -22,7 +23,6 @@ from tests.test_cli_submit import (
     one_error_line,
     write_config,
 )
-from workers.mock_provider import MockProvider, expected_answer
 
 ROUTES = {"chat": [("a", "gpt")]}
 

@@ -27,8 +27,8 @@ from broker import RelayClient, ensure_topology
 from broker._protocol import decode_dead_letter
 from broker._server import free_port
 from cli import _commands
+from devstack import MockProvider, expected_answer
 from tests._harness import mock_pool, relay_config, running_workers
-from workers.mock_provider import MockProvider, expected_answer
 
 LLMRELAY = Path(sys.executable).parent / "llmrelay"
 CLI_TIMEOUT_S = 30.0

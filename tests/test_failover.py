@@ -22,8 +22,8 @@ from nats.aio.client import Client as NATS
 from broker import Chunk, Done, Error, Notice, RelayClient, RequestFailed
 from broker._jsapi import api_request
 from broker._protocol import decode_dead_letter, decode_lifecycle
+from devstack import MockProvider, expected_answer
 from tests._harness import mock_pool, relay_config, running_workers
-from workers.mock_provider import MockProvider, expected_answer
 
 TOKENS = 6
 PRIMARY_DEFAULTS: dict[str, Any] = {"max_retries": 2, "backoff_base_s": 0.05, "backoff_max_s": 0.2}

@@ -26,13 +26,13 @@ from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
 from broker import Chunk, Error, Notice, RelayClient, ensure_topology
-from broker import _gateway as gateway_module
 from broker._config import Config, GatewaySettings, Secret
-from broker._gateway import InvalidRequest, ReplyFold, StreamReset, parse_request, serve_gateway
 from broker._protocol import decode_event
 from broker._server import free_port, llmrelay_command
+from devstack import MockProvider, expected_answer
+from gateway import InvalidRequest, ReplyFold, StreamReset, parse_request, serve_gateway
+from gateway import _exchange as gateway_module
 from tests._harness import mock_pool, relay_config, running_workers
-from workers.mock_provider import MockProvider, expected_answer
 
 PROMPT = "Say hello"  # the fake provider counts len // 4 = 2 prompt tokens
 PROMPT_TOKENS = 2
@@ -459,7 +459,7 @@ async def test_malformed_body_is_400_naming_the_field(
 
 
 def test_text_parts_are_joined_and_developer_is_system() -> None:
-    from broker._gateway import to_messages
+    from gateway import to_messages
 
     parts = [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]
     developer = {"role": "developer", "content": "Be brief."}

@@ -8,9 +8,9 @@ from nats.aio.client import Client as NATS
 
 from broker import RelayClient, RequestFailed
 from broker._server import free_port
+from devstack import MockProvider
 from tests._harness import mock_pool, relay_config, running_workers
 from tests.test_monitor import scrape
-from workers.mock_provider import MockProvider
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

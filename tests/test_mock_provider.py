@@ -10,7 +10,7 @@ import httpx
 import msgspec
 import pytest
 
-from workers.mock_provider import (
+from devstack import (
     MockProvider,
     MockProviderProcess,
     answer_tokens,

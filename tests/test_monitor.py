@@ -16,9 +16,9 @@ from broker import Job, Message, RelayClient, ensure_topology
 from broker._dlq import iter_dead_letters
 from broker._monitor import Monitor
 from broker._protocol import decode_event, encode, now_ms
+from devstack import MockProvider
 from tests._harness import mock_pool, relay_config, running_workers
 from tests.test_cli_submit import CLI_TIMEOUT_S, LLMRELAY, write_config
-from workers.mock_provider import MockProvider
 
 ROUTES = {"chat": [("a", "gpt")]}
 

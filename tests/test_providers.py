@@ -1,6 +1,6 @@
 """Each provider adapter against the fake provider over real HTTP, plus stream edge cases.
 
-The fake provider (``workers.mock_provider``) runs in the test's event loop and
+The fake provider (``devstack.fake_provider``) runs in the test's event loop and
 speaks all three formats; faults are asked for with model-name suffixes. Edge
 cases no well-behaved server produces (a ``[DONE]`` without usage, a stream cut
 before any finish reason) are fed through an httpx transport with canned bytes.
@@ -21,7 +21,7 @@ import pytest
 from broker._config import PoolConfig, Secret
 from broker._errors import ConfigError
 from broker._protocol import Job, Message, Usage
-from workers.mock_provider import MockProvider, expected_answer
+from devstack import MockProvider, expected_answer
 from workers.providers import (
     PROVIDERS,
     AuthFailed,

@@ -17,8 +17,8 @@ from nats.aio.client import Client as NATS
 
 from broker import Chunk, Config, Done, Notice, RelayClient
 from broker._server import CLIENT_USER, WORKER_USER, NatsServer, free_port
+from devstack import MockProvider, expected_answer
 from tests._harness import mock_pool, relay_config, running_workers
-from workers.mock_provider import MockProvider, expected_answer
 
 
 @pytest.mark.slow

@@ -18,8 +18,8 @@ from nats.aio.client import Client as NATS
 
 from broker import Chunk, Done, Error, Notice, RelayClient
 from broker._protocol import decode_dead_letter
+from devstack import MockProvider, expected_answer
 from tests._harness import mock_pool, relay_config, running_workers
-from workers.mock_provider import MockProvider, expected_answer
 
 
 async def collect(handle: Any) -> list[Any]:

@@ -5,11 +5,14 @@
     decode -> resolve model -> check deadline -> check circuit
            -> stream from the provider (time limits, cancel) -> done | failure
 
-A failure becomes a ``Decision`` (``_decide.decide``), and ``_apply`` is the one
-place that turns it into a delayed redelivery, a re-queue to a backup pool, or
-an error event (plus a dead letter when no target is left). Bad input never
-raises out of here: it is answered (when a reply subject can be read) and
-parked in the dead-letter queue.
+The input checks (decode, model) are ``_intake.py``'s: bad input never raises
+out of here, it is answered and parked in the dead-letter queue. A failure
+becomes a ``Decision`` (``_decide.decide``), and ``_apply`` is the one place
+that turns it into a delayed redelivery, a re-queue to a backup pool, or an
+error event (plus a dead letter when no target is left).
+
+A run sees its worker only through a ``PoolContext`` (``_context.py``): the
+pool's config, connection, HTTP shards, breaker, budget and metrics.
 """
 
 from __future__ import annotations
@@ -18,11 +21,9 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
 import anyio
 import msgspec
-import nats.errors
 from nats.aio.msg import Msg
 
 from broker._errors import (
@@ -32,13 +33,13 @@ from broker._errors import (
     Cancelled,
     CircuitOpen,
     DeadlineExceeded,
-    InvalidJob,
     ProviderError,
     ProviderTimeout,
     RateLimited,
+    RelayError,
     StreamInterrupted,
-    UnknownRoute,
 )
+from broker._nats import nats_errors
 from broker._protocol import (
     Attempt,
     Chunk,
@@ -51,28 +52,24 @@ from broker._protocol import (
     Notice,
     Timings,
     Usage,
-    decode_job,
     encode,
     now_ms,
 )
-from broker._subjects import REPLY_PREFIX, events_subject, is_valid_name, pool_subject
+from broker._subjects import events_subject, pool_subject
+from workers._context import PoolContext
 from workers._decide import Decision, Fail, FailureContext, Requeue, Retry, decide, next_target
+from workers._intake import read_job, resolve_model
 from workers._ratelimit import estimate_tokens
 from workers.providers._base import Finish, Malformed, StreamItem, TextDelta
 
-if TYPE_CHECKING:
-    from workers._worker import Worker
-
 log = logging.getLogger("llmrelay.worker")
-
-INVALID_ROUTE_TOKEN = "_invalid"
 
 
 class JobRun:
     """The life of one delivery of one job on this worker."""
 
-    def __init__(self, worker: Worker, msg: Msg, route: str | None) -> None:
-        self.w = worker
+    def __init__(self, ctx: PoolContext, msg: Msg, route: str | None) -> None:
+        self.ctx = ctx
         self.msg = msg
         self.from_route = route  # None: came from the pool's own subject
         self.job: Job | None = None
@@ -102,14 +99,16 @@ class JobRun:
             await self._close_upstream()
 
     async def _run(self) -> None:
-        job = await self._decode()
+        job = await read_job(self.ctx, self.msg)
         if job is None:
             return
         self.job = job
-        if not await self._resolve_model(job):
+        model = await resolve_model(self.ctx, self.msg, job)
+        if model is None:
             return
+        self.model, self.model_label = model, self.ctx.model_label(model)
         self.attempt = sum(a.deliveries for a in job.attempts) + self.deliveries
-        self.w.metrics.job_started((now_ms() - job.created_ms) / 1000 if job.created_ms else 0.0)
+        self.ctx.metrics.job_started((now_ms() - job.created_ms) / 1000 if job.created_ms else 0.0)
         if self._remaining_s() <= 0:
             await self._finish_error(
                 DeadlineExceeded.code, "the job's deadline passed while it was queued"
@@ -132,21 +131,21 @@ class JobRun:
                 DeadlineExceeded.code, "the pool was paused (429) past the deadline"
             )
             return
-        if not self.w.breaker.allow():
-            await self._failed(job, CircuitOpen(f"circuit of pool {self.w.pool_name} is open"))
+        if not self.ctx.breaker.allow():
+            await self._failed(job, CircuitOpen(f"circuit of pool {self.ctx.pool_name} is open"))
             return
         estimate = estimate_tokens(sum(len(m.content) for m in job.messages), job.max_tokens)
-        self.w.budget.charge_tokens(estimate)
+        self.ctx.budget.charge_tokens(estimate)
         try:
             with self.cancel_scope:
                 finish = await self._stream(job)
         except ProviderError as err:
-            self.w.budget.charge_tokens(-estimate)
+            self.ctx.budget.charge_tokens(-estimate)
             await self._close_upstream()
             await self._failed(job, err)
             return
         except DeadlineExceeded:
-            self.w.budget.charge_tokens(-estimate)
+            self.ctx.budget.charge_tokens(-estimate)
             await self._finish_error(DeadlineExceeded.code, "the job's deadline passed mid-answer")
             return
         if self.cancel_scope.cancelled_caught:
@@ -157,7 +156,7 @@ class JobRun:
 
     async def _wait_pause_over(self) -> bool:
         """A job pulled before a 429 paused the pool waits out the pause, within its deadline."""
-        pause_s = self.w.budget.pause_remaining_s()
+        pause_s = self.ctx.budget.pause_remaining_s()
         if pause_s <= 0:
             return True
         if pause_s >= self._remaining_s():
@@ -168,9 +167,8 @@ class JobRun:
     # --- streaming ---------------------------------------------------------------
 
     async def _stream(self, job: Job) -> Finish | None:
-        self.w.metrics.upstream_request()
-        assert self.w.http is not None
-        self._shard, provider = self.w.http.acquire()
+        self.ctx.metrics.upstream_request()
+        self._shard, provider = self.ctx.http.acquire()
         self._items = provider.stream(job, self.model).__aiter__()
         while True:
             item = await self._next(self._items)
@@ -188,13 +186,13 @@ class JobRun:
         items, self._items = self._items, None
         if items is not None:
             await _close(items)
-        if self._shard is not None and self.w.http is not None:
-            self.w.http.release(self._shard)
+        if self._shard is not None:
+            self.ctx.http.release(self._shard)
             self._shard = None
 
     async def _next(self, items: AsyncIterator[StreamItem]) -> StreamItem:
         """The next item, within the time-to-first-token or idle limit and the deadline."""
-        timeouts = self.w.pool.timeouts
+        timeouts = self.ctx.pool.timeouts
         limit = timeouts.ttft_s if self.first_token_at is None else timeouts.idle_s
         remaining = self._remaining_s()
         with anyio.move_on_after(min(limit, remaining)) as scope:
@@ -215,17 +213,17 @@ class JobRun:
                 return None
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
-                self.w.metrics.first_token(self.model_label, self.first_token_at - self.started)
+                self.ctx.metrics.first_token(self.model_label, self.first_token_at - self.started)
             if self.seq == 0:
                 chunk = Chunk(seq=0, attempt=self.attempt, delta=item.text,
-                              pool=self.w.pool_name, model=self.model)  # fmt: skip
+                              pool=self.ctx.pool_name, model=self.model)  # fmt: skip
             else:
                 chunk = Chunk(seq=self.seq, attempt=self.attempt, delta=item.text)
             await self._publish(chunk)
             self.seq += 1
             return None
         if isinstance(item, Malformed):
-            self.w.metrics.malformed_event()
+            self.ctx.metrics.malformed_event()
             if self._has_other_target():
                 raise BadUpstreamEvent(f"undecodable event from the provider: {item.raw[:120]!r}")
             self.degraded = True
@@ -234,7 +232,7 @@ class JobRun:
 
     def _has_other_target(self) -> bool:
         assert self.job is not None
-        return next_target(self._failure_context(self.job), self.w.config) is not None
+        return next_target(self._failure_context(self.job), self.ctx.config) is not None
 
     # --- outcomes ----------------------------------------------------------------
 
@@ -243,16 +241,16 @@ class JobRun:
             prompt_tokens=max(1, sum(len(m.content) for m in job.messages) // 4),
             completion_tokens=self.seq,
         )
-        self.w.budget.charge_tokens(usage.prompt_tokens + usage.completion_tokens - estimate)
-        state = self.w.breaker.record_success()
-        self.w.circuit_changed(state)
+        self.ctx.budget.charge_tokens(usage.prompt_tokens + usage.completion_tokens - estimate)
+        state = self.ctx.breaker.record_success()
+        self.ctx.circuit_changed(state)
         total_s = time.monotonic() - self.started
         await self._publish(
             Done(
                 attempt=self.attempt,
                 finish_reason=finish.reason,
                 usage=usage,
-                pool=self.w.pool_name,
+                pool=self.ctx.pool_name,
                 model=self.model,
                 timings=self._timings(job, total_s),
                 degraded=self.degraded,
@@ -261,10 +259,10 @@ class JobRun:
         )
         await self.msg.ack()
         await self._close_upstream()
-        self.w.metrics.job_done(
+        self.ctx.metrics.job_done(
             self.model_label, total_s, usage.prompt_tokens, usage.completion_tokens
         )
-        await self._lifecycle("done", f"{self.w.pool_name}/{self.model} {total_s * 1000:.0f}ms")
+        await self._lifecycle("done", f"{self.ctx.pool_name}/{self.model} {total_s * 1000:.0f}ms")
 
     def _timings(self, job: Job, total_s: float) -> Timings:
         queued_ms = float(now_ms() - job.created_ms) - total_s * 1000 if job.created_ms else 0.0
@@ -272,38 +270,38 @@ class JobRun:
         return Timings(queued_ms=max(0.0, queued_ms), ttft_ms=ttft, total_ms=total_s * 1000)
 
     async def _failed(self, job: Job, err: ProviderError) -> None:
-        self.w.metrics.attempt_failed(self.model_label, err.code)
+        self.ctx.metrics.attempt_failed(self.model_label, err.code)
         if err.health:
             if isinstance(err, AuthFailed):
-                self.w.breaker.trip()
-            self.w.circuit_changed(self.w.breaker.record_failure())
+                self.ctx.breaker.trip()
+            self.ctx.circuit_changed(self.ctx.breaker.record_failure())
         if isinstance(err, RateLimited):
             # The whole pool backs off: Retry-After if given, else the base backoff.
-            await self.w.pause_pool(err.retry_after_s or self.w.pool.backoff_base_s)
+            await self.ctx.pause_pool(err.retry_after_s or self.ctx.pool.backoff_base_s)
         log.info(
             "job %s attempt %d on %s failed: %s",
             job.id,
             self.attempt,
-            self.w.pool_name,
+            self.ctx.pool_name,
             err,
             extra=self._log_fields(job),
         )
-        await self._apply(decide(err, self._failure_context(job), self.w.config), job, err)
+        await self._apply(decide(err, self._failure_context(job), self.ctx.config), job, err)
 
     def _log_fields(self, job: Job) -> dict[str, object]:
         """What JSON log lines carry (cli/_common.JsonFormatter); never message content."""
         return {
             "request_id": job.id,
             "route": job.route,
-            "pool": self.w.pool_name,
+            "pool": self.ctx.pool_name,
             "attempt": self.attempt,
-            "worker_id": self.w.worker_id,
+            "worker_id": self.ctx.worker_id,
         }
 
     def _failure_context(self, job: Job) -> FailureContext:
         return FailureContext(
             job=job,
-            pool_name=self.w.pool_name,
+            pool_name=self.ctx.pool_name,
             deliveries=self.deliveries,
             chunks_sent=self.seq,
             remaining_s=self._remaining_s(),
@@ -319,13 +317,13 @@ class JobRun:
             await self._fail(decision, job, err)
 
     async def _retry(self, decision: Retry, err: ProviderError) -> None:
-        self.w.metrics.retried()
+        self.ctx.metrics.retried()
         await self._publish(
             Notice(
                 kind="retry",
                 attempt=self.attempt,
-                from_pool=self.w.pool_name,
-                to_pool=self.w.pool_name,
+                from_pool=self.ctx.pool_name,
+                to_pool=self.ctx.pool_name,
                 reset=self.seq > 0,
                 delay_ms=int(decision.delay_s * 1000),
                 message=f"{err.code}: {err.message}",
@@ -340,23 +338,23 @@ class JobRun:
             Notice(
                 kind="failover",
                 attempt=self.attempt,
-                from_pool=self.w.pool_name,
+                from_pool=self.ctx.pool_name,
                 to_pool=decision.pool,
                 reset=decision.reset,
                 message=f"{err.code}: {err.message}",
             )
         )
-        await self._lifecycle("failover", f"{self.w.pool_name} -> {decision.pool}: {err.code}")
+        await self._lifecycle("failover", f"{self.ctx.pool_name} -> {decision.pool}: {err.code}")
         moved = msgspec.structs.replace(
             job, attempts=[*job.attempts, self._attempt_record(err)], rank=decision.rank
         )
         ttl_s = max(1, math.ceil(self._remaining_s()) + 1)
         headers = {"Nats-Msg-Id": f"{job.id}.{len(moved.attempts)}", "Nats-TTL": f"{ttl_s}s"}
+        subject = pool_subject(decision.pool)
         try:
-            await self.w.js.publish(
-                pool_subject(decision.pool), encode(moved), headers=headers, timeout=5.0
-            )
-        except nats.errors.Error as exc:  # full backup queue, timeout: hand the job back
+            with nats_errors(f"re-queue to {subject}"):
+                await self.ctx.js.publish(subject, encode(moved), headers=headers, timeout=5.0)
+        except RelayError as exc:  # full backup queue, timeout: hand the job back
             log.warning(
                 "re-queue of %s to %s failed (%r); redelivering",
                 job.id,
@@ -366,13 +364,13 @@ class JobRun:
             )
             await self.msg.nak(delay=1.0)
             return
-        self.w.metrics.failed_over(decision.pool)
+        self.ctx.metrics.failed_over(decision.pool)
         await self.msg.ack()
 
     async def _fail(self, decision: Fail, job: Job, err: ProviderError) -> None:
         attempts = [*job.attempts, self._attempt_record(err)]
         if decision.dead_letter:
-            await self.w.dead_letter(
+            await self.ctx.dead_letter(
                 DeadLetter(
                     code=decision.code,
                     message=decision.message,
@@ -392,13 +390,13 @@ class JobRun:
             )
         )
         await self.msg.ack()
-        self.w.metrics.job_outcome(self.model_label, "error")
-        if not decision.dead_letter:  # Worker.dead_letter announced "dead" already
+        self.ctx.metrics.job_outcome(self.model_label, "error")
+        if not decision.dead_letter:  # PoolContext.dead_letter announced "dead" already
             await self._lifecycle("failed", decision.code)
 
     def _attempt_record(self, err: ProviderError) -> Attempt:
         return Attempt(
-            pool=self.w.pool_name,
+            pool=self.ctx.pool_name,
             model=self.model,
             code=err.code,
             message=err.message,
@@ -422,55 +420,8 @@ class JobRun:
             Error(code=code, message=message, attempt=self.attempt, attempts=self.job.attempts)
         )
         await self.msg.ack()
-        self.w.metrics.job_outcome(self.model_label, code)
+        self.ctx.metrics.job_outcome(self.model_label, code)
         await self._lifecycle("failed", code)
-
-    # --- input checks ------------------------------------------------------------
-
-    async def _decode(self) -> Job | None:
-        try:
-            job = decode_job(self.msg.data)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            await self._reject_raw(InvalidJob.code, f"the job could not be decoded: {exc}")
-            return None
-        if not _valid_reply(job.reply_to):
-            await self._reject_raw(InvalidJob.code, "reply_to must be a subject under llm.reply.")
-            return None
-        return job
-
-    async def _resolve_model(self, job: Job) -> bool:
-        model = self.w.model_for(job, self.from_route)
-        if model is None:
-            await self._reject(
-                job,
-                UnknownRoute.code,
-                f"pool {self.w.pool_name} does not serve route {job.route!r}",
-            )
-            return False
-        self.model = model
-        self.model_label = self.w.model_label(model)
-        return True
-
-    async def _reject(self, job: Job, code: str, message: str) -> None:
-        await self._publish(Error(code=code, message=message, attempts=job.attempts))
-        route = job.route if is_valid_name(job.route) else INVALID_ROUTE_TOKEN
-        await self.w.dead_letter(
-            DeadLetter(code=code, message=message, at_ms=now_ms(), route=route, job=job)
-        )
-        await self.msg.term()
-
-    async def _reject_raw(self, code: str, message: str) -> None:
-        """Answer a job we could not decode, if a reply subject can be read from it."""
-        loose = _loose_fields(self.msg.data)
-        reply, route = loose.get("reply_to"), loose.get("route")
-        if isinstance(reply, str) and _valid_reply(reply):
-            await self.w.nc.publish(reply, encode(Error(code=code, message=message)))
-        token = route if isinstance(route, str) and is_valid_name(route) else INVALID_ROUTE_TOKEN
-        raw = self.msg.data[: self.w.config.streams.max_job_bytes].decode(errors="replace")
-        await self.w.dead_letter(
-            DeadLetter(code=code, message=message, at_ms=now_ms(), route=token, raw=raw)
-        )
-        await self.msg.term()
 
     # --- helpers -----------------------------------------------------------------
 
@@ -480,7 +431,7 @@ class JobRun:
 
     async def _publish(self, event: Event) -> None:
         assert self.job is not None
-        await self.w.nc.publish(self.job.reply_to, encode(event))
+        await self.ctx.nc.publish(self.job.reply_to, encode(event))
 
     async def _lifecycle(self, kind: str, detail: str) -> None:
         assert self.job is not None
@@ -488,11 +439,11 @@ class JobRun:
             kind=kind,
             request_id=self.job.id,
             route=self.job.route,
-            pool=self.w.pool_name,
+            pool=self.ctx.pool_name,
             at_ms=now_ms(),
             detail=detail,
         )
-        await self.w.nc.publish(events_subject(kind), encode(event))
+        await self.ctx.nc.publish(events_subject(kind), encode(event))
 
 
 async def _close(items: AsyncIterator[StreamItem]) -> None:
@@ -500,20 +451,3 @@ async def _close(items: AsyncIterator[StreamItem]) -> None:
     if aclose is not None:
         with anyio.CancelScope(shield=True):
             await aclose()
-
-
-def _valid_reply(subject: str) -> bool:
-    """Only plain subjects under llm.reply.: a job must not make a worker publish elsewhere."""
-    return (
-        subject.startswith(REPLY_PREFIX + ".")
-        and len(subject) > len(REPLY_PREFIX) + 1
-        and not any(c in subject for c in "*> \t\r\n")
-    )
-
-
-def _loose_fields(data: bytes) -> dict[str, object]:
-    try:
-        value = msgspec.json.decode(data)
-    except msgspec.DecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}

@@ -4,12 +4,6 @@
 provider kind means adding one module and one entry to ``PROVIDERS``.
 """
 
-from __future__ import annotations
-
-import httpx
-
-from broker._config import PoolConfig
-from broker._errors import ConfigError
 from workers.providers._base import (
     AuthFailed,
     ContentFiltered,
@@ -27,6 +21,7 @@ from workers.providers._base import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from workers.providers._registry import PROVIDERS, make_provider
 from workers.providers.anthropic import AnthropicProvider
 from workers.providers.ollama import OllamaProvider
 from workers.providers.openai import OpenAIProvider
@@ -53,19 +48,3 @@ __all__ = [
     "UpstreamUnavailable",
     "make_provider",
 ]
-
-PROVIDERS: dict[str, type[Provider]] = {
-    "openai": OpenAIProvider,
-    "anthropic": AnthropicProvider,
-    "ollama": OllamaProvider,
-}
-
-
-def make_provider(pool: PoolConfig, client: httpx.AsyncClient) -> Provider:
-    """The adapter for ``pool.kind``, sharing the worker's HTTP ``client``."""
-    try:
-        cls = PROVIDERS[pool.kind]
-    except KeyError:
-        known = ", ".join(sorted(PROVIDERS))
-        raise ConfigError(f"unknown provider kind {pool.kind!r} (known: {known})") from None
-    return cls(pool, client)

@@ -1,0 +1,91 @@
+"""A fake LLM provider: a real HTTP/1.1 server that misbehaves on request.
+
+Tests, the demo and the benchmark need upstreams that answer predictably, fast,
+and fail in exactly the ways real providers do. This server speaks the three
+wire formats llmrelay's adapters speak, chosen by path:
+
+    POST /v1/chat/completions, /chat/completions   OpenAI (SSE, or JSON with stream=false)
+    POST /v1/messages                              Anthropic Messages (SSE event stream)
+    POST /api/chat                                 Ollama (NDJSON)
+    GET  /stats   POST /control/reset   POST|GET /control/faults   GET /healthz
+
+It is written on raw asyncio streams (no framework) with keep-alive and chunked
+transfer encoding, so one core serves thousands of streamed requests a second
+and ``/stats`` can count TCP connections separately from requests.
+
+**The answer** is ``expected_answer(name, tokens)``: ``"Hello from <name>."`` and
+then deterministic words, one token per streamed delta. ``tokens`` is the
+server's ``--tokens``, lowered by the request's max_tokens (``num_predict`` for
+Ollama); ``finish_reason`` is ``length`` when the request's limit cut it short.
+
+**Faults** are ``key=value`` pairs joined by ``+`` (or a JSON object). They can
+be the server default (``--fault``, ``POST /control/faults``, ``set_fault``) and
+per request as suffixes of the model name, which win over the default, e.g.
+``gpt-4o-mini+status=429+retry_after=2``. Keys (``FAULT_KEYS``):
+
+    status=N          answer HTTP N with the provider's error JSON (529: overloaded)
+    error=KIND        error kind (``ERROR_KINDS``): context_length_exceeded, content_filter,
+                      overloaded, rate_limit, ...; alone it answers the kind's status
+    retry_after=S     Retry-After header (seconds or an HTTP date)
+    retry_after_ms=N  retry-after-ms header
+    reset             close the socket (RST) before sending headers
+    noresponse        read the request, never answer, keep the socket open
+    stall=N           stream N tokens, then go silent with the socket open
+    cut=N             stream N tokens, then close without ending the body
+    malformed=N       send an undecodable event just before token N (all tokens still follow)
+    nodone            omit [DONE] / message_stop / the end of the body; keep the socket open
+    error_after=N     stream N tokens, then an in-stream error event of kind ``error``
+                      (default overloaded), and end the body
+    ttft_ms=N  token_delay_ms=N  tokens=N   timing and length overrides
+    fail_first=K      only the first K requests with this exact model string get the
+                      failure faults (503 if none is given); later ones succeed
+                      (timing keys still apply). ``set_fault`` and /control/reset
+                      restart the count.
+
+``/stats`` counts requests, TCP connections, in-flight and peak concurrency, and
+logs the last 10,000 chat requests with their arrival time and the status they
+were given (0 for ``reset``/``noresponse``).
+
+**Running it:** ``async with MockProvider(name="mock-a") as mock:`` serves from
+the current event loop (tests); ``MockProviderProcess`` runs ``llmrelay
+mock-provider`` as a child process (the benchmark), which prints
+``mock-provider <name> listening on http://127.0.0.1:PORT`` once it is ready.
+
+**Modules:** ``_answer`` (the deterministic text), ``_faults`` (fault parsing and
+the error kinds), ``_http`` (raw HTTP/1.1), ``_plan`` (the request and the plan
+of its answer), ``_openai``/``_anthropic``/``_ollama`` (one wire format each),
+``_stats``, ``_server`` (``MockProvider``), ``_process`` (``serve`` and
+``MockProviderProcess``).
+"""
+
+from devstack.fake_provider._answer import DEFAULT_TOKENS, answer_tokens, expected_answer
+from devstack.fake_provider._faults import (
+    ERROR_KINDS,
+    FAULT_KEYS,
+    ErrorKind,
+    Fault,
+    FaultSpec,
+    parse_fault,
+)
+from devstack.fake_provider._process import MockProviderProcess, listening_line, serve
+from devstack.fake_provider._server import CHAT_PATHS, MockProvider
+from devstack.fake_provider._stats import LOG_SIZE, Stats
+
+__all__ = [
+    "CHAT_PATHS",
+    "DEFAULT_TOKENS",
+    "ERROR_KINDS",
+    "FAULT_KEYS",
+    "LOG_SIZE",
+    "ErrorKind",
+    "Fault",
+    "FaultSpec",
+    "MockProvider",
+    "MockProviderProcess",
+    "Stats",
+    "answer_tokens",
+    "expected_answer",
+    "listening_line",
+    "parse_fault",
+    "serve",
+]

@@ -1,0 +1,72 @@
+"""The Ollama ``/api/chat`` format: one JSON object per line, the last with ``done: true``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+from devstack.fake_provider._answer import json_tokens
+from devstack.fake_provider._faults import ErrorKind
+from devstack.fake_provider._http import NDJSON
+from devstack.fake_provider._plan import ChatRequest, Plan
+
+__all__ = ["OllamaFormat"]
+
+
+class OllamaFormat:
+    """``/api/chat``; streams unless the request says ``stream: false``."""
+
+    content_type = NDJSON
+
+    def wants_stream(self, request: ChatRequest) -> bool:
+        return request.stream is not False
+
+    def limit(self, request: ChatRequest) -> int | None:
+        return request.options.num_predict if request.options else None
+
+    def opening(self, plan: Plan) -> list[bytes]:
+        return []
+
+    def token_events(self, plan: Plan) -> list[bytes]:
+        prefix = b'{"model":%s,"created_at":"%s","message":{"role":"assistant","content":' % (
+            msgspec.json.encode(plan.model),
+            _iso(plan.created).encode(),
+        )
+        return [
+            prefix + text + b'},"done":false}\n' for text in json_tokens(plan.name, plan.tokens)
+        ]
+
+    def closing(self, plan: Plan) -> list[bytes]:
+        return [msgspec.json.encode(self._final(plan, "")) + b"\n"]
+
+    def terminator(self, plan: Plan) -> list[bytes]:
+        return []
+
+    def garbage(self) -> bytes:
+        return b'{"model": <<not json>>\n'
+
+    def stream_error(self, kind: ErrorKind) -> bytes:
+        return msgspec.json.encode(self.error_body(kind)) + b"\n"
+
+    def error_body(self, kind: ErrorKind) -> Any:
+        return {"error": kind.message}
+
+    def full(self, plan: Plan) -> Any:
+        return self._final(plan, plan.answer)
+
+    def _final(self, plan: Plan, content: str) -> dict[str, Any]:
+        return {
+            "model": plan.model,
+            "created_at": _iso(plan.created),
+            "message": {"role": "assistant", "content": content},
+            "done": True,
+            "done_reason": "length" if plan.length_limited else "stop",
+            "prompt_eval_count": plan.prompt_tokens,
+            "eval_count": plan.tokens,
+        }
+
+
+def _iso(unix_s: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix_s))

@@ -1,0 +1,92 @@
+"""The OpenAI chat-completions format: SSE ``data:`` chunks ending in ``[DONE]``, or one JSON.
+
+Token events are built from byte templates, not encoded per token: the
+benchmark measures the broker against this server, so it must cost little.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from devstack.fake_provider._answer import json_tokens
+from devstack.fake_provider._faults import ErrorKind
+from devstack.fake_provider._http import SSE
+from devstack.fake_provider._plan import ChatRequest, Plan
+
+__all__ = ["OpenAIFormat"]
+
+
+class OpenAIFormat:
+    """``/v1/chat/completions`` and ``/chat/completions``."""
+
+    content_type = SSE
+
+    def wants_stream(self, request: ChatRequest) -> bool:
+        return bool(request.stream)
+
+    def limit(self, request: ChatRequest) -> int | None:
+        return request.max_completion_tokens or request.max_tokens
+
+    def _prefix(self, plan: Plan) -> bytes:
+        return b'data: {"id":"chatcmpl-mock%d","object":"chat.completion.chunk","created":%d,' % (
+            plan.request_no,
+            plan.created,
+        ) + b'"model":%s,"choices":[' % msgspec.json.encode(plan.model)
+
+    def opening(self, plan: Plan) -> list[bytes]:
+        delta = b'{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
+        return [self._prefix(plan) + delta]
+
+    def token_events(self, plan: Plan) -> list[bytes]:
+        prefix = self._prefix(plan) + b'{"index":0,"delta":{"content":'
+        suffix = b'},"finish_reason":null}]}\n\n'
+        return [prefix + text + suffix for text in json_tokens(plan.name, plan.tokens)]
+
+    def closing(self, plan: Plan) -> list[bytes]:
+        reason = b"length" if plan.length_limited else b"stop"
+        events = [
+            self._prefix(plan) + b'{"index":0,"delta":{},"finish_reason":"%s"}]}\n\n' % reason
+        ]
+        if plan.include_usage:
+            events.append(self._prefix(plan) + b'],"usage":%s}\n\n' % _openai_usage(plan))
+        return events
+
+    def terminator(self, plan: Plan) -> list[bytes]:
+        return [b"data: [DONE]\n\n"]
+
+    def garbage(self) -> bytes:
+        return b'data: {"choices":[{"delta":{"content": <<not json>>\n\n'
+
+    def stream_error(self, kind: ErrorKind) -> bytes:
+        return b"data: %s\n\n" % msgspec.json.encode(self.error_body(kind))
+
+    def error_body(self, kind: ErrorKind) -> Any:
+        error = {"message": kind.message, "type": kind.openai_type, "code": kind.openai_code}
+        return {"error": {**error, "param": None}}
+
+    def full(self, plan: Plan) -> Any:
+        return {
+            "id": f"chatcmpl-mock{plan.request_no}",
+            "object": "chat.completion",
+            "created": plan.created,
+            "model": plan.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": plan.answer},
+                    "finish_reason": "length" if plan.length_limited else "stop",
+                }
+            ],
+            "usage": msgspec.json.decode(_openai_usage(plan)),
+        }
+
+
+def _openai_usage(plan: Plan) -> bytes:
+    total = plan.prompt_tokens + plan.tokens
+    return b'{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}' % (
+        plan.prompt_tokens,
+        plan.tokens,
+        total,
+    )

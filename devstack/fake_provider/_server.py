@@ -1,0 +1,361 @@
+"""The fake provider's server: one chat request in, one planned (mis)behaviour out.
+
+``MockProvider`` serves from the current event loop (tests); each connection is
+a task that reads requests with keep-alive, sends chat paths to their
+``WireFormat`` and everything else to the control routes (``/stats``,
+``/healthz``, ``/control/reset``, ``/control/faults``). An answer is planned
+in full (``Plan``) before the first byte, then written in named steps: the
+opening, the tokens, and an ending chosen by the fault in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
+
+import msgspec
+
+from devstack.fake_provider._answer import DEFAULT_TOKENS, expected_answer
+from devstack.fake_provider._anthropic import AnthropicFormat
+from devstack.fake_provider._faults import (
+    ERROR_KINDS,
+    Fault,
+    FaultSpec,
+    error_kind,
+    failure_kind,
+    fault_from_body,
+    parse_fault,
+    planned_status,
+    split_model,
+)
+from devstack.fake_provider._http import (
+    LAST_CHUNK,
+    BadRequest,
+    HttpRequest,
+    abort,
+    chunk,
+    chunks,
+    head,
+    json_response,
+    read_request,
+    until_eof,
+)
+from devstack.fake_provider._ollama import OllamaFormat
+from devstack.fake_provider._openai import OpenAIFormat
+from devstack.fake_provider._plan import Plan, WireFormat, decode_request, estimate_prompt_tokens
+from devstack.fake_provider._stats import Stats
+
+__all__ = ["CHAT_PATHS", "MockProvider"]
+
+_OPENAI, _ANTHROPIC, _OLLAMA = OpenAIFormat(), AnthropicFormat(), OllamaFormat()
+CHAT_PATHS: dict[bytes, WireFormat] = {
+    b"/v1/chat/completions": _OPENAI,
+    b"/chat/completions": _OPENAI,
+    b"/v1/messages": _ANTHROPIC,
+    b"/api/chat": _OLLAMA,
+}
+
+
+class _Exchange(NamedTuple):
+    """One request and the connection it came on: what every handler gets."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    request: HttpRequest
+
+
+Handler = Callable[[_Exchange], Awaitable[bool]]
+
+
+class MockProvider:
+    """The fake provider, served from the current asyncio event loop.
+
+    ``async with MockProvider(name="mock-a") as mock:`` then call ``mock.url``;
+    ``port=0`` picks a free port (read it back from ``mock.port``).
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str = "mock",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tokens: int = DEFAULT_TOKENS,
+        ttft_ms: float = 0.0,
+        token_delay_ms: float = 0.0,
+        fault: FaultSpec = None,
+    ) -> None:
+        self.name = name
+        self.host = host
+        self.port = port
+        self.tokens = tokens
+        self.ttft_ms = ttft_ms
+        self.token_delay_ms = token_delay_ms
+        self.fault = parse_fault(fault)
+        self._stats = Stats()
+        self._attempts: Counter[str] = Counter()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._routes: dict[tuple[bytes, bytes], Handler] = {
+            (b"GET", b"/stats"): self._get_stats,
+            (b"GET", b"/healthz"): self._get_health,
+            (b"POST", b"/control/reset"): self._post_reset,
+            (b"POST", b"/control/faults"): self._post_faults,
+            (b"GET", b"/control/faults"): self._get_faults,
+        }
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def expected_answer(self, tokens: int | None = None) -> str:
+        return expected_answer(self.name, self.tokens if tokens is None else tokens)
+
+    def stats(self) -> dict[str, Any]:
+        return self._stats.snapshot()
+
+    def reset_stats(self) -> None:
+        """Zero the counters and the ``fail_first`` attempt counts."""
+        self._stats.reset()
+        self._attempts.clear()
+
+    def set_fault(self, spec: FaultSpec) -> None:
+        """Replace the default fault (None or ``{}`` clears it); restarts ``fail_first`` counts."""
+        self.fault = parse_fault(spec)
+        self._attempts.clear()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._connection, self.host, self.port, backlog=4096, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def aclose(self) -> None:
+        """Stop listening and drop every open connection; safe to call twice."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await server.wait_closed()
+
+    async def __aenter__(self) -> MockProvider:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # --- connections
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        self._stats.connections += 1
+        try:
+            while await self._serve_one(reader, writer):
+                pass
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # the client went away: drop the connection
+        except asyncio.CancelledError:
+            # Only aclose() cancels these tasks; ending quietly keeps asyncio's
+            # stream callback from reporting the cancellation as an error.
+            pass
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+            writer.close()
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        request = await read_request(reader)
+        if request is None or isinstance(request, BadRequest):
+            return False  # closed, or spoke nonsense: drop the connection
+        exchange = _Exchange(reader, writer, request)
+        fmt = CHAT_PATHS.get(request.path) if request.method == b"POST" else None
+        if fmt is not None:
+            return await self._chat(exchange, fmt)
+        handler = self._routes.get((request.method, request.path))
+        if handler is None:
+            writer.write(json_response(404, {"error": "not found"}))
+            return request.keep_alive
+        return await handler(exchange)
+
+    # --- chat
+
+    async def _chat(self, exchange: _Exchange, fmt: WireFormat) -> bool:
+        try:
+            plan = self._plan(exchange.request.body, fmt)
+        except (ValueError, msgspec.DecodeError) as exc:
+            kind = ERROR_KINDS["bad_request"]._replace(message=str(exc))
+            exchange.writer.write(json_response(400, fmt.error_body(kind)))
+            return exchange.request.keep_alive
+        self._stats.begin(exchange.request.path.decode(), plan.full_model, plan.status)
+        try:
+            return await self._answer(exchange, fmt, plan) and exchange.request.keep_alive
+        finally:
+            self._stats.end()
+
+    def _plan(self, body: bytes, fmt: WireFormat) -> Plan:
+        request = decode_request(body)
+        base, overrides = split_model(request.model)
+        fault = self._fault_for(request.model, overrides)
+        configured = self.tokens if fault.tokens is None else fault.tokens
+        limit = fmt.limit(request)
+        limited = limit is not None and 0 < limit < configured
+        return Plan(
+            name=self.name,
+            model=base,
+            full_model=request.model,
+            fault=fault,
+            tokens=limit if limited and limit is not None else configured,
+            length_limited=limited,
+            prompt_tokens=estimate_prompt_tokens(request),
+            stream=fmt.wants_stream(request),
+            include_usage=bool(request.stream_options and request.stream_options.include_usage),
+            status=planned_status(fault),
+            request_no=self._stats.requests + 1,
+            created=int(time.time()),
+        )
+
+    def _fault_for(self, model: str, overrides: tuple[tuple[str, Any], ...]) -> Fault:
+        fault = dataclasses.replace(self.fault, **dict(overrides)) if overrides else self.fault
+        if fault.fail_first is None:
+            return fault
+        self._attempts[model] += 1
+        if self._attempts[model] > fault.fail_first:
+            return fault.timing_only()
+        return fault if fault.fails() else dataclasses.replace(fault, status=503)
+
+    async def _answer(self, exchange: _Exchange, fmt: WireFormat, plan: Plan) -> bool:
+        fault = plan.fault
+        if fault.reset:
+            abort(exchange.writer)
+            return False
+        if fault.noresponse:
+            await until_eof(exchange.reader)
+            return False
+        if plan.status >= 400:
+            await self._sleep_ms(fault.ttft_ms, self.ttft_ms)
+            exchange.writer.write(_error_response(fmt, fault, plan.status))
+            return True
+        if plan.stream:
+            return await self._stream(exchange, fmt, plan)
+        return await self._whole(exchange, fmt, plan)
+
+    async def _stream(self, exchange: _Exchange, fmt: WireFormat, plan: Plan) -> bool:
+        writer = exchange.writer
+        extra = b"cache-control: no-cache\r\nx-mock-provider: %s\r\n" % self.name.encode()
+        writer.write(head(200, fmt.content_type, None, extra) + chunks(fmt.opening(plan)))
+        await self._sleep_ms(plan.fault.ttft_ms, self.ttft_ms)
+        await self._send_tokens(writer, fmt, plan)
+        return await self._end_stream(exchange, fmt, plan)
+
+    async def _send_tokens(self, writer: asyncio.StreamWriter, fmt: WireFormat, plan: Plan) -> None:
+        events = fmt.token_events(plan)[: plan.ending[1]]
+        if plan.fault.malformed is not None and 0 < plan.fault.malformed <= len(events):
+            events.insert(plan.fault.malformed - 1, fmt.garbage())
+        delay_ms = _pick(plan.fault.token_delay_ms, self.token_delay_ms)
+        if not delay_ms:
+            writer.write(chunks(events))
+            return
+        for i, event in enumerate(events):
+            if i:
+                await writer.drain()
+                await asyncio.sleep(delay_ms / 1000.0)
+            writer.write(chunk(event))
+
+    async def _end_stream(self, exchange: _Exchange, fmt: WireFormat, plan: Plan) -> bool:
+        ending, _ = plan.ending
+        writer = exchange.writer
+        if ending == "cut":
+            await writer.drain()
+            return False
+        if ending == "stall":
+            await _hold(exchange)
+            return False
+        if ending == "error":
+            writer.write(chunk(fmt.stream_error(error_kind(plan.fault.error or "overloaded"))))
+            writer.write(LAST_CHUNK)
+            return True
+        if plan.fault.nodone:
+            writer.write(chunks(fmt.closing(plan)))
+            await _hold(exchange)
+            return False
+        writer.write(chunks(fmt.closing(plan) + fmt.terminator(plan)) + LAST_CHUNK)
+        return True
+
+    async def _whole(self, exchange: _Exchange, fmt: WireFormat, plan: Plan) -> bool:
+        delay_ms = _pick(plan.fault.token_delay_ms, self.token_delay_ms) * max(plan.tokens - 1, 0)
+        await self._sleep_ms(plan.fault.ttft_ms, self.ttft_ms, delay_ms)
+        ending, _ = plan.ending
+        if ending == "error":
+            exchange.writer.write(_error_response(fmt, plan.fault, 500))
+            return True
+        response = json_response(200, fmt.full(plan))
+        if ending == "normal":
+            exchange.writer.write(response)
+            return True
+        exchange.writer.write(response[: len(response) // 2])  # half an answer, then the fault
+        if ending == "stall":
+            await _hold(exchange)
+        return False
+
+    async def _sleep_ms(self, override: float | None, default: float, extra: float = 0.0) -> None:
+        total_ms = _pick(override, default) + extra
+        if total_ms > 0:
+            await asyncio.sleep(total_ms / 1000.0)
+
+    # --- control
+
+    async def _get_stats(self, exchange: _Exchange) -> bool:
+        exchange.writer.write(json_response(200, self.stats()))
+        return exchange.request.keep_alive
+
+    async def _get_health(self, exchange: _Exchange) -> bool:
+        exchange.writer.write(json_response(200, {"status": "ok", "name": self.name}))
+        return exchange.request.keep_alive
+
+    async def _post_reset(self, exchange: _Exchange) -> bool:
+        self.reset_stats()
+        exchange.writer.write(json_response(200, {"ok": True}))
+        return exchange.request.keep_alive
+
+    async def _get_faults(self, exchange: _Exchange) -> bool:
+        exchange.writer.write(json_response(200, {"fault": self.fault.as_dict()}))
+        return exchange.request.keep_alive
+
+    async def _post_faults(self, exchange: _Exchange) -> bool:
+        try:
+            self.set_fault(fault_from_body(exchange.request.body))
+        except (ValueError, TypeError, msgspec.DecodeError) as exc:
+            exchange.writer.write(json_response(400, {"error": str(exc)}))
+        else:
+            exchange.writer.write(json_response(200, {"fault": self.fault.as_dict()}))
+        return exchange.request.keep_alive
+
+
+def _pick(override: float | None, default: float) -> float:
+    return default if override is None else override
+
+
+def _error_response(fmt: WireFormat, fault: Fault, status: int) -> bytes:
+    kind = failure_kind(fault)
+    extra = b""
+    if fault.retry_after is not None:
+        extra += b"retry-after: %s\r\n" % fault.retry_after.encode()
+    if fault.retry_after_ms is not None:
+        extra += b"retry-after-ms: %d\r\n" % fault.retry_after_ms
+    return json_response(status, fmt.error_body(kind), extra)
+
+
+async def _hold(exchange: _Exchange) -> None:
+    """Send what was written, then keep the socket open until the client gives up."""
+    await exchange.writer.drain()
+    await until_eof(exchange.reader)

@@ -1,0 +1,288 @@
+"""One HTTP request's exchange with the job answering it: whole, or streamed as SSE.
+
+A request becomes one job; ``Exchange`` reads the job's events and records the
+outcome. ``Exchange.complete`` holds a non-streamed answer whole, so any reset
+is invisible. ``EventStreamResponse`` streams under the reset policy
+(``gateway._fold``): it sends its HTTP headers only with its first text (or a
+keep-alive after ``KEEPALIVE_S`` of silence), so an error before any text still
+gets its status code. An error after that is sent as an SSE ``data: {"error":
+...}`` event, which the OpenAI SDKs raise as ``APIError``, and the stream ends
+without ``data: [DONE]``: a stream is never closed as if complete when it was not.
+
+In a stream every chunk carries the upstream model named by the first chunk of
+the answering attempt (a chunk sent before any text, e.g. a keep-alive, carries
+the route name); a whole answer's ``model`` is ``done.model``.
+
+**Disconnects.** When the client goes away (``http.disconnect``) while its
+request is open, the job is cancelled (``llm.cancel.<id>``); the worker aborts
+the provider call and answers ``cancelled``.
+
+An exchange gets what it needs from the gateway in an ``ExchangeContext``
+(settings and metrics), not the gateway itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import anyio
+import msgspec
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from starlette.responses import Response
+from starlette.types import Message as AsgiMessage
+from starlette.types import Receive, Scope, Send
+
+from broker._client import JobHandle
+from broker._config import GatewaySettings
+from broker._errors import BrokerUnavailable, DeadlineExceeded, RelayError, StreamReset
+from broker._protocol import Chunk, Done, Error, Event, Notice
+from gateway._apierror import ApiError, api_error, error_from_event
+from gateway._fold import ReplyFold
+from gateway._metrics import GatewayMetrics
+from gateway._request import ChatRequest
+from gateway._responses import CompletionIds, SseWriter, completion, json_response, sse_data
+
+log = logging.getLogger("llmrelay.gateway")
+
+# With nothing to send for this long, a stream sends its headers (if not yet
+# sent) and an SSE comment, so that proxies and clients do not time out.
+KEEPALIVE_S = 10.0
+# Events buffered between the NATS subscription and a slow HTTP client.
+_EVENT_BUFFER = 256
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeContext:
+    """What every exchange of one gateway shares."""
+
+    settings: GatewaySettings
+    metrics: GatewayMetrics
+
+
+class Exchange:
+    """One HTTP request and the job answering it."""
+
+    def __init__(
+        self,
+        ctx: ExchangeContext,
+        handle: JobHandle,
+        req: ChatRequest,
+        *,
+        label: str,
+        started: float,
+    ) -> None:
+        self.ctx = ctx
+        self.handle = handle
+        self.req = req
+        self.label = label
+        self.started = started
+        self.ids = CompletionIds(f"chatcmpl-{handle.id}", int(time.time()), req.model)
+        self.answered = False  # the worker sent done/error: nothing to cancel
+        self.headers = {"x-request-id": handle.id}
+
+    async def events(self) -> AsyncIterator[Event]:
+        """The job's events; a missed deadline or a lost connection ends with an ``Error``."""
+        try:
+            async for event in self.handle.events():
+                self.answered = isinstance(event, Done | Error)
+                yield event
+        except DeadlineExceeded as exc:
+            yield Error(code="deadline_exceeded", message=exc.message)
+        except BrokerUnavailable as exc:
+            yield Error(
+                code="service_unavailable", message=f"lost the NATS connection: {exc.message}"
+            )
+
+    async def complete(self, receive: Receive) -> Response:
+        """A non-streamed answer: held whole, so any reset is invisible."""
+        fold = ReplyFold(math.inf)
+        outcome: Done | Error | None = None
+        try:
+            with self.ctx.metrics.in_flight.track_inprogress():
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+                    outcome = await self._collect(fold)
+                    tg.cancel_scope.cancel()
+        finally:
+            await self.finish(_outcome_label(outcome), stream=False)
+        if isinstance(outcome, Done):
+            headers = {**self.headers, "x-llmrelay-pool": outcome.pool}
+            return json_response(completion(self.ids, fold.finish(), outcome), headers=headers)
+        if isinstance(outcome, Error):
+            return self.error(outcome).response()
+        return Response(status_code=499)  # the client is gone; nobody reads this
+
+    async def _collect(self, fold: ReplyFold) -> Done | Error:
+        async for event in self.events():
+            match event:
+                case Chunk():
+                    fold.chunk(event, 0.0)
+                case Notice():
+                    fold.notice(event)
+                case Done() | Error():
+                    return event
+        raise RelayError("the reply stream ended without done or error")  # pragma: no cover
+
+    def error(self, event: Error) -> ApiError:
+        err = error_from_event(event, retry_after_s=self.ctx.settings.retry_after_s)
+        return msgspec.structs.replace(err, headers={**err.headers, **self.headers})
+
+    async def finish(self, outcome: str, *, stream: bool) -> None:
+        """Record the outcome; cancel the job if it is still running."""
+        metrics = self.ctx.metrics
+        if not self.answered:
+            # Best effort: a job nobody cancels still ends at its deadline.
+            with anyio.CancelScope(shield=True), contextlib.suppress(BrokerUnavailable):
+                await self.handle.cancel()
+            metrics.cancelled(self.label, outcome)
+            log.info("request %s: %s; job cancelled", self.handle.id, outcome)
+        metrics.finished(self.label, stream, outcome, time.monotonic() - self.started)
+
+
+def _outcome_label(outcome: Done | Error | None) -> str:
+    if outcome is None:
+        return "disconnected"
+    return "done" if isinstance(outcome, Done) else outcome.code
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    """Cancel ``scope`` when the client disconnects (the request body was already read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+class EventStreamResponse(Response):
+    """A streamed answer: OpenAI SSE chunks, under the reset policy (see module docstring).
+
+    Headers go out with the first text (or a keep-alive): an error before that is
+    a plain HTTP error; after it, an SSE error event that ends the stream.
+    """
+
+    def __init__(self, exchange: Exchange) -> None:
+        super().__init__(status_code=200)
+        self.x = exchange
+        self.metrics = exchange.ctx.metrics
+        self.fold = ReplyFold(exchange.ctx.settings.stream_holdback_ms / 1000)
+        self.sse = SseWriter(exchange.ids, exchange.req.include_usage)
+        self.outcome = "disconnected"
+        self._scope: Scope = {"type": "http"}
+        self._send: Send | None = None
+        self._started = False
+        self._last_write = time.monotonic()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._scope, self._send = scope, send
+        try:
+            with self.metrics.in_flight.track_inprogress():
+                async with anyio.create_task_group() as tg:
+                    events_in, events_out = anyio.create_memory_object_stream[Event](_EVENT_BUFFER)
+                    tg.start_soon(self._pump, events_in)
+                    tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+                    self.outcome = await self._relay(events_out)
+                    tg.cancel_scope.cancel()
+        finally:
+            await self.x.finish(self.outcome, stream=True)
+
+    async def _pump(self, events_in: ObjectSendStream[Event]) -> None:
+        async with events_in:
+            async for event in self.x.events():
+                await events_in.send(event)
+
+    async def _relay(self, events: ObjectReceiveStream[Event]) -> str:
+        """Relay events until the answer ends; return the outcome label."""
+        try:
+            while True:
+                match await self._next(events):
+                    case Chunk() as chunk:
+                        await self._chunk(chunk)
+                    case Notice() as notice:
+                        self.fold.notice(notice)
+                    case Done() as done:
+                        await self._done(done)
+                        return "done"
+                    case Error() as error:
+                        await self._fail(self.x.error(error))
+                        return error.code
+                    case _:
+                        await self._tick()
+        except StreamReset as exc:
+            self.metrics.reset(self.x.label, "aborted")
+            await self._fail(api_error(exc.code, exc.message))
+            return exc.code
+
+    async def _next(self, events: ObjectReceiveStream[Event]) -> Event | None:
+        """The next event, or None when held text is due or a keep-alive is."""
+        wake_at = self._last_write + KEEPALIVE_S
+        due = self.fold.due_at()
+        if due is not None:
+            wake_at = min(wake_at, due)
+        with anyio.move_on_after(max(0.0, wake_at - time.monotonic())):
+            try:
+                return await events.receive()
+            except anyio.EndOfStream:
+                return Error(code="internal", message="the reply stream ended without an answer")
+        return None
+
+    async def _chunk(self, chunk: Chunk) -> None:
+        if chunk.model is not None and chunk.attempt >= self.fold.attempt:
+            self.sse.model = chunk.model  # who answers, from its first chunk
+        await self._text(self.fold.chunk(chunk, time.monotonic()))
+
+    async def _tick(self) -> None:
+        now = time.monotonic()
+        text = self.fold.flush(now)
+        if text:
+            await self._text(text)
+        elif now - self._last_write >= KEEPALIVE_S:
+            await self._write(b": keep-alive\n\n")
+
+    async def _text(self, text: str) -> None:
+        if not text:
+            return
+        if not self.sse.role_sent:
+            self.metrics.first_text(self.x.label, time.monotonic() - self.x.started)
+        await self._write(self.sse.text(text))
+
+    async def _done(self, done: Done) -> None:
+        if self.fold.resets:
+            self.metrics.reset(self.x.label, "hidden")
+        text = self.fold.finish()
+        head = self.sse.text(text) if text else b""
+        await self._write(head + self.sse.end(done), more=False)
+
+    async def _fail(self, err: ApiError) -> None:
+        if not self._started:
+            # Nothing sent yet: a plain HTTP error with its status code.
+            assert self._send is not None
+            await err.response()(self._scope, _no_receive, self._send)
+            return
+        await self._write(sse_data(err.body()), more=False)
+
+    async def _write(self, data: bytes, *, more: bool = True) -> None:
+        assert self._send is not None
+        if not self._started:
+            self._started = True
+            await self._send(
+                {"type": "http.response.start", "status": 200, "headers": self._sse_headers()}
+            )
+        await self._send({"type": "http.response.body", "body": data, "more_body": more})
+        self._last_write = time.monotonic()
+
+    def _sse_headers(self) -> list[tuple[bytes, bytes]]:
+        headers = {
+            "content-type": "text/event-stream; charset=utf-8",
+            "cache-control": "no-cache",
+            "x-accel-buffering": "no",
+            **self.x.headers,
+        }
+        return [(k.encode(), v.encode()) for k, v in headers.items()]
+
+
+async def _no_receive() -> AsgiMessage:
+    raise RuntimeError("a response does not read the request")  # pragma: no cover

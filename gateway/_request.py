@@ -1,0 +1,150 @@
+"""The OpenAI chat completion request: decoded, checked, and turned into a job's parts.
+
+``parse_request`` decodes a body into ``ChatRequest`` and refuses what llmrelay
+does not relay; ``to_messages`` and ``job_options`` give the ``Job`` its
+messages and options. Every refusal is an ``InvalidRequest`` whose ``param``
+names the field, as OpenAI's error object does.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from broker._client import JobOptions
+from broker._errors import InvalidRequest
+from broker._protocol import Message
+
+
+class _ContentPart(msgspec.Struct):
+    type: str
+    text: str | None = None
+
+
+class _MessageIn(msgspec.Struct, kw_only=True):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[_ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[Any] | None = None
+
+
+class _StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class ChatRequest(msgspec.Struct, kw_only=True):
+    """The fields of an OpenAI chat completion request that llmrelay honours.
+
+    Unknown fields are ignored; fields that would change the shape of the answer
+    and that llmrelay does not relay (tools, ``n`` > 1, response formats) are
+    refused, so that a client never silently gets something else.
+    """
+
+    model: str
+    messages: Annotated[list[_MessageIn], msgspec.Meta(min_length=1)]
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: Annotated[int, msgspec.Meta(ge=1)] = 1
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+_request_decoder = msgspec.json.Decoder(ChatRequest)
+_AT_RE = re.compile(r" - at `\$\.?(.*)`$")
+_MISSING_RE = re.compile(r"missing required field `([^`]+)`")
+
+
+def parse_request(body: bytes) -> ChatRequest:
+    """Decode and check a request body; raise ``InvalidRequest`` naming the field."""
+    try:
+        req = _request_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise _invalid_field(str(exc)) from exc
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from exc
+    _refuse_unsupported(req)
+    return req
+
+
+def _invalid_field(text: str) -> InvalidRequest:
+    m = _AT_RE.search(text)
+    where = m.group(1) if m else ""
+    message = text[: m.start()] if m else text
+    missing = _MISSING_RE.search(message)
+    if missing:
+        where = f"{where}.{missing.group(1)}" if where else missing.group(1)
+    return InvalidRequest(f"{where or 'body'}: {message}", param=where or None)
+
+
+def _refuse_unsupported(req: ChatRequest) -> None:
+    if req.n != 1:
+        raise InvalidRequest("n: llmrelay returns one choice; n must be 1", "n")
+    for field in ("tools", "functions"):
+        if getattr(req, field):
+            raise InvalidRequest(f"{field}: llmrelay does not relay tool calls yet", field)
+    fmt = (req.response_format or {}).get("type", "text")
+    if fmt != "text":
+        raise InvalidRequest(
+            f"response_format: type {fmt!r} is not supported (only 'text')", "response_format"
+        )
+
+
+def to_messages(req: ChatRequest) -> list[Message]:
+    """OpenAI messages as wire messages (``developer`` is a system message)."""
+    out = []
+    for i, m in enumerate(req.messages):
+        if m.role == "tool" or m.tool_calls:
+            raise InvalidRequest(
+                f"messages[{i}]: tool messages and tool calls are not relayed yet",
+                f"messages[{i}].role",
+            )
+        role = "system" if m.role == "developer" else m.role
+        out.append(Message(role=role, content=_text_of(m, i), name=m.name))
+    return out
+
+
+def _text_of(m: _MessageIn, i: int) -> str:
+    if m.content is None:
+        raise InvalidRequest(f"messages[{i}].content: a message needs content", f"messages[{i}]")
+    if isinstance(m.content, str):
+        return m.content
+    texts = []
+    for j, part in enumerate(m.content):
+        if part.type != "text" or part.text is None:
+            raise InvalidRequest(
+                f"messages[{i}].content[{j}]: only text parts are relayed, got {part.type!r}",
+                f"messages[{i}].content[{j}].type",
+            )
+        texts.append(part.text)
+    return "".join(texts)
+
+
+def job_options(req: ChatRequest, traceparent: str | None) -> JobOptions:
+    """The sampling options of a request, as ``Job`` fields."""
+    metadata = dict(req.metadata or {})
+    if req.user:
+        metadata["user"] = req.user
+    return JobOptions(
+        max_tokens=req.max_completion_tokens or req.max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        stop=[req.stop] if isinstance(req.stop, str) else req.stop,
+        seed=req.seed,
+        metadata=metadata,
+        traceparent=traceparent,
+    )

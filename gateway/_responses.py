@@ -1,0 +1,213 @@
+"""OpenAI's response objects as typed Structs, and the SSE frames of a streamed answer.
+
+The field order and the fields that appear as ``null`` follow what the OpenAI
+API sends, so that its SDKs read these answers unchanged: ``system_fingerprint``,
+``logprobs``, a chunk's ``finish_reason`` and an error's ``param`` are always
+present (``null`` when there is nothing to say). A ``ChoiceDelta`` leaves out
+what it does not carry; a chunk's ``usage`` is left out (``UNSET``) unless the
+client asked for usage, and is then ``null`` on every chunk but the last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import msgspec
+from msgspec import UNSET, UnsetType
+from starlette.responses import Response
+
+from broker._protocol import Done
+
+
+class CompletionUsage(msgspec.Struct, frozen=True, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, done: Done) -> CompletionUsage:
+        u = done.usage
+        return cls(
+            prompt_tokens=u.prompt_tokens,
+            completion_tokens=u.completion_tokens,
+            total_tokens=u.prompt_tokens + u.completion_tokens,
+        )
+
+
+class ChatCompletionMessage(msgspec.Struct, frozen=True, kw_only=True):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+
+
+class Choice(msgspec.Struct, frozen=True, kw_only=True):
+    index: int = 0
+    message: ChatCompletionMessage
+    logprobs: None = None
+    finish_reason: str
+
+
+class ChatCompletion(msgspec.Struct, frozen=True, kw_only=True):
+    """A ``chat.completion`` object: a whole (non-streamed) answer."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: None = None
+    choices: list[Choice]
+    usage: CompletionUsage
+
+
+class ChoiceDelta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(msgspec.Struct, frozen=True, kw_only=True):
+    index: int = 0
+    delta: ChoiceDelta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(msgspec.Struct, frozen=True, kw_only=True):
+    """A ``chat.completion.chunk`` object: one SSE event of a streamed answer."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: None = None
+    choices: list[ChunkChoice]
+    usage: CompletionUsage | UnsetType | None = UNSET
+
+
+class Model(msgspec.Struct, frozen=True, kw_only=True):
+    """A route, as ``GET /v1/models`` lists it."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "llmrelay"
+
+
+class ModelList(msgspec.Struct, frozen=True, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+class AttemptInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """One failed attempt, as an error object's ``attempts`` lists it."""
+
+    pool: str
+    model: str
+    code: str
+    status: int | None
+    message: str
+
+
+class ErrorObject(msgspec.Struct, frozen=True, kw_only=True):
+    message: str
+    type: str
+    param: str | None
+    code: str
+    attempts: list[AttemptInfo] | UnsetType = UNSET
+
+
+class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorObject
+
+
+class Status(msgspec.Struct, frozen=True, kw_only=True):
+    """The body of ``/healthz`` and ``/readyz``."""
+
+    status: str
+    reason: str | UnsetType = UNSET
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode_json(body: msgspec.Struct) -> bytes:
+    return _encoder.encode(body)
+
+
+def json_response(
+    body: msgspec.Struct, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(encode_json(body), status, headers=headers, media_type="application/json")
+
+
+def sse_data(body: msgspec.Struct) -> bytes:
+    return b"data: " + _encoder.encode(body) + b"\n\n"
+
+
+def model_card(route: str) -> Model:
+    return Model(id=route)
+
+
+def model_list(routes: Iterable[str]) -> ModelList:
+    return ModelList(data=[model_card(r) for r in routes])
+
+
+class CompletionIds(msgspec.Struct, frozen=True):
+    """What every chunk of one answer repeats."""
+
+    id: str
+    created: int
+    route: str
+
+
+def completion(ids: CompletionIds, text: str, done: Done) -> ChatCompletion:
+    """The ``chat.completion`` object of a whole answer."""
+    choice = Choice(message=ChatCompletionMessage(content=text), finish_reason=done.finish_reason)
+    return ChatCompletion(
+        id=ids.id,
+        created=ids.created,
+        model=done.model,
+        choices=[choice],
+        usage=CompletionUsage.of(done),
+    )
+
+
+class SseWriter:
+    """Encodes ``chat.completion.chunk`` SSE frames for one answer."""
+
+    def __init__(self, ids: CompletionIds, include_usage: bool) -> None:
+        self.ids = ids
+        self.include_usage = include_usage
+        self.role_sent = False
+        self.model: str | None = None  # the upstream model, once a chunk names it
+
+    def text(self, text: str) -> bytes:
+        delta = ChoiceDelta(content=text)
+        if not self.role_sent:
+            delta = ChoiceDelta(role="assistant", content=text)
+            self.role_sent = True
+        return self._frame(self.model or self.ids.route, [ChunkChoice(delta=delta)])
+
+    def end(self, done: Done) -> bytes:
+        """The finish_reason chunk, the usage chunk if asked for, and ``[DONE]``."""
+        frames = [] if self.role_sent else [self.text("")]
+        last = ChunkChoice(delta=ChoiceDelta(), finish_reason=done.finish_reason)
+        frames.append(self._frame(done.model, [last]))
+        if self.include_usage:
+            frames.append(self._frame(done.model, [], usage=CompletionUsage.of(done)))
+        frames.append(b"data: [DONE]\n\n")
+        return b"".join(frames)
+
+    def _frame(
+        self, model: str, choices: list[ChunkChoice], usage: CompletionUsage | None = None
+    ) -> bytes:
+        chunk = ChatCompletionChunk(
+            id=self.ids.id,
+            created=self.ids.created,
+            model=model,
+            choices=choices,
+            usage=usage if self.include_usage else UNSET,
+        )
+        return sse_data(chunk)

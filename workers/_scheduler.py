@@ -1,0 +1,239 @@
+"""Pull scheduling: which consumer gets each free slot of the worker, and when.
+
+A worker reads one ``Puller`` per consumer (``_puller.py``): its pool's own
+``llm.pool.<pool>`` subject and every route it serves, at the priority of its
+rank. One pump (``PullScheduler.pump``) keeps ``busy + outstanding pulls <=
+slots``: a pull is issued only for a free slot and only when the rate budget
+and the circuit breaker allow a request, so the pool never takes work it
+cannot start. Which consumer gets a slot follows the route config: primaries
+weigh more than backups, a failover-only backup pulls only while no better
+pool is healthy (the peers' heartbeats, ``_peers.py``), and a backlog-only
+backup asks for a minimum backlog.
+
+The scheduler counts busy slots; the worker (``_worker.py``) gets each pulled
+job through ``dispatch`` and reports its end with ``job_finished``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+import anyio
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from broker._config import Config
+from broker._protocol import Heartbeat
+from broker._subjects import pool_consumer, route_consumer
+from workers._circuit import CircuitBreaker
+from workers._metrics import WorkerMetrics
+from workers._puller import Puller
+from workers._ratelimit import RateBudget
+
+ROTATING_PULL_EXPIRY_S = 1.0
+# Route pull weights: a pool's main job is the routes it is primary for.
+_WEIGHT_PRIMARY, _WEIGHT_BACKUP = 2.0, 1.0
+# Without a wake-up, the pump looks again after this long.
+_IDLE_WAIT_S = 1.0
+# Pulls made while disconnected would wait in a buffer and outlive their slot.
+_DISCONNECTED_WAIT_S = 0.5
+
+Dispatch = Callable[[Msg, str | None], None]
+
+
+class PeerView(Protocol):
+    """The peers' heartbeats as the scheduler reads them (``_peers.Peers``)."""
+
+    @property
+    def known(self) -> bool: ...
+
+    @property
+    def peers(self) -> Mapping[str, Heartbeat]: ...
+
+
+class Wakeup:
+    """Wakes the pump (and a drain waiting for free slots) when something changed."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout_s: float | None = None) -> None:
+        with anyio.move_on_after(timeout_s if timeout_s is not None else _IDLE_WAIT_S):
+            await self._event.wait()
+        self._event = anyio.Event()
+
+
+def top_rank(config: Config, route: str) -> int:
+    return min(rank for rank, _ in config.routes[route].ranks())
+
+
+def make_pullers(nc: NATS, config: Config, pool_name: str) -> list[Puller]:
+    """The pool's own subject first, then one puller per route target of the pool."""
+    pullers = [Puller(nc, consumer=pool_consumer(pool_name), route=None, rank=0, priority=0)]
+    for route, rank, _target in config.routes_of_pool(pool_name):
+        r = config.routes[route]
+        backlog_only = r.spill == "backlog" and rank > top_rank(config, route)
+        puller = Puller(
+            nc,
+            consumer=route_consumer(route),
+            route=route,
+            rank=rank,
+            priority=min(rank, 9),
+            min_pending=r.min_pending if backlog_only else None,
+        )
+        pullers.append(puller)
+    return pullers
+
+
+class PullScheduler:
+    """Hands the worker's free slots to its pullers."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        pullers: list[Puller],
+        *,
+        config: Config,
+        slots: int,
+        breaker: CircuitBreaker,
+        budget: RateBudget,
+        metrics: WorkerMetrics,
+        peers: PeerView,
+        wake: Wakeup,
+        stopping: anyio.Event,
+        dispatch: Dispatch,
+    ) -> None:
+        self.config = config
+        self.slots = slots
+        self.busy = 0
+        self.pullers = pullers  # the pool's own subject first (``make_pullers``)
+        self._nc = nc
+        self._breaker = breaker
+        self._budget = budget
+        self._metrics = metrics
+        self._peers = peers
+        self._wake = wake
+        self._stopping = stopping
+        self._dispatch = dispatch
+        self._own_turn = True  # one-slot workers alternate between own subject and routes
+
+    async def start(self) -> None:
+        for p in self.pullers:
+            await p.start(self._on_job, self._on_idle)
+
+    async def stop_pulling(self) -> None:
+        for p in self.pullers:
+            await p.stop()
+
+    def forget_pulls(self) -> int:
+        """The connection was lost, and every waiting pull with it; return how many."""
+        return sum(p.forget_all() for p in self.pullers)
+
+    def write_off_stale(self) -> int:
+        return sum(p.write_off_stale() for p in self.pullers)
+
+    async def pump(self) -> None:
+        """The one place pulls are issued."""
+        while not self._stopping.is_set():
+            wait_s = await self._issue_pulls()
+            await self._wake.wait(wait_s)
+
+    def job_finished(self) -> None:
+        self.busy -= 1
+        self._metrics.slots(self.busy, self.slots)
+        self._wake.set()
+
+    # --- issuing pulls -------------------------------------------------------------------
+
+    async def _issue_pulls(self) -> float | None:
+        if not self._nc.is_connected:
+            return _DISCONNECTED_WAIT_S
+        outstanding = sum(p.outstanding for p in self.pullers)
+        free = self.slots - self.busy - outstanding
+        route_out = sum(p.outstanding for p in self.pullers if p.is_route)
+        route_room = self._breaker.pulls_allowed(self.slots - self.busy) - route_out
+        while free > 0:
+            wait_s = self._budget.wait_s()
+            if wait_s > 0:
+                self._metrics.rate_limited_wait()
+                return wait_s
+            puller = self._pick(route_room)
+            if puller is None:
+                return None
+            self._budget.try_acquire()
+            await puller.pull(min_pending=self._min_pending(puller), expires_s=self._expiry(puller))
+            free -= 1
+            route_room -= 1 if puller.is_route else 0
+        return None
+
+    def _pick(self, route_room: int) -> Puller | None:
+        """Which consumer gets the next free slot.
+
+        The pool's own subject (failovers from other pools, pinned jobs) keeps
+        exactly one pull, so a failover starts in milliseconds even while the
+        routes are busy; every other free slot goes to the routes, rank-0 routes
+        weighted above backup routes. A one-slot worker alternates.
+        """
+        own = self.pullers[0]
+        if own.outstanding == 0 and (self.slots > 1 or self._own_turn):
+            self._own_turn = False
+            return own
+        best: Puller | None = None
+        best_key = (float("inf"), float("inf"))
+        for p in self.pullers[1:]:
+            if route_room <= 0 or not self._may_pull_route(p):
+                continue
+            # Ties go to the route pulled least recently, so no route starves
+            # when there are fewer slots than routes.
+            key = ((p.outstanding + 1) / self._weight(p), p.last_pull_at)
+            if key < best_key:
+                best, best_key = p, key
+        return best
+
+    def _expiry(self, p: Puller) -> float | None:
+        """Fewer route slots than routes: short pulls, so the slots rotate between routes."""
+        if p.is_route and self.slots - 1 < len(self.pullers) - 1:
+            return ROTATING_PULL_EXPIRY_S
+        return None
+
+    def _weight(self, p: Puller) -> float:
+        assert p.route is not None
+        return _WEIGHT_PRIMARY if p.rank == top_rank(self.config, p.route) else _WEIGHT_BACKUP
+
+    def _may_pull_route(self, p: Puller) -> bool:
+        """Backups of a failover-only route pull only while no better pool is healthy."""
+        assert p.route is not None
+        route = self.config.routes[p.route]
+        if route.spill != "failover" or p.rank == top_rank(self.config, p.route):
+            return True
+        # A pull cannot be taken back, so wait for the first full view of the peers.
+        return self._peers.known and not self._better_pool_healthy(p.route, p.rank)
+
+    def _min_pending(self, p: Puller) -> int | None:
+        if p.min_pending is None or p.route is None:
+            return None
+        # A backlog-only backup still takes everything once no better pool is healthy.
+        return p.min_pending if self._better_pool_healthy(p.route, p.rank) else None
+
+    def _better_pool_healthy(self, route: str, rank: int) -> bool:
+        better = {t.pool for r, t in self.config.routes[route].ranks() if r < rank}
+        return any(hb.pool in better and hb.circuit != "open" for hb in self._peers.peers.values())
+
+    # --- pull results --------------------------------------------------------------------
+
+    def _on_job(self, msg: Msg, puller: Puller) -> None:
+        self._own_turn = puller.is_route
+        self.busy += 1
+        self._budget.note_request()
+        self._metrics.slots(self.busy, self.slots)
+        self._dispatch(msg, puller.route)
+
+    def _on_idle(self, puller: Puller) -> None:
+        self._budget.release_unused()
+        if puller.is_route:
+            self._own_turn = True
+        self._wake.set()
