@@ -117,7 +117,8 @@ class PoolConfig(_Strict, frozen=True):
     backoff_max_s: PositiveFloat = 30.0
     ack_wait_s: PositiveFloat = 30.0
     context_window: PositiveInt | None = None
-    headers: dict[str, str] = {}
+    # Extra headers on every request (e.g. Azure's `api-key`): secrets, as keys often are.
+    headers: dict[str, Secret] = {}
     timeouts: Timeouts = Timeouts()
     circuit: CircuitSettings = CircuitSettings()
 
@@ -150,7 +151,7 @@ class RouteConfig(_Strict, frozen=True):
 
 
 class GatewaySettings(_Strict, frozen=True):
-    """`llmrelay gateway`: the OpenAI-compatible HTTP front door (broker/_gateway.py).
+    """`llmrelay gateway`: the OpenAI-compatible HTTP front door (the gateway/ package).
 
     ``api_keys``: bearer keys clients must send; empty means no key is asked for.
     ``request_timeout_s``: a request's deadline; unset, the route's ``deadline_s``.
@@ -228,11 +229,22 @@ def _interpolate_str(value: str, path: str, env: dict[str, str]) -> str:
     return _VAR_RE.sub(sub, value)
 
 
+# What a secret may hold once surrounding whitespace is stripped: it is sent as
+# an HTTP header or a NATS credential, where a control character would be
+# refused (and echoed in the error) or would inject a second header.
+_SECRET_RE = re.compile(r"^[\x20-\x7e]*$")
+
+
 def _dec_hook(typ: type, obj: Any) -> Any:
     if typ is Secret:
         if not isinstance(obj, str):
-            raise msgspec.ValidationError(f"Expected `str`, got `{type(obj).__name__}`")
-        return Secret(obj)
+            raise ValueError(f"Expected `str`, got `{type(obj).__name__}`")
+        value = obj.strip()  # a key read from a file keeps its newline
+        if not _SECRET_RE.match(value):
+            # Never echo the value: it is a secret, and it is malformed.
+            # (A ValueError, unlike a ValidationError, gets the key path from msgspec.)
+            raise ValueError("a secret may only hold printable ASCII characters")
+        return Secret(value)
     raise NotImplementedError(typ)
 
 

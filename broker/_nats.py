@@ -190,14 +190,24 @@ class _FirstConnect:
         raise NoServersError()
 
 
-def redact(url: str) -> str:
-    """Hide a password in a URL (nats://user:pass@host -> nats://user:***@host)."""
-    if "@" not in url or "://" not in url:
+def redact(urls: str) -> str:
+    """Hide credentials in a URL or comma-separated URLs.
+
+    ``nats://user:pass@host`` -> ``nats://user:***@host``; a lone user part is a
+    token (``nats://token@host``), so it is hidden whole: ``nats://***@host``.
+    """
+    return ",".join(_redact_one(url) for url in urls.split(","))
+
+
+def _redact_one(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if not sep or "@" not in authority:
         return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+    creds, host = authority.rsplit("@", 1)
+    user, has_password, _ = creds.partition(":")
+    shown = f"{user}:***" if has_password else "***"
+    return f"{scheme}://{shown}@{host}{slash}{path}"
 
 
 def translate(exc: nats.errors.Error, what: str) -> RelayError:

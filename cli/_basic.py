@@ -7,6 +7,7 @@ import json
 import typer
 
 from broker._errors import ERROR_CODES
+from broker._nats import redact
 from broker._schema import json_schema
 from cli._common import ConfigOpt, config_from
 
@@ -33,10 +34,12 @@ def schema(
 def check(config: ConfigOpt = None) -> None:
     """Validate a config file; print a summary of pools and routes."""
     cfg = config_from(config)
-    typer.echo(f"ok: {len(cfg.pools)} pools, {len(cfg.routes)} routes, nats {cfg.nats.url}")
+    nats_url = redact(cfg.nats.url)
+    typer.echo(f"ok: {len(cfg.pools)} pools, {len(cfg.routes)} routes, nats {nats_url}")
     for name, pool in cfg.pools.items():
         limits = f"rpm={pool.rpm or '-'} tpm={pool.tpm or '-'}"
-        typer.echo(f"  pool {name}: {pool.kind} {pool.base_url} slots={pool.concurrency} {limits}")
+        where = redact(pool.base_url)
+        typer.echo(f"  pool {name}: {pool.kind} {where} slots={pool.concurrency} {limits}")
     for name, route in cfg.routes.items():
         chain = " -> ".join(f"{t.pool}/{t.model}" for t in route.targets)
         typer.echo(f"  route {name}: {chain} (spill={route.spill}, deadline {route.deadline_s:g}s)")

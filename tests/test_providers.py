@@ -339,7 +339,7 @@ def canned_client(body: bytes, seen: list[httpx.Request], status: int = 200) -> 
 
 async def sent_request(kind: str, **job: Any) -> tuple[httpx.Request, dict[str, Any]]:
     seen: list[httpx.Request] = []
-    pool = make_pool(kind, "http://upstream", headers={"x-team": "relay"})
+    pool = make_pool(kind, "http://upstream", headers={"x-team": Secret("relay")})
     async with canned_client(CANNED[kind], seen) as http:
         items = [item async for item in make_provider(pool, http).stream(make_job(**job), "m1")]
     assert isinstance(items[-1], Finish)

@@ -120,7 +120,16 @@ def error_for_payload(payload: Any) -> ProviderError:
 
 
 def error_for_transport(exc: httpx.RequestError, *, headers_received: bool) -> ProviderError:
-    """A transport failure: before the response headers it is a connect problem."""
+    """A transport failure: before the response headers it is a connect problem.
+
+    A request that h11 refuses to send (an illegal header value) is the request's
+    fault, not the provider's; its text would echo the header, so it is dropped.
+    """
+    if isinstance(exc, httpx.LocalProtocolError):
+        return UpstreamRejected(
+            "the request could not be sent: a header or the body is not valid HTTP "
+            "(nothing reached the provider)"
+        )
     detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if headers_received:
         return StreamInterrupted(f"stream broke: {detail}")

@@ -158,7 +158,8 @@ def join_url(base_url: str, path: str) -> str:
 
 def static_headers(pool: PoolConfig, auth: Mapping[str, str]) -> dict[str, str]:
     """Headers every request of a pool carries; the pool's own headers win."""
-    return {"content-type": "application/json", **auth, **pool.headers}
+    own = {name: value.reveal() for name, value in pool.headers.items()}
+    return {"content-type": "application/json", **auth, **own}
 
 
 def job_headers(static: Mapping[str, str], job: Job) -> dict[str, str]:
