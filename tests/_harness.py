@@ -1,25 +1,50 @@
-"""Run real workers (in this event loop) against real fake providers over HTTP."""
+"""Run real workers (in this event loop) against real fake providers over HTTP.
+
+``running_workers`` starts workers of a config; ``start_stack`` (the ``relay_stack``
+fixture, bound to the session's nats-server) starts a whole relay in one line:
+
+    mock = MockProvider(name="p", tokens=5)
+    async with relay_stack({"a": upstream(mock, concurrency=4)}, {"chat": [("a", "m")]}) as s:
+        text = await (await s.relay.submit("hi", route="chat")).text()
+
+It enters, in this order, the fake providers, workers, then a ``RelayClient``, and
+leaves them in reverse, as the nested ``async with`` blocks it replaces did.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
 
 import anyio
 
-from broker import Config
+from broker import Config, RelayClient
+from devstack import MockProvider
 from tests._builders import make_config
 from workers._worker import Worker
 
 
 @asynccontextmanager
 async def running_workers(
-    config: Config, pools: list[str], nats_url: str, **options: Any
+    config: Config,
+    pools: Sequence[str],
+    nats_url: str,
+    *,
+    pool_options: Mapping[str, Mapping[str, Any]] | None = None,
+    **options: Any,
 ) -> AsyncIterator[list[Worker]]:
-    """Start one worker per entry of ``pools`` (repeat a name for several); stop on exit."""
+    """Start one worker per entry of ``pools`` (repeat a name for several); stop on exit.
+
+    ``options`` go to every worker, ``pool_options[pool]`` to that pool's workers only.
+    """
+    per_pool = pool_options or {}
     async with anyio.create_task_group() as tg:
-        workers = [Worker(config, p, nats_url=nats_url, drain_s=2.0, **options) for p in pools]
+        workers = [
+            Worker(config, p, nats_url=nats_url, drain_s=2.0, **{**options, **per_pool.get(p, {})})
+            for p in pools
+        ]
         for w in workers:
             await tg.start(w.run)
         try:
@@ -40,3 +65,80 @@ def relay_config(
     **kwargs: Any,
 ) -> Config:
     return make_config(pools, routes, **kwargs)
+
+
+# --- a whole relay in one `async with` ------------------------------------------------
+
+
+class NatsUrls(NamedTuple):
+    worker: str
+    client: str
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A pool served by a fake provider (not yet started): its kind and pool settings."""
+
+    provider: MockProvider
+    kind: str = "openai"
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def upstream(provider: MockProvider, kind: str = "openai", **settings: Any) -> Upstream:
+    return Upstream(provider, kind, settings)
+
+
+@dataclass
+class RelayStack:
+    """What ``start_stack`` started; ``pools`` are the settings the config was built from."""
+
+    providers: dict[str, MockProvider]
+    pools: dict[str, dict[str, Any]]
+    config: Config
+    workers: list[Worker]
+    client: RelayClient | None
+
+    @property
+    def relay(self) -> RelayClient:
+        assert self.client is not None, "this stack was started with relay=None"
+        return self.client
+
+
+# "config": RelayClient(config=...); "broker": a bare RelayClient, which asks the broker.
+RelayMode = Literal["config", "broker"] | None
+StartStack = Callable[..., AbstractAsyncContextManager[RelayStack]]
+
+
+@asynccontextmanager
+async def start_stack(
+    urls: NatsUrls,
+    pools: Mapping[str, Upstream],
+    routes: dict[str, Any],
+    *,
+    workers: Sequence[str] | None = None,
+    streams: dict[str, Any] | None = None,
+    relay: RelayMode = "config",
+    pool_options: Mapping[str, Mapping[str, Any]] | None = None,
+    **worker_options: Any,
+) -> AsyncIterator[RelayStack]:
+    """Fake providers, the config over them, workers (default: one per pool), a client.
+
+    ``workers=[]`` starts none (a test starts them later with ``running_workers``);
+    ``relay=None`` opens no client. Other keywords are ``running_workers``'s options.
+    """
+    async with AsyncExitStack() as stack:
+        providers = {name: u.provider for name, u in pools.items()}
+        for provider in {id(p): p for p in providers.values()}.values():  # one may serve two
+            await stack.enter_async_context(provider)
+        settings = {n: mock_pool(u.provider.url, u.kind, **u.settings) for n, u in pools.items()}
+        config = relay_config(settings, routes, streams=streams)
+        pulling = list(pools) if workers is None else workers
+        running = running_workers(
+            config, pulling, urls.worker, pool_options=pool_options, **worker_options
+        )
+        started = await stack.enter_async_context(running)
+        client = None
+        if relay is not None:
+            relay_client = RelayClient(urls.client, config=config if relay == "config" else None)
+            client = await stack.enter_async_context(relay_client)
+        yield RelayStack(providers, settings, config, started, client)

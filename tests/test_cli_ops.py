@@ -14,7 +14,7 @@ from nats.aio.client import Client as NATS
 from broker import RelayClient, ensure_topology
 from broker._server import free_port
 from devstack import MockProvider, expected_answer
-from tests._harness import mock_pool, relay_config, running_workers
+from tests._harness import StartStack, mock_pool, relay_config, running_workers, upstream
 from tests.test_cli_submit import (
     CLI_TIMEOUT_S,
     LLMRELAY,
@@ -39,15 +39,14 @@ def by_name(items: list[dict[str, Any]], name: str) -> dict[str, Any]:
 
 
 async def test_tail_after_completion_replays_the_whole_answer(
-    nc: NATS, worker_url: str, client_url: str, tmp_path: Path
+    relay_stack: StartStack, client_url: str
 ) -> None:
-    async with MockProvider(name="mock-a", tokens=6) as mock:
-        cfg = relay_config({"a": mock_pool(mock.url)}, ROUTES)
-        async with running_workers(cfg, ["a"], worker_url), RelayClient(client_url) as relay:
-            handle = await relay.submit("hi", route="chat")
-            answer = await handle.text()
-        # The request is over and its worker gone: tail replays it from LLM_REPLIES.
-        result = await llmrelay("tail", handle.id, "--nats-url", client_url)
+    mock = MockProvider(name="mock-a", tokens=6)
+    async with relay_stack({"a": upstream(mock)}, ROUTES, relay="broker") as s:
+        handle = await s.relay.submit("hi", route="chat")
+        answer = await handle.text()
+    # The request is over and its worker gone: tail replays it from LLM_REPLIES.
+    result = await llmrelay("tail", handle.id, "--nats-url", client_url)
     assert answer == expected_answer("mock-a", 6)
     assert result.code == 0, result.stderr
     assert result.stdout == answer + "\n"
@@ -56,35 +55,32 @@ async def test_tail_after_completion_replays_the_whole_answer(
 
 
 async def test_tail_started_before_the_request_runs_follows_it_to_the_end(
-    nc: NATS, worker_url: str, client_url: str
+    nc: NATS, relay_stack: StartStack, worker_url: str, client_url: str
 ) -> None:
-    async with MockProvider(name="mock-a", tokens=5) as mock:
-        cfg = relay_config({"a": mock_pool(mock.url)}, ROUTES)
-        await ensure_topology(nc, cfg)
-        async with RelayClient(client_url) as relay:
-            handle = await relay.submit("hi", route="chat")  # queued: no worker yet
-            tail = await asyncio.create_subprocess_exec(
-                str(LLMRELAY), "tail", handle.id, "--nats-url", client_url,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-            assert tail.stderr is not None and tail.stdout is not None
-            async with asyncio.timeout(CLI_TIMEOUT_S):
-                waiting = await tail.stderr.readline()  # tail is subscribed and waiting
-                async with running_workers(cfg, ["a"], worker_url):
-                    out, err = await tail.communicate()
-                    answer = await handle.text()
+    mock = MockProvider(name="mock-a", tokens=5)
+    async with relay_stack({"a": upstream(mock)}, ROUTES, workers=[], relay="broker") as s:
+        await ensure_topology(nc, s.config)
+        handle = await s.relay.submit("hi", route="chat")  # queued: no worker yet
+        tail = await asyncio.create_subprocess_exec(
+            str(LLMRELAY), "tail", handle.id, "--nats-url", client_url,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert tail.stderr is not None and tail.stdout is not None
+        async with asyncio.timeout(CLI_TIMEOUT_S):
+            waiting = await tail.stderr.readline()  # tail is subscribed and waiting
+            async with running_workers(s.config, ["a"], worker_url):
+                out, err = await tail.communicate()
+                answer = await handle.text()
     assert b"no events yet; waiting" in waiting
     assert tail.returncode == 0, err
     assert out.decode() == answer + "\n" == expected_answer("mock-a", 5) + "\n"
 
 
-async def test_tail_of_a_failed_request_exits_1(nc: NATS, worker_url: str, client_url: str) -> None:
-    async with MockProvider(name="mock-a", tokens=5) as mock:
-        pools = {"a": mock_pool(mock.url, max_retries=0)}
-        cfg = relay_config(pools, {"chat": [("a", "gpt+status=400")]})
-        async with running_workers(cfg, ["a"], worker_url), RelayClient(client_url) as relay:
-            handle = await relay.submit("hi", route="chat")
-            events = [e async for e in handle.events()]
+async def test_tail_of_a_failed_request_exits_1(relay_stack: StartStack, client_url: str) -> None:
+    pools = {"a": upstream(MockProvider(name="mock-a", tokens=5), max_retries=0)}
+    async with relay_stack(pools, {"chat": [("a", "gpt+status=400")]}, relay="broker") as s:
+        handle = await s.relay.submit("hi", route="chat")
+        events = [e async for e in handle.events()]
     result = await invoke("tail", handle.id, "--nats-url", client_url)
     assert events[-1].code == "bad_request"  # type: ignore[union-attr]
     assert result.code == 1
@@ -100,29 +96,28 @@ async def wait_for_status(check: Any, *args: str) -> dict[str, Any]:
 
 
 async def test_status_reports_the_backlog_then_live_workers(
-    nc: NATS, worker_url: str, client_url: str, tmp_path: Path
+    nc: NATS, relay_stack: StartStack, worker_url: str, client_url: str, tmp_path: Path
 ) -> None:
-    async with MockProvider(name="mock-a", tokens=2) as mock:
-        pools = {"a": mock_pool(mock.url, concurrency=3)}
-        cfg_file = write_config(tmp_path, pools, ROUTES)
-        cfg = relay_config(pools, ROUTES, streams={"heartbeat_ttl_s": 1.5})  # a beat per 0.5 s
-        await ensure_topology(nc, cfg)
-        async with RelayClient(client_url) as relay:
-            handles = [await relay.submit(f"q{i}", route="chat") for i in range(4)]
-            # No worker runs: the four jobs wait. The operator's user sees their age.
-            backlog = await status_json("-c", str(cfg_file), "--nats-url", worker_url)
-            as_client = await status_json("--nats-url", client_url)
-            table = await invoke("status", "-c", str(cfg_file), "--nats-url", worker_url)
-            async with running_workers(cfg, ["a"], worker_url):
-                for h in handles:
-                    await h.text()
-                tokens = sum(_tokens(h.done) for h in handles)  # as the provider reported
-                used = (4, tokens)  # requests, tokens: the pool's rate budget used
-                live = await wait_for_status(  # a heartbeat written after the four jobs
-                    lambda s: _rate_used(by_name(s["pools"], "a")) == used,
-                    "--nats-url",
-                    client_url,
-                )
+    pools = {"a": upstream(MockProvider(name="mock-a", tokens=2), concurrency=3)}
+    streams = {"heartbeat_ttl_s": 1.5}  # a beat per 0.5 s
+    async with relay_stack(pools, ROUTES, streams=streams, workers=[], relay="broker") as stack:
+        cfg_file = write_config(tmp_path, stack.pools, ROUTES)
+        await ensure_topology(nc, stack.config)
+        handles = [await stack.relay.submit(f"q{i}", route="chat") for i in range(4)]
+        # No worker runs: the four jobs wait. The operator's user sees their age.
+        backlog = await status_json("-c", str(cfg_file), "--nats-url", worker_url)
+        as_client = await status_json("--nats-url", client_url)
+        table = await invoke("status", "-c", str(cfg_file), "--nats-url", worker_url)
+        async with running_workers(stack.config, ["a"], worker_url):
+            for h in handles:
+                await h.text()
+            tokens = sum(_tokens(h.done) for h in handles)  # as the provider reported
+            used = (4, tokens)  # requests, tokens: the pool's rate budget used
+            live = await wait_for_status(  # a heartbeat written after the four jobs
+                lambda s: _rate_used(by_name(s["pools"], "a")) == used,
+                "--nats-url",
+                client_url,
+            )
     chat = by_name(backlog["routes"], "chat")
     assert (chat["queue_depth"], chat["in_flight"], chat["dlq_depth"]) == (4, 0, 0)
     assert 0 < chat["oldest_job_age_s"] < 10
@@ -149,45 +144,41 @@ def _tokens(done: Any) -> int:
     return int(done.usage.prompt_tokens + done.usage.completion_tokens)
 
 
-async def test_workers_lists_live_workers(nc: NATS, worker_url: str, client_url: str) -> None:
-    async with MockProvider(name="mock-a", tokens=2) as mock:
-        cfg = relay_config({"a": mock_pool(mock.url, concurrency=2)}, ROUTES)
-        async with running_workers(cfg, ["a"], worker_url, metrics_port=free_port()) as ws:
-            await wait_for_status(lambda s: len(s["workers"]) == 1, "--nats-url", client_url)
-            listed = await invoke("workers", "--nats-url", client_url)
-            as_json = await invoke("workers", "--json", "--nats-url", client_url)
-    row = next(line for line in listed.stdout.splitlines() if ws[0].worker_id in line)
-    assert row.split()[:4] == ["a", ws[0].worker_id, "0/2", "closed"]
-    assert row.split()[-1] == f":{ws[0].metrics_port}"
+async def test_workers_lists_live_workers(relay_stack: StartStack, client_url: str) -> None:
+    pools = {"a": upstream(MockProvider(name="mock-a", tokens=2), concurrency=2)}
+    async with relay_stack(pools, ROUTES, relay=None, metrics_port=free_port()) as stack:
+        await wait_for_status(lambda s: len(s["workers"]) == 1, "--nats-url", client_url)
+        listed = await invoke("workers", "--nats-url", client_url)
+        as_json = await invoke("workers", "--json", "--nats-url", client_url)
+    row = next(line for line in listed.stdout.splitlines() if stack.workers[0].worker_id in line)
+    assert row.split()[:4] == ["a", stack.workers[0].worker_id, "0/2", "closed"]
+    assert row.split()[-1] == f":{stack.workers[0].metrics_port}"
     [worker] = msgspec.json.decode(as_json.stdout)
     assert (worker["pool"], worker["slots"], worker["busy"]) == ("a", 2, 0)
 
 
 async def test_dlq_list_show_and_replay(
-    nc: NATS, worker_url: str, client_url: str, tmp_path: Path
+    nc: NATS, relay_stack: StartStack, worker_url: str, client_url: str, tmp_path: Path
 ) -> None:
-    async with MockProvider(name="mock-a", tokens=3) as mock:
-        pools = {"a": mock_pool(mock.url, max_retries=0)}
-        cfg_file = write_config(tmp_path, pools, ROUTES)
-        cfg = relay_config(pools, ROUTES)
+    mock = MockProvider(name="mock-a", tokens=3, fault="status=503")
+    async with relay_stack({"a": upstream(mock, max_retries=0)}, ROUTES, relay="broker") as s:
+        cfg_file = write_config(tmp_path, s.pools, ROUTES)
         ops = ("-c", str(cfg_file), "--nats-url", worker_url)
-        mock.set_fault("status=503")
-        async with running_workers(cfg, ["a"], worker_url), RelayClient(client_url) as relay:
-            dead = [await relay.submit(f"q{i}", route="chat") for i in range(3)]
-            for h in dead:
-                assert (await _last_event(h)).code == "all_providers_failed"
-            ids = [h.id for h in dead]
-            listed = await invoke("dlq", "list", *ops)
-            shown = await invoke("dlq", "show", ids[0], *ops)
-            mock.set_fault(None)  # the provider is back: replay one, then the rest
-            answers = [await nc.subscribe(f"llm.reply.{i}") for i in ids]
-            one = await invoke("dlq", "replay", "#1", *ops)
-            rest = await invoke("dlq", "replay", "--all", *ops)
-            for sub in answers:  # the replayed runs end before `tail` looks at them
-                while b'"type":"done"' not in (await sub.next_msg(timeout=10)).data:
-                    pass
-            tail = await invoke("tail", ids[2], "--nats-url", client_url)
-        empty = await invoke("dlq", "list", *ops)
+        dead = [await s.relay.submit(f"q{i}", route="chat") for i in range(3)]
+        for h in dead:
+            assert (await _last_event(h)).code == "all_providers_failed"
+        ids = [h.id for h in dead]
+        listed = await invoke("dlq", "list", *ops)
+        shown = await invoke("dlq", "show", ids[0], *ops)
+        mock.set_fault(None)  # the provider is back: replay one, then the rest
+        answers = [await nc.subscribe(f"llm.reply.{i}") for i in ids]
+        one = await invoke("dlq", "replay", "#1", *ops)
+        rest = await invoke("dlq", "replay", "--all", *ops)
+        for sub in answers:  # the replayed runs end before `tail` looks at them
+            while b'"type":"done"' not in (await sub.next_msg(timeout=10)).data:
+                pass
+        tail = await invoke("tail", ids[2], "--nats-url", client_url)
+    empty = await invoke("dlq", "list", *ops)
     firsts = listed.stdout.splitlines()[0:6:2]
     assert [line.split()[0] for line in firsts] == ["#1", "#2", "#3"]
     assert [line.split()[-2:] for line in firsts] == [["all_providers_failed", i] for i in ids]
@@ -224,36 +215,35 @@ async def test_dlq_purge_asks_first(nc: NATS, worker_url: str, tmp_path: Path) -
 
 
 async def test_tail_without_id_follows_lifecycle_events_of_one_route(
-    nc: NATS, worker_url: str, client_url: str
+    relay_stack: StartStack, client_url: str
 ) -> None:
-    async with MockProvider(name="mock-a", tokens=2) as mock:
-        routes = {"chat": [("a", "gpt")], "other": [("a", "gpt")]}
-        cfg = relay_config({"a": mock_pool(mock.url)}, routes)
-        async with running_workers(cfg, ["a"], worker_url), RelayClient(client_url) as relay:
-            tail = await asyncio.create_subprocess_exec(
-                str(LLMRELAY), "tail", "--route", "chat", "--nats-url", client_url,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-            assert tail.stdout is not None and tail.stderr is not None
-            async with asyncio.timeout(CLI_TIMEOUT_S):
-                assert b"following lifecycle events" in await tail.stderr.readline()
-                other = await relay.submit("x", route="other")
-                await other.text()
-                chat = await relay.submit("y", route="chat")
-                await chat.text()
-                line = (await tail.stdout.readline()).decode()
-            tail.send_signal(signal.SIGINT)
-            await tail.wait()
+    pools = {"a": upstream(MockProvider(name="mock-a", tokens=2))}
+    routes = {"chat": [("a", "gpt")], "other": [("a", "gpt")]}
+    async with relay_stack(pools, routes, relay="broker") as s:
+        tail = await asyncio.create_subprocess_exec(
+            str(LLMRELAY), "tail", "--route", "chat", "--nats-url", client_url,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert tail.stdout is not None and tail.stderr is not None
+        async with asyncio.timeout(CLI_TIMEOUT_S):
+            assert b"following lifecycle events" in await tail.stderr.readline()
+            other = await s.relay.submit("x", route="other")
+            await other.text()
+            chat = await s.relay.submit("y", route="chat")
+            await chat.text()
+            line = (await tail.stdout.readline()).decode()
+        tail.send_signal(signal.SIGINT)
+        await tail.wait()
     fields = line.split()
     assert fields[1:5] == ["done", chat.id, "route=chat", "pool=a"]
     assert tail.returncode == 0
 
 
-async def test_ops_commands_fail_in_one_line(nc: NATS, client_url: str) -> None:
+async def test_ops_commands_fail_in_one_line(client_url: str) -> None:
     port = free_port()
     no_server, no_streams = await asyncio.gather(
         llmrelay("status", "--nats-url", f"nats://127.0.0.1:{port}"),
-        llmrelay("status", "--nats-url", client_url),  # `nc` wiped JetStream
+        llmrelay("status", "--nats-url", client_url),  # JetStream wiped for each test
     )
     assert no_server.code == no_streams.code == 2
     assert one_error_line(no_server.stderr).startswith("error: connect_failed: no NATS server")

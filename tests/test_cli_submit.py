@@ -28,10 +28,11 @@ from broker._protocol import decode_dead_letter
 from broker._server import free_port
 from cli import _commands
 from devstack import MockProvider, expected_answer
-from tests._harness import mock_pool, relay_config, running_workers
+from tests._harness import StartStack, mock_pool, relay_config, upstream
 
 LLMRELAY = Path(sys.executable).parent / "llmrelay"
 CLI_TIMEOUT_S = 30.0
+CHAT = {"chat": [("a", "gpt")]}
 
 APP = typer.Typer()
 _commands.register(APP)
@@ -106,26 +107,25 @@ def request_id(stderr: str) -> str:
 
 
 async def test_submit_streams_the_exact_answer_as_it_arrives(
-    nc: NATS, worker_url: str, client_url: str, tmp_path: Path
+    relay_stack: StartStack, client_url: str, tmp_path: Path
 ) -> None:
-    async with MockProvider(name="mock-a", tokens=8, token_delay_ms=60) as mock:
-        cfg_file = write_config(tmp_path, {"a": mock_pool(mock.url)}, {"chat": [("a", "gpt")]})
-        cfg = relay_config({"a": mock_pool(mock.url)}, {"chat": [("a", "gpt")]})
-        async with running_workers(cfg, ["a"], worker_url):
-            proc = await asyncio.create_subprocess_exec(
-                str(LLMRELAY),
-                *("submit", "Hello", "--route", "chat", "--config", str(cfg_file)),
-                *("--nats-url", client_url),
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            assert proc.stdout is not None and proc.stderr is not None
-            async with asyncio.timeout(CLI_TIMEOUT_S):
-                first = await proc.stdout.read(len("Hello from mock-a."))
-                # The first token is on the terminal while the provider still streams.
-                running_when_first_token_arrived = proc.returncode is None
-                rest, err = await asyncio.gather(proc.stdout.read(), proc.stderr.read())
-                code = await proc.wait()
+    mock = MockProvider(name="mock-a", tokens=8, token_delay_ms=60)
+    async with relay_stack({"a": upstream(mock)}, CHAT, relay=None) as s:
+        cfg_file = write_config(tmp_path, s.pools, CHAT)
+        proc = await asyncio.create_subprocess_exec(
+            str(LLMRELAY),
+            *("submit", "Hello", "--route", "chat", "--config", str(cfg_file)),
+            *("--nats-url", client_url),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        async with asyncio.timeout(CLI_TIMEOUT_S):
+            first = await proc.stdout.read(len("Hello from mock-a."))
+            # The first token is on the terminal while the provider still streams.
+            running_when_first_token_arrived = proc.returncode is None
+            rest, err = await asyncio.gather(proc.stdout.read(), proc.stderr.read())
+            code = await proc.wait()
     assert first == b"Hello from mock-a."
     assert running_when_first_token_arrived
     assert (first + rest).decode() == expected_answer("mock-a", 8) + "\n"
@@ -138,19 +138,18 @@ async def test_submit_streams_the_exact_answer_as_it_arrives(
 
 
 async def test_failover_is_shown_on_stderr_and_stdout_keeps_one_clean_answer(
-    nc: NATS, worker_url: str, client_url: str, tmp_path: Path
+    relay_stack: StartStack, client_url: str, tmp_path: Path
 ) -> None:
-    async with (
-        MockProvider(name="mock-a", tokens=4) as a,
-        MockProvider(name="mock-b", tokens=4) as b,
-    ):
-        pools = {"a": mock_pool(a.url, max_retries=0), "b": mock_pool(b.url)}
-        routes = {"chat": [("a", "gpt+status=503"), ("b", "gpt")]}
-        cfg_file = write_config(tmp_path, pools, routes)
-        async with running_workers(relay_config(pools, routes), ["a", "b"], worker_url):
-            result = await invoke(
-                "submit", "Hello", "--route", "chat", "-c", str(cfg_file), "--nats-url", client_url
-            )
+    pools = {
+        "a": upstream(MockProvider(name="mock-a", tokens=4), max_retries=0),
+        "b": upstream(MockProvider(name="mock-b", tokens=4)),
+    }
+    routes = {"chat": [("a", "gpt+status=503"), ("b", "gpt")]}
+    async with relay_stack(pools, routes, relay=None) as s:
+        cfg_file = write_config(tmp_path, s.pools, routes)
+        result = await invoke(
+            "submit", "Hello", "--route", "chat", "-c", str(cfg_file), "--nats-url", client_url
+        )
     assert result.code == 0, result.stderr
     assert result.stdout == expected_answer("mock-b", 4) + "\n"
     assert "failover a -> b (attempt 1): upstream_unavailable" in result.stderr
@@ -159,16 +158,15 @@ async def test_failover_is_shown_on_stderr_and_stdout_keeps_one_clean_answer(
 
 
 async def test_all_providers_failed_exits_1_with_one_error_line(
-    nc: NATS, worker_url: str, client_url: str, tmp_path: Path
+    nc: NATS, relay_stack: StartStack, client_url: str, tmp_path: Path
 ) -> None:
-    async with MockProvider(name="mock-a", tokens=4) as a:
-        pools = {"a": mock_pool(a.url, max_retries=0)}
-        routes = {"chat": [("a", "gpt+status=503")]}
-        cfg_file = write_config(tmp_path, pools, routes)
-        async with running_workers(relay_config(pools, routes), ["a"], worker_url):
-            result = await llmrelay(
-                "submit", "Hello", "--route", "chat", "-c", str(cfg_file), "--nats-url", client_url
-            )
+    pools = {"a": upstream(MockProvider(name="mock-a", tokens=4), max_retries=0)}
+    routes = {"chat": [("a", "gpt+status=503")]}
+    async with relay_stack(pools, routes, relay=None) as s:
+        cfg_file = write_config(tmp_path, s.pools, routes)
+        result = await llmrelay(
+            "submit", "Hello", "--route", "chat", "-c", str(cfg_file), "--nats-url", client_url
+        )
     assert result.code == 1
     assert result.stdout == ""
     line = one_error_line(result.stderr)
@@ -234,19 +232,16 @@ async def test_no_answer_before_the_timeout_exits_5(
 
 
 async def test_json_prints_every_event_and_the_prompt_comes_from_stdin(
-    nc: NATS, worker_url: str, client_url: str, tmp_path: Path
+    relay_stack: StartStack, client_url: str, tmp_path: Path
 ) -> None:
-    async with MockProvider(name="mock-a", tokens=3) as mock:
-        pools = {"a": mock_pool(mock.url)}
-        cfg_file = write_config(tmp_path, pools, {"chat": [("a", "gpt")]})
-        async with running_workers(
-            relay_config(pools, {"chat": [("a", "gpt")]}), ["a"], worker_url
-        ):
-            result = await invoke(
-                "submit", "-", "-r", "chat", "--json", "--max-tokens", "2", "-c", str(cfg_file),
-                "--nats-url", client_url, stdin="a prompt from a pipe\n",
-            )  # fmt: skip
-        prompt_seen = mock.stats()["log"][0]
+    mock = MockProvider(name="mock-a", tokens=3)
+    async with relay_stack({"a": upstream(mock)}, CHAT, relay=None) as s:
+        cfg_file = write_config(tmp_path, s.pools, CHAT)
+        result = await invoke(
+            "submit", "-", "-r", "chat", "--json", "--max-tokens", "2", "-c", str(cfg_file),
+            "--nats-url", client_url, stdin="a prompt from a pipe\n",
+        )  # fmt: skip
+    prompt_seen = mock.stats()["log"][0]
     assert result.code == 0, result.stderr
     events = [msgspec.json.decode(line) for line in result.stdout.splitlines()]
     assert events[0]["type"] == "submitted" and events[0]["route"] == "chat"
@@ -279,22 +274,21 @@ async def test_no_server_and_bad_config_are_one_line_each(tmp_path: Path) -> Non
 
 
 async def test_ctrl_c_cancels_the_request_and_exits_130(
-    nc: NATS, worker_url: str, client_url: str
+    nc: NATS, relay_stack: StartStack, client_url: str
 ) -> None:
-    async with MockProvider(name="mock-a", tokens=50, token_delay_ms=50) as mock:
-        cfg = relay_config({"a": mock_pool(mock.url)}, {"chat": [("a", "gpt")]})
-        async with running_workers(cfg, ["a"], worker_url):
-            events = await nc.subscribe("llm.events.failed")
-            proc = await asyncio.create_subprocess_exec(
-                str(LLMRELAY), "submit", "a long answer", "-r", "chat", "--nats-url", client_url,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-            assert proc.stdout is not None
-            async with asyncio.timeout(CLI_TIMEOUT_S):
-                first = await proc.stdout.read(len("Hello from mock-a."))
-                proc.send_signal(signal.SIGINT)
-                out, err = await proc.communicate()
-                failed = msgspec.json.decode((await events.next_msg(timeout=10)).data)
+    mock = MockProvider(name="mock-a", tokens=50, token_delay_ms=50)
+    async with relay_stack({"a": upstream(mock)}, CHAT, relay=None):
+        events = await nc.subscribe("llm.events.failed")
+        proc = await asyncio.create_subprocess_exec(
+            str(LLMRELAY), "submit", "a long answer", "-r", "chat", "--nats-url", client_url,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        async with asyncio.timeout(CLI_TIMEOUT_S):
+            first = await proc.stdout.read(len("Hello from mock-a."))
+            proc.send_signal(signal.SIGINT)
+            out, err = await proc.communicate()
+            failed = msgspec.json.decode((await events.next_msg(timeout=10)).data)
     assert first == b"Hello from mock-a."
     assert proc.returncode == 130
     assert out.endswith(b"\n")  # the half-printed line is ended
@@ -305,19 +299,18 @@ async def test_ctrl_c_cancels_the_request_and_exits_130(
 
 
 async def test_a_mid_answer_failover_is_marked_and_no_stream_prints_only_the_clean_answer(
-    nc: NATS, worker_url: str, client_url: str, tmp_path: Path
+    relay_stack: StartStack, client_url: str, tmp_path: Path
 ) -> None:
-    async with (
-        MockProvider(name="mock-a", tokens=6) as a,
-        MockProvider(name="mock-b", tokens=4) as b,
-    ):
-        pools = {"a": mock_pool(a.url), "b": mock_pool(b.url)}
-        routes = {"chat": [("a", "gpt+cut=3"), ("b", "gpt")]}  # a breaks after 3 tokens
-        cfg_file = write_config(tmp_path, pools, routes)
+    pools = {
+        "a": upstream(MockProvider(name="mock-a", tokens=6)),
+        "b": upstream(MockProvider(name="mock-b", tokens=4)),
+    }
+    routes = {"chat": [("a", "gpt+cut=3"), ("b", "gpt")]}  # a breaks after 3 tokens
+    async with relay_stack(pools, routes, relay=None) as s:
+        cfg_file = write_config(tmp_path, s.pools, routes)
         ask = ("submit", "Hello", "-r", "chat", "-c", str(cfg_file), "--nats-url", client_url)
-        async with running_workers(relay_config(pools, routes), ["a", "b"], worker_url):
-            streamed = await invoke(*ask)
-            clean = await invoke(*ask, "--no-stream")
+        streamed = await invoke(*ask)
+        clean = await invoke(*ask, "--no-stream")
     partial = expected_answer("mock-a", 3)  # the first three of its six tokens
     answer = expected_answer("mock-b", 4)
     assert streamed.code == clean.code == 0

@@ -7,11 +7,12 @@ nothing was lost (answered, or in the dead-letter queue).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import anyio
@@ -23,7 +24,7 @@ from broker import Chunk, Done, Error, Notice, RelayClient, RequestFailed
 from broker._jsapi import api_request
 from broker._protocol import decode_dead_letter, decode_lifecycle
 from devstack import MockProvider, expected_answer
-from tests._harness import mock_pool, relay_config, running_workers
+from tests._harness import StartStack, upstream
 
 TOKENS = 6
 PRIMARY_DEFAULTS: dict[str, Any] = {"max_retries": 2, "backoff_base_s": 0.05, "backoff_max_s": 0.2}
@@ -51,9 +52,8 @@ def _final_text(events: list[Any]) -> str:
 
 
 @asynccontextmanager
-async def pair(
-    worker_url: str,
-    client_url: str,
+async def _start_pair(
+    relay_stack: StartStack,
     *,
     a_model: str = "gpt",
     a: dict[str, Any] | None = None,
@@ -62,21 +62,24 @@ async def pair(
     streams: dict[str, Any] | None = None,
     workers: list[str] | None = None,
 ) -> AsyncIterator[Pair]:
-    async with (
-        MockProvider(name="mock-a", tokens=TOKENS) as ma,
-        MockProvider(name="mock-b", tokens=TOKENS) as mb,
-    ):
-        pools = {
-            "a": mock_pool(ma.url, **{**PRIMARY_DEFAULTS, **(a or {})}),
-            "b": mock_pool(mb.url, "anthropic", **{**PRIMARY_DEFAULTS, **(b or {})}),
-        }
-        targets = {"targets": [{"pool": "a", "model": a_model}, {"pool": "b", "model": "claude"}]}
-        cfg = relay_config(pools, {"chat": {**targets, **(route or {})}}, streams=streams)
-        async with (
-            running_workers(cfg, workers or ["a", "b"], worker_url) as ws,
-            RelayClient(client_url, config=cfg) as relay,
-        ):
-            yield Pair(ma, mb, relay, ws)
+    primary, backup = {**PRIMARY_DEFAULTS, **(a or {})}, {**PRIMARY_DEFAULTS, **(b or {})}
+    pools = {
+        "a": upstream(MockProvider(name="mock-a", tokens=TOKENS), **primary),
+        "b": upstream(MockProvider(name="mock-b", tokens=TOKENS), "anthropic", **backup),
+    }
+    targets = {"targets": [{"pool": "a", "model": a_model}, {"pool": "b", "model": "claude"}]}
+    routes = {"chat": {**targets, **(route or {})}}
+    async with relay_stack(pools, routes, streams=streams, workers=workers or ["a", "b"]) as s:
+        yield Pair(s.providers["a"], s.providers["b"], s.relay, s.workers)
+
+
+StartPair = Callable[..., AbstractAsyncContextManager[Pair]]
+
+
+@pytest.fixture(name="pair")
+def _pair_fixture(relay_stack: StartStack) -> StartPair:
+    """``async with pair(a_model=..., a={pool a settings}, ...) as p``: a started `Pair`."""
+    return functools.partial(_start_pair, relay_stack)
 
 
 def _requests(mock: MockProvider) -> list[dict[str, Any]]:
@@ -86,10 +89,8 @@ def _requests(mock: MockProvider) -> list[dict[str, Any]]:
 BACKUP_ANSWER = expected_answer("mock-b", TOKENS)
 
 
-async def test_5xx_is_retried_then_fails_over_to_the_backup(
-    nc: NATS, worker_url: str, client_url: str
-) -> None:
-    async with pair(worker_url, client_url, a_model="gpt+status=503") as p:
+async def test_5xx_is_retried_then_fails_over_to_the_backup(pair: StartPair) -> None:
+    async with pair(a_model="gpt+status=503") as p:
         events, text = await p.ask()
         a_log, b_log = _requests(p.a), _requests(p.b)
     assert text == BACKUP_ANSWER
@@ -110,9 +111,9 @@ async def test_5xx_is_retried_then_fails_over_to_the_backup(
     assert (notices[-1].from_pool, notices[-1].to_pool) == ("a", "b")
 
 
-async def test_retry_after_is_honoured(nc: NATS, worker_url: str, client_url: str) -> None:
+async def test_retry_after_is_honoured(pair: StartPair) -> None:
     model = "gpt+status=429+retry_after=2+fail_first=1"
-    async with pair(worker_url, client_url, a_model=model, a={"max_retries": 1}) as p:
+    async with pair(a_model=model, a={"max_retries": 1}) as p:
         _, text = await p.ask()
         a_log = _requests(p.a)
     assert text == expected_answer("mock-a", TOKENS)  # the retry on a succeeded
@@ -120,9 +121,9 @@ async def test_retry_after_is_honoured(nc: NATS, worker_url: str, client_url: st
     assert a_log[1]["t"] - a_log[0]["t"] >= 1.8
 
 
-async def test_persistent_429_is_not_hammered(nc: NATS, worker_url: str, client_url: str) -> None:
+async def test_persistent_429_is_not_hammered(pair: StartPair) -> None:
     model = "gpt+status=429+retry_after=1"
-    async with pair(worker_url, client_url, a_model=model, a={"max_retries": 2}) as p:
+    async with pair(a_model=model, a={"max_retries": 2}) as p:
         results = await _ask_many(p, 4)
         a_times = sorted(r["t"] for r in _requests(p.a))
     assert results == [BACKUP_ANSWER] * 4  # all failed over in the end
@@ -143,13 +144,9 @@ async def _ask_many(p: Pair, n: int) -> list[str]:
     return texts
 
 
-async def test_context_length_goes_once_to_primary_then_to_larger_backup(
-    nc: NATS, worker_url: str, client_url: str
-) -> None:
+async def test_context_length_goes_once_to_primary_then_to_larger_backup(pair: StartPair) -> None:
     model = "gpt+status=400+error=context_length_exceeded"
     async with pair(
-        worker_url,
-        client_url,
         a_model=model,
         a={"context_window": 8000},
         b={"context_window": 200000},
@@ -160,21 +157,17 @@ async def test_context_length_goes_once_to_primary_then_to_larger_backup(
     assert events[-1].attempts[0].code == "context_length_exceeded"
 
 
-async def test_context_length_without_larger_target_is_a_clean_error(
-    nc: NATS, worker_url: str, client_url: str
-) -> None:
+async def test_context_length_without_larger_target_is_a_clean_error(pair: StartPair) -> None:
     model = "gpt+status=400+error=context_length_exceeded"
-    async with pair(worker_url, client_url, a_model=model) as p:
+    async with pair(a_model=model) as p:
         events, _ = await p.ask()
         a_n, b_n = len(_requests(p.a)), len(_requests(p.b))
     assert isinstance(events[-1], Error) and events[-1].code == "context_length_exceeded"
     assert (a_n, b_n) == (1, 0)
 
 
-async def test_content_filter_is_returned_at_once_with_the_reason(
-    nc: NATS, worker_url: str, client_url: str
-) -> None:
-    async with pair(worker_url, client_url, a_model="gpt+status=400+error=content_filter") as p:
+async def test_content_filter_is_returned_at_once_with_the_reason(pair: StartPair) -> None:
+    async with pair(a_model="gpt+status=400+error=content_filter") as p:
         handle = await p.relay.submit("something bad", route="chat")
         with pytest.raises(RequestFailed) as info:
             await handle.text()
@@ -183,10 +176,8 @@ async def test_content_filter_is_returned_at_once_with_the_reason(
     assert (a_n, b_n) == (1, 0)
 
 
-async def test_reset_before_headers_is_retried_then_fails_over(
-    nc: NATS, worker_url: str, client_url: str
-) -> None:
-    async with pair(worker_url, client_url, a_model="gpt+reset", a={"max_retries": 1}) as p:
+async def test_reset_before_headers_is_retried_then_fails_over(pair: StartPair) -> None:
+    async with pair(a_model="gpt+reset", a={"max_retries": 1}) as p:
         events, text = await p.ask()
         a_n = len(_requests(p.a))
     assert text == BACKUP_ANSWER and a_n == 2
@@ -195,10 +186,10 @@ async def test_reset_before_headers_is_retried_then_fails_over(
 
 @pytest.mark.parametrize("fault", ["cut=3", "stall=3"])
 async def test_mid_stream_failure_resets_and_backup_answers_in_full(
-    fault: str, nc: NATS, worker_url: str, client_url: str
+    fault: str, pair: StartPair
 ) -> None:
     timeouts = {"ttft_s": 2.0, "idle_s": 0.5}
-    async with pair(worker_url, client_url, a_model=f"gpt+{fault}", a={"timeouts": timeouts}) as p:
+    async with pair(a_model=f"gpt+{fault}", a={"timeouts": timeouts}) as p:
         handle = await p.relay.submit("tell me", route="chat")
         text = await handle.text()
         a_n, b_n = len(_requests(p.a)), len(_requests(p.b))
@@ -207,13 +198,9 @@ async def test_mid_stream_failure_resets_and_backup_answers_in_full(
     assert (a_n, b_n) == (1, 1)  # mid-stream: no retry on the pool that broke
 
 
-async def test_silent_provider_is_abandoned_after_one_ttft_timeout(
-    nc: NATS, worker_url: str, client_url: str
-) -> None:
+async def test_silent_provider_is_abandoned_after_one_ttft_timeout(pair: StartPair) -> None:
     timeouts = {"ttft_s": 0.5, "idle_s": 5.0}
-    async with pair(
-        worker_url, client_url, a_model="gpt+noresponse", a={"timeouts": timeouts}
-    ) as p:
+    async with pair(a_model="gpt+noresponse", a={"timeouts": timeouts}) as p:
         started = time.monotonic()
         events, text = await p.ask()
         elapsed = time.monotonic() - started
@@ -223,37 +210,29 @@ async def test_silent_provider_is_abandoned_after_one_ttft_timeout(
     assert elapsed < 5.0  # abandoned at the TTFT limit, not a read timeout
 
 
-async def test_malformed_event_fails_over_when_a_backup_exists(
-    nc: NATS, worker_url: str, client_url: str
-) -> None:
-    async with pair(worker_url, client_url, a_model="gpt+malformed=3") as p:
+async def test_malformed_event_fails_over_when_a_backup_exists(pair: StartPair) -> None:
+    async with pair(a_model="gpt+malformed=3") as p:
         events, text = await p.ask()
     assert text == BACKUP_ANSWER
     assert events[-1].attempts[0].code == "bad_upstream_event"
 
 
 async def test_malformed_event_without_backup_is_skipped_and_flagged(
-    nc: NATS, worker_url: str, client_url: str
+    relay_stack: StartStack,
 ) -> None:
-    async with MockProvider(name="solo", tokens=TOKENS) as m:
-        cfg = relay_config({"s": mock_pool(m.url)}, {"one": [("s", "gpt+malformed=3")]})
-        async with (
-            running_workers(cfg, ["s"], worker_url) as ws,
-            RelayClient(client_url, config=cfg) as r,
-        ):
-            handle = await r.submit("hi", route="one")
-            text = await handle.text()
-            malformed = ws[0].metrics.malformed.labels("s")._value.get()
+    solo = {"s": upstream(MockProvider(name="solo", tokens=TOKENS))}
+    async with relay_stack(solo, {"one": [("s", "gpt+malformed=3")]}) as stack:
+        handle = await stack.relay.submit("hi", route="one")
+        text = await handle.text()
+        malformed = stack.workers[0].metrics.malformed.labels("s")._value.get()
     assert text == expected_answer("solo", TOKENS)
     assert handle.done is not None and handle.done.degraded
     assert malformed == 1
 
 
-async def test_stream_without_done_is_finalised_at_once(
-    nc: NATS, worker_url: str, client_url: str
-) -> None:
+async def test_stream_without_done_is_finalised_at_once(pair: StartPair) -> None:
     timeouts = {"ttft_s": 5.0, "idle_s": 5.0}
-    async with pair(worker_url, client_url, a_model="gpt+nodone", a={"timeouts": timeouts}) as p:
+    async with pair(a_model="gpt+nodone", a={"timeouts": timeouts}) as p:
         started = time.monotonic()
         events, text = await p.ask()
         elapsed = time.monotonic() - started
@@ -262,10 +241,8 @@ async def test_stream_without_done_is_finalised_at_once(
     assert elapsed < 2.5  # did not wait for the 5 s idle limit
 
 
-async def test_auth_failure_fails_over_and_opens_the_circuit(
-    nc: NATS, worker_url: str, client_url: str
-) -> None:
-    async with pair(worker_url, client_url, a_model="gpt+status=401") as p:
+async def test_auth_failure_fails_over_and_opens_the_circuit(pair: StartPair) -> None:
+    async with pair(a_model="gpt+status=401") as p:
         events, text = await p.ask()
         state = p.workers[0].breaker.state
         a_n = len(_requests(p.a))
@@ -275,9 +252,9 @@ async def test_auth_failure_fails_over_and_opens_the_circuit(
 
 
 async def test_no_target_left_gives_all_providers_failed_and_dead_letter(
-    nc: NATS, worker_url: str, client_url: str
+    nc: NATS, pair: StartPair
 ) -> None:
-    async with pair(worker_url, client_url, a_model="gpt+status=503", b={"max_retries": 0}) as p:
+    async with pair(a_model="gpt+status=503", b={"max_retries": 0}) as p:
         p.b.set_fault("status=500")
         started = time.monotonic()
         events, _ = await p.ask(timeout_s=10)
@@ -293,7 +270,7 @@ async def test_no_target_left_gives_all_providers_failed_and_dead_letter(
 
 
 async def test_events_are_published_for_retry_failover_circuit_and_dead_letter(
-    nc: NATS, worker_url: str, client_url: str
+    nc: NATS, pair: StartPair
 ) -> None:
     seen: list[Any] = []
 
@@ -302,10 +279,8 @@ async def test_events_are_published_for_retry_failover_circuit_and_dead_letter(
 
     await nc.subscribe("llm.events.>", cb=record)
     circuit = {"consecutive_failures": 1, "cooldown_s": 30}
-    async with pair(
-        worker_url, client_url, a_model="gpt+status=503", a={"max_retries": 1, "circuit": circuit},
-        b={"max_retries": 0},
-    ) as p:  # fmt: skip
+    primary = {"max_retries": 1, "circuit": circuit}
+    async with pair(a_model="gpt+status=503", a=primary, b={"max_retries": 0}) as p:
         p.b.set_fault("status=503")
         await p.ask(timeout_s=10)
         await nc.flush()
@@ -315,11 +290,9 @@ async def test_events_are_published_for_retry_failover_circuit_and_dead_letter(
     assert circuit_events[0].pool == "a" and circuit_events[0].detail == "closed -> open"
 
 
-async def test_open_circuit_forwards_without_calling_upstream(
-    nc: NATS, worker_url: str, client_url: str
-) -> None:
+async def test_open_circuit_forwards_without_calling_upstream(pair: StartPair) -> None:
     circuit = {"consecutive_failures": 1, "cooldown_s": 60}
-    async with pair(worker_url, client_url, a_model="gpt+status=401", a={"circuit": circuit}) as p:
+    async with pair(a_model="gpt+status=401", a={"circuit": circuit}) as p:
         await p.ask("trips the circuit")
         texts = await _ask_many(p, 5)
         a_n = len(_requests(p.a))
@@ -328,14 +301,12 @@ async def test_open_circuit_forwards_without_calling_upstream(
 
 
 async def test_poison_job_hitting_max_deliveries_is_dead_lettered(
-    nc: NATS, worker_url: str, client_url: str
+    nc: NATS, pair: StartPair
 ) -> None:
     """A job whose workers die before acking: after max_deliver it goes to the DLQ."""
     streams = {"max_deliver": 2}
-    async with pair(
-        worker_url, client_url, a={"max_retries": 0}, b={"max_retries": 0, "ack_wait_s": 0.5},
-        streams=streams, workers=["a"],
-    ) as p:  # fmt: skip
+    backup = {"max_retries": 0, "ack_wait_s": 0.5}
+    async with pair(a={"max_retries": 0}, b=backup, streams=streams, workers=["a"]) as p:
         # Pool b has no worker: we play a worker of b that dies twice.
         handle = await p.relay.submit("poison", route="chat", pool="b", timeout_s=20)
         for _ in range(2):
@@ -366,11 +337,9 @@ async def _raw_pull(nc: NATS, consumer: str, expires_s: float = 5.0) -> bytes | 
     return None if msg.headers and msg.headers.get("Status") else msg.data
 
 
-async def test_spill_on_saturation_sends_overflow_to_backup(
-    nc: NATS, worker_url: str, client_url: str
-) -> None:
+async def test_spill_on_saturation_sends_overflow_to_backup(pair: StartPair) -> None:
     slow = {"concurrency": 3}
-    async with pair(worker_url, client_url, a_model="gpt+token_delay_ms=40", a=slow) as p:
+    async with pair(a_model="gpt+token_delay_ms=40", a=slow) as p:
         texts = await _ask_many(p, 10)
         a_n, b_n = len(_requests(p.a)), len(_requests(p.b))
     assert len(texts) == 10 and a_n + b_n == 10
@@ -378,13 +347,11 @@ async def test_spill_on_saturation_sends_overflow_to_backup(
 
 
 async def test_failover_only_route_keeps_backup_idle_while_primary_is_healthy(
-    nc: NATS, worker_url: str, client_url: str
+    pair: StartPair,
 ) -> None:
     slow = {"concurrency": 3}
     route = {"spill": "failover"}
-    async with pair(
-        worker_url, client_url, a_model="gpt+token_delay_ms=20", a=slow, route=route
-    ) as p:
+    async with pair(a_model="gpt+token_delay_ms=20", a=slow, route=route) as p:
         await _wait_peers(p.workers)
         texts = await _ask_many(p, 8)
         b_n = len(_requests(p.b))
@@ -398,14 +365,10 @@ async def test_failover_only_route_keeps_backup_idle_while_primary_is_healthy(
     assert after[1] == BACKUP_ANSWER
 
 
-async def test_backlog_route_spills_only_past_min_pending(
-    nc: NATS, worker_url: str, client_url: str
-) -> None:
+async def test_backlog_route_spills_only_past_min_pending(pair: StartPair) -> None:
     slow = {"concurrency": 2}
     route = {"spill": "backlog", "min_pending": 20}
-    async with pair(
-        worker_url, client_url, a_model="gpt+token_delay_ms=10", a=slow, route=route
-    ) as p:
+    async with pair(a_model="gpt+token_delay_ms=10", a=slow, route=route) as p:
         await _wait_peers(p.workers)
         texts = await _ask_many(p, 6)
         b_n = len(_requests(p.b))
@@ -423,12 +386,10 @@ async def _wait_until(predicate: Any, timeout_s: float = 10.0) -> None:
 
 
 @pytest.mark.slow
-async def test_flapping_primary_is_bypassed_then_trusted_again(
-    nc: NATS, worker_url: str, client_url: str
-) -> None:
+async def test_flapping_primary_is_bypassed_then_trusted_again(pair: StartPair) -> None:
     """503 for a while, then healthy, with a request every 0.2 s."""
     circuit = {"consecutive_failures": 3, "cooldown_s": 1.0}
-    async with pair(worker_url, client_url, a={"circuit": circuit, "max_retries": 1}) as p:
+    async with pair(a={"circuit": circuit, "max_retries": 1}) as p:
         served: list[tuple[float, str, str]] = []  # (time, phase, pool)
         phase = "healthy"
         recovered_at = 0.0
@@ -452,11 +413,9 @@ async def test_flapping_primary_is_bypassed_then_trusted_again(
     assert tail == ["a"] * 5  # and it stays there
 
 
-async def test_nothing_lost_under_a_mixed_outage(
-    nc: NATS, worker_url: str, client_url: str
-) -> None:
+async def test_nothing_lost_under_a_mixed_outage(nc: NATS, pair: StartPair) -> None:
     """Primary fails every third request in several ways; every request gets one clean answer."""
-    async with pair(worker_url, client_url, a={"timeouts": {"ttft_s": 1.0, "idle_s": 0.5}}) as p:
+    async with pair(a={"timeouts": {"ttft_s": 1.0, "idle_s": 0.5}}) as p:
         faults = ["status=503", "cut=2", "reset", None, "stall=2", "status=429+retry_after=0.1"]
         answers: list[str] = []
         for i, fault in enumerate(faults * 2):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import subprocess
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,14 @@ from broker._server import free_port, llmrelay_command
 from devstack import MockProvider, expected_answer
 from gateway import InvalidRequest, ReplyFold, StreamReset, parse_request, serve_gateway
 from gateway import _exchange as gateway_module
-from tests._harness import mock_pool, relay_config, running_workers
+from tests._harness import (
+    NatsUrls,
+    StartStack,
+    mock_pool,
+    relay_config,
+    running_workers,
+    upstream,
+)
 
 PROMPT = "Say hello"  # the fake provider counts len // 4 = 2 prompt tokens
 PROMPT_TOKENS = 2
@@ -59,16 +66,43 @@ def gateway_config(
 
 
 @asynccontextmanager
-async def gateway(
-    cfg: Config, worker_url: str, client_url: str, *, api_key: str = "unused"
+async def _sdk_gateway(
+    urls: NatsUrls, cfg: Config, *, api_key: str = "unused"
 ) -> AsyncIterator[openai.AsyncOpenAI]:
     """Workers for both pools, a gateway, and an SDK client (no SDK retries)."""
     async with (
-        running_workers(cfg, ["a", "b"], worker_url),
-        serve_gateway(cfg, nats_url=client_url) as base_url,
+        running_workers(cfg, ["a", "b"], urls.worker),
+        serve_gateway(cfg, nats_url=urls.client) as base_url,
         openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0) as client,
     ):
         yield client
+
+
+@asynccontextmanager
+async def _wire_gateway(urls: NatsUrls, cfg: Config) -> AsyncIterator[httpx.AsyncClient]:
+    """A worker of pool a, a gateway, and an httpx client on its /v1 (the raw wire)."""
+    async with (
+        running_workers(cfg, ["a"], urls.worker),
+        serve_gateway(cfg, nats_url=urls.client) as base_url,
+        httpx.AsyncClient(base_url=base_url) as http,
+    ):
+        yield http
+
+
+StartGateway = Callable[..., AbstractAsyncContextManager[openai.AsyncOpenAI]]
+StartWire = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
+
+
+@pytest.fixture(name="gateway")
+def _gateway_fixture(worker_url: str, client_url: str) -> StartGateway:
+    """``async with gateway(cfg, api_key=...) as client``: an SDK client of a running gateway."""
+    return functools.partial(_sdk_gateway, NatsUrls(worker_url, client_url))
+
+
+@pytest.fixture(name="wire")
+def _wire_fixture(worker_url: str, client_url: str) -> StartWire:
+    """``async with wire(cfg) as http``: httpx on a running gateway's /v1."""
+    return functools.partial(_wire_gateway, NatsUrls(worker_url, client_url))
 
 
 @pytest.fixture
@@ -101,10 +135,10 @@ async def read_stream(stream: Any) -> tuple[str, list[Any]]:
 
 
 async def test_non_streamed_completion_is_the_exact_answer_with_usage(
-    nc: NATS, worker_url: str, client_url: str, mocks: tuple[MockProvider, MockProvider]
+    gateway: StartGateway, mocks: tuple[MockProvider, MockProvider]
 ) -> None:
     cfg = gateway_config(*mocks)
-    async with gateway(cfg, worker_url, client_url) as client:
+    async with gateway(cfg) as client:
         raw = await client.chat.completions.with_raw_response.create(
             model="chat", messages=MESSAGES
         )
@@ -125,10 +159,10 @@ async def test_non_streamed_completion_is_the_exact_answer_with_usage(
 
 
 async def test_streamed_completion_is_the_exact_answer_with_usage_last(
-    nc: NATS, worker_url: str, client_url: str, mocks: tuple[MockProvider, MockProvider]
+    gateway: StartGateway, mocks: tuple[MockProvider, MockProvider]
 ) -> None:
     cfg = gateway_config(*mocks)
-    async with gateway(cfg, worker_url, client_url) as client:
+    async with gateway(cfg) as client:
         stream = await client.chat.completions.create(
             model="chat", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
         )
@@ -152,14 +186,10 @@ async def test_streamed_completion_is_the_exact_answer_with_usage_last(
 
 
 async def test_stream_ends_with_done_marker_on_the_wire(
-    nc: NATS, worker_url: str, client_url: str, mocks: tuple[MockProvider, MockProvider]
+    wire: StartWire, mocks: tuple[MockProvider, MockProvider]
 ) -> None:
     cfg = gateway_config(*mocks)
-    async with (
-        running_workers(cfg, ["a"], worker_url),
-        serve_gateway(cfg, nats_url=client_url) as base_url,
-        httpx.AsyncClient(base_url=base_url) as http,
-    ):
+    async with wire(cfg) as http:
         body = {"model": "chat", "messages": MESSAGES, "stream": True}
         response = await http.post("/chat/completions", json=body)
     assert response.status_code == 200
@@ -170,10 +200,10 @@ async def test_stream_ends_with_done_marker_on_the_wire(
 
 
 async def test_failover_before_any_text_is_invisible_but_for_the_model(
-    nc: NATS, worker_url: str, client_url: str, mocks: tuple[MockProvider, MockProvider]
+    gateway: StartGateway, mocks: tuple[MockProvider, MockProvider]
 ) -> None:
     cfg = gateway_config(*mocks, a_model="gpt-a+status=503")
-    async with gateway(cfg, worker_url, client_url) as client:
+    async with gateway(cfg) as client:
         whole = await client.chat.completions.create(model="chat", messages=MESSAGES)
         stream = await client.chat.completions.create(model="chat", messages=MESSAGES, stream=True)
         text, chunks = await read_stream(stream)
@@ -185,11 +215,11 @@ async def test_failover_before_any_text_is_invisible_but_for_the_model(
 
 
 async def test_failover_mid_answer_is_invisible_in_a_non_streamed_completion(
-    nc: NATS, worker_url: str, client_url: str, mocks: tuple[MockProvider, MockProvider]
+    gateway: StartGateway, mocks: tuple[MockProvider, MockProvider]
 ) -> None:
     a, b = mocks
     cfg = gateway_config(a, b, a_model="x+cut=3")
-    async with gateway(cfg, worker_url, client_url) as client:
+    async with gateway(cfg) as client:
         completion = await client.chat.completions.create(model="chat", messages=MESSAGES)
     assert completion.choices[0].message.content == expected_answer("b", 4)
     assert completion.model == "gpt-b"
@@ -201,12 +231,12 @@ async def test_failover_mid_answer_is_invisible_in_a_non_streamed_completion(
 
 
 async def test_reset_after_text_was_sent_ends_the_stream_with_an_error(
-    nc: NATS, worker_url: str, client_url: str, mocks: tuple[MockProvider, MockProvider]
+    gateway: StartGateway, mocks: tuple[MockProvider, MockProvider]
 ) -> None:
     """Default policy: text flows at once; a reset after it is an error, never a mix."""
     cfg = gateway_config(*mocks, a_model="x+cut=3")
     seen: list[str] = []
-    async with gateway(cfg, worker_url, client_url) as client:
+    async with gateway(cfg) as client:
         stream = await client.chat.completions.create(model="chat", messages=MESSAGES, stream=True)
         with pytest.raises(openai.APIError) as caught:
             async for chunk in stream:
@@ -218,15 +248,11 @@ async def test_reset_after_text_was_sent_ends_the_stream_with_an_error(
 
 
 async def test_a_broken_stream_is_never_closed_as_complete(
-    nc: NATS, worker_url: str, client_url: str, mocks: tuple[MockProvider, MockProvider]
+    wire: StartWire, mocks: tuple[MockProvider, MockProvider]
 ) -> None:
     """No target left after text was sent: an SSE error event and no [DONE]."""
     cfg = gateway_config(*mocks, a_model="x+error_after=2")
-    async with (
-        running_workers(cfg, ["a"], worker_url),
-        serve_gateway(cfg, nats_url=client_url) as base_url,
-        httpx.AsyncClient(base_url=base_url) as http,
-    ):
+    async with wire(cfg) as http:
         body = {"model": "solo", "messages": MESSAGES, "stream": True}
         response = await http.post("/chat/completions", json=body)
     events = [e.removeprefix("data: ") for e in response.text.split("\n\n") if e]
@@ -240,20 +266,12 @@ async def test_a_broken_stream_is_never_closed_as_complete(
 
 
 async def test_a_slow_start_gets_keepalives_and_a_later_error_arrives_in_the_stream(
-    nc: NATS,
-    worker_url: str,
-    client_url: str,
-    mocks: tuple[MockProvider, MockProvider],
-    monkeypatch: pytest.MonkeyPatch,
+    wire: StartWire, mocks: tuple[MockProvider, MockProvider], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Headers are held for the first text only up to the keep-alive interval."""
     monkeypatch.setattr(gateway_module, "KEEPALIVE_S", 0.1)
     cfg = gateway_config(*mocks, a_model="x+error=content_filter+ttft_ms=600")
-    async with (
-        running_workers(cfg, ["a"], worker_url),
-        serve_gateway(cfg, nats_url=client_url) as base_url,
-        httpx.AsyncClient(base_url=base_url) as http,
-    ):
+    async with wire(cfg) as http:
         body = {"model": "solo", "messages": MESSAGES, "stream": True}
         response = await http.post("/chat/completions", json=body)
     events = [e for e in response.text.split("\n\n") if e]
@@ -266,11 +284,11 @@ async def test_a_slow_start_gets_keepalives_and_a_later_error_arrives_in_the_str
 
 
 async def test_holdback_hides_a_reset_within_the_window(
-    nc: NATS, worker_url: str, client_url: str, mocks: tuple[MockProvider, MockProvider]
+    gateway: StartGateway, mocks: tuple[MockProvider, MockProvider]
 ) -> None:
     """With stream_holdback_ms, an early mid-stream failover is invisible."""
     cfg = gateway_config(*mocks, a_model="x+cut=3", stream_holdback_ms=5000)
-    async with gateway(cfg, worker_url, client_url) as client:
+    async with gateway(cfg) as client:
         stream = await client.chat.completions.create(model="chat", messages=MESSAGES, stream=True)
         text, chunks = await read_stream(stream)
         metrics = (await get(client, "/metrics")).text
@@ -340,21 +358,20 @@ async def test_queue_full_is_429_with_retry_after(
     assert "queue is full" in caught.value.message
 
 
-async def test_deadline_exceeded_is_504(nc: NATS, worker_url: str, client_url: str) -> None:
-    async with MockProvider(name="slow", tokens=3, ttft_ms=2000) as slow:
-        cfg = gateway_config(slow, slow, request_timeout_s=0.5)
-        async with gateway(cfg, worker_url, client_url) as client:
-            with pytest.raises(openai.InternalServerError) as caught:
-                await client.chat.completions.create(model="solo", messages=MESSAGES)
+async def test_deadline_exceeded_is_504(gateway: StartGateway) -> None:
+    slow = MockProvider(name="slow", tokens=3, ttft_ms=2000)
+    async with slow, gateway(gateway_config(slow, slow, request_timeout_s=0.5)) as client:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.chat.completions.create(model="solo", messages=MESSAGES)
     assert caught.value.status_code == 504
     assert caught.value.code == "deadline_exceeded"
 
 
 async def test_all_providers_failed_is_502_with_every_reason(
-    nc: NATS, worker_url: str, client_url: str, mocks: tuple[MockProvider, MockProvider]
+    gateway: StartGateway, mocks: tuple[MockProvider, MockProvider]
 ) -> None:
     cfg = gateway_config(*mocks, a_model="gpt-a+status=503", b_model="gpt-b+status=500")
-    async with gateway(cfg, worker_url, client_url) as client:
+    async with gateway(cfg) as client:
         with pytest.raises(openai.InternalServerError) as caught:
             await client.chat.completions.create(model="chat", messages=MESSAGES, stream=True)
     err = caught.value
@@ -379,14 +396,12 @@ async def test_client_errors_are_400_with_the_providers_reason(
     code: str,
     reason: str,
     stream: bool,
-    nc: NATS,
-    worker_url: str,
-    client_url: str,
+    gateway: StartGateway,
     mocks: tuple[MockProvider, MockProvider],
 ) -> None:
     a, b = mocks
     cfg = gateway_config(a, b, a_model=f"gpt-a+{fault}")
-    async with gateway(cfg, worker_url, client_url) as client:
+    async with gateway(cfg) as client:
         with pytest.raises(openai.BadRequestError) as caught:
             await client.chat.completions.create(model="chat", messages=MESSAGES, stream=stream)
     assert caught.value.code == code
@@ -396,10 +411,10 @@ async def test_client_errors_are_400_with_the_providers_reason(
 
 
 async def test_unknown_route_is_404_naming_the_model(
-    nc: NATS, worker_url: str, client_url: str, mocks: tuple[MockProvider, MockProvider]
+    gateway: StartGateway, mocks: tuple[MockProvider, MockProvider]
 ) -> None:
     cfg = gateway_config(*mocks)
-    async with gateway(cfg, worker_url, client_url) as client:
+    async with gateway(cfg) as client:
         with pytest.raises(openai.NotFoundError) as caught:
             await client.chat.completions.create(model="gpt-5", messages=MESSAGES)
         models = await client.models.list()
@@ -444,13 +459,11 @@ async def test_malformed_body_is_400_naming_the_field(
     request_body: dict[str, Any],
     param: str,
     words: str,
-    nc: NATS,
-    worker_url: str,
-    client_url: str,
+    gateway: StartGateway,
     mocks: tuple[MockProvider, MockProvider],
 ) -> None:
     cfg = gateway_config(*mocks)
-    async with gateway(cfg, worker_url, client_url) as client:
+    async with gateway(cfg) as client:
         with pytest.raises(openai.BadRequestError) as caught:
             await client.post("/chat/completions", body=request_body, cast_to=object)
     assert caught.value.param == param
@@ -473,7 +486,7 @@ def test_text_parts_are_joined_and_developer_is_system() -> None:
 
 
 async def test_invalid_json_is_400(
-    nc: NATS, worker_url: str, client_url: str, mocks: tuple[MockProvider, MockProvider]
+    client_url: str, mocks: tuple[MockProvider, MockProvider]
 ) -> None:
     cfg = gateway_config(*mocks)
     async with (
@@ -491,16 +504,14 @@ async def test_invalid_json_is_400(
 
 
 async def test_api_keys_are_required_when_configured(
-    nc: NATS,
-    worker_url: str,
-    client_url: str,
+    gateway: StartGateway,
     mocks: tuple[MockProvider, MockProvider],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level("DEBUG")
     keys = [Secret("sk-gw-first"), Secret("sk-gw-second")]
     cfg = gateway_config(*mocks, api_keys=keys)
-    async with gateway(cfg, worker_url, client_url, api_key="sk-gw-second") as client:
+    async with gateway(cfg, api_key="sk-gw-second") as client:
         ok = await client.chat.completions.create(model="chat", messages=MESSAGES)
         models = await client.models.list()
         for bad in ("sk-gw-firs", "sk-gw-first-and-more", "SK-GW-SECOND"):
@@ -536,43 +547,40 @@ async def _last_reply(nc: NATS, request_id: str) -> Any:
 
 
 async def test_client_disconnect_cancels_the_job_and_the_upstream_stream(
-    nc: NATS, worker_url: str, client_url: str
+    nc: NATS, gateway: StartGateway
 ) -> None:
-    async with MockProvider(name="long", tokens=200, token_delay_ms=50) as long:
-        cfg = gateway_config(long, long)
-        async with gateway(cfg, worker_url, client_url) as client:
-            stream = await client.chat.completions.create(
-                model="solo", messages=MESSAGES, stream=True
-            )
-            first = await stream.__anext__()
-            assert first.choices[0].delta.content == "Hello from long."
-            assert long.stats()["active"] == 1
-            request_id = stream.response.headers["x-request-id"]
-            await stream.close()  # the client goes away mid-answer
-            await wait_until(lambda: long.stats()["active"] == 0)
-            last = await _last_reply(nc, request_id)
-            metrics = (await get(client, "/metrics")).text
+    long = MockProvider(name="long", tokens=200, token_delay_ms=50)
+    async with long, gateway(gateway_config(long, long)) as client:
+        stream = await client.chat.completions.create(model="solo", messages=MESSAGES, stream=True)
+        first = await stream.__anext__()
+        assert first.choices[0].delta.content == "Hello from long."
+        assert long.stats()["active"] == 1
+        request_id = stream.response.headers["x-request-id"]
+        await stream.close()  # the client goes away mid-answer
+        await wait_until(lambda: long.stats()["active"] == 0)
+        last = await _last_reply(nc, request_id)
+        metrics = (await get(client, "/metrics")).text
     assert isinstance(last, Error) and last.code == "cancelled"
     assert 'llmrelay_gateway_cancels_total{reason="disconnected",route="solo"} 1.0' in metrics
 
 
-async def test_disconnect_while_waiting_for_a_whole_answer_cancels_the_job(
-    nc: NATS, worker_url: str, client_url: str
-) -> None:
-    async with MockProvider(name="long", tokens=200, token_delay_ms=50) as long:
-        cfg = gateway_config(long, long)
-        async with (
-            running_workers(cfg, ["a"], worker_url),
-            serve_gateway(cfg, nats_url=client_url) as base_url,
-            httpx.AsyncClient(base_url=base_url) as http,
-        ):
-            body = {"model": "solo", "messages": MESSAGES}
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(functools.partial(http.post, "/chat/completions", json=body))
-                await wait_until(lambda: long.stats()["active"] == 1)
-                tg.cancel_scope.cancel()  # the client gives up and closes its connection
-            await wait_until(lambda: long.stats()["active"] == 0)
+async def test_disconnect_while_waiting_for_a_whole_answer_cancels_the_job(wire: StartWire) -> None:
+    long = MockProvider(name="long", tokens=200, token_delay_ms=50)
+    async with long, wire(gateway_config(long, long)) as http:
+        body = {"model": "solo", "messages": MESSAGES}
+        await _post_then_give_up(http, body, once=lambda: long.stats()["active"] == 1)
+        await wait_until(lambda: long.stats()["active"] == 0)
     assert long.stats()["requests"] == 1
+
+
+async def _post_then_give_up(
+    http: httpx.AsyncClient, body: dict[str, Any], *, once: Callable[[], bool]
+) -> None:
+    """POST a chat request; close the connection (as a client giving up) once ``once()``."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(functools.partial(http.post, "/chat/completions", json=body))
+        await wait_until(once)
+        tg.cancel_scope.cancel()  # the client gives up and closes its connection
 
 
 # --- probes -------------------------------------------------------------------------------------
@@ -597,10 +605,10 @@ async def test_readyz_needs_nats_and_the_topology(
 
 
 async def test_metrics_count_requests_by_route_and_outcome(
-    nc: NATS, worker_url: str, client_url: str, mocks: tuple[MockProvider, MockProvider]
+    gateway: StartGateway, mocks: tuple[MockProvider, MockProvider]
 ) -> None:
     cfg = gateway_config(*mocks)
-    async with gateway(cfg, worker_url, client_url) as client:
+    async with gateway(cfg) as client:
         await client.chat.completions.create(model="chat", messages=MESSAGES)
         with pytest.raises(openai.NotFoundError):
             await client.chat.completions.create(model="no-such-route", messages=MESSAGES)
@@ -611,7 +619,7 @@ async def test_metrics_count_requests_by_route_and_outcome(
 
 
 async def test_unknown_path_is_a_json_404(
-    nc: NATS, client_url: str, mocks: tuple[MockProvider, MockProvider]
+    client_url: str, mocks: tuple[MockProvider, MockProvider]
 ) -> None:
     cfg = gateway_config(*mocks)
     async with (
@@ -630,47 +638,55 @@ async def test_unknown_path_is_a_json_404(
 
 @pytest.mark.slow
 async def test_gateway_command_with_two_worker_processes(
-    nc: NATS, worker_url: str, client_url: str, tmp_path: Path
+    relay_stack: StartStack, client_url: str, tmp_path: Path
 ) -> None:
     """`llmrelay gateway --workers 2` answers, and /metrics counts every process's requests."""
     port = free_port()
-    async with MockProvider(name="a", tokens=3) as a:
-        cfg = relay_config({"a": mock_pool(a.url)}, {"chat": [("a", "gpt-a")]})
+    a = {"a": upstream(MockProvider(name="a", tokens=3))}
+    async with relay_stack(a, {"chat": [("a", "gpt-a")]}, relay=None) as s:
         config_file = tmp_path / "llmrelay.yaml"
         config_file.write_text(
             yaml.safe_dump(
                 {
-                    "pools": {"a": mock_pool(a.url)},
+                    "pools": s.pools,
                     "routes": {"chat": {"targets": [{"pool": "a", "model": "gpt-a"}]}},
                     "gateway": {"port": port, "api_keys": ["sk-cli"]},
                 }
             )
         )
-        command = [*llmrelay_command(), "gateway"]
         args = ["--config", str(config_file), "--nats-url", client_url, "--workers", "2"]
-        async with (
-            running_workers(cfg, ["a"], worker_url),
-            await anyio.open_process([*command, *args], stderr=subprocess.DEVNULL) as gw,
-            openai.AsyncOpenAI(
-                base_url=f"http://127.0.0.1:{port}/v1",
-                api_key="sk-cli",
-                max_retries=0,
-                default_headers={"connection": "close"},  # new connections: either process
-            ) as client,
-        ):
-            try:
-                await wait_until_ready(port)
-                answers = [
-                    await client.chat.completions.create(model="chat", messages=MESSAGES)
-                    for _ in range(6)
-                ]
-                metrics = (await get(client, "/metrics")).text
-            finally:
-                gw.terminate()
+        async with gateway_process(args, port, api_key="sk-cli") as client:
+            answers = [
+                await client.chat.completions.create(model="chat", messages=MESSAGES)
+                for _ in range(6)
+            ]
+            metrics = (await get(client, "/metrics")).text
     assert {r.choices[0].message.content for r in answers} == {expected_answer("a", 3)}
     assert 'llmrelay_gateway_requests_total{outcome="done",route="chat",stream="false"} 6.0' in (
         metrics
     )
+
+
+@asynccontextmanager
+async def gateway_process(
+    args: list[str], port: int, *, api_key: str
+) -> AsyncIterator[openai.AsyncOpenAI]:
+    """`llmrelay gateway ARGS` on ``port``, and an SDK client once it is ready."""
+    command = [*llmrelay_command(), "gateway", *args]
+    async with (
+        await anyio.open_process(command, stderr=subprocess.DEVNULL) as gw,
+        openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1",
+            api_key=api_key,
+            max_retries=0,
+            default_headers={"connection": "close"},  # new connections: either process
+        ) as client,
+    ):
+        try:
+            await wait_until_ready(port)
+            yield client
+        finally:
+            gw.terminate()
 
 
 async def wait_until_ready(port: int, timeout_s: float = 20.0) -> None:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from nats.aio.client import Client as NATS
-
-from broker import RelayClient, RequestFailed
+from broker import RequestFailed
 from broker._server import free_port
 from devstack import MockProvider
-from tests._harness import mock_pool, relay_config, running_workers
+from tests._harness import StartStack, upstream
 from tests.test_monitor import scrape
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -30,45 +28,36 @@ def histogram(samples: Samples, name: str, **kv: str) -> tuple[float, float, lis
     return samples[f"{name}_count", key], samples[f"{name}_sum", key], [v for _, v in buckets]
 
 
-async def test_worker_metrics_after_known_traffic(
-    nc: NATS, worker_url: str, client_url: str
-) -> None:
-    async with (
-        MockProvider(name="mock-a", tokens=5) as a,
-        MockProvider(name="mock-b", tokens=3) as b,
-    ):
-        pools = {  # 4 slots: one pull for each of a's three routes and one for its own subject
-            "a": mock_pool(a.url, concurrency=4, max_retries=1, backoff_base_s=0.05),
-            "b": mock_pool(b.url, concurrency=2),
-        }
-        routes: dict[str, Any] = {
-            "chat": [("a", "gpt")],
-            "bad": [("a", "gpt+status=400")],
-            "flaky": [("a", "gpt+status=503"), ("b", "claude")],
-        }
-        cfg = relay_config(pools, routes)
-        port_a, port_b = free_port(), free_port()
-        async with (
-            running_workers(cfg, ["a"], worker_url, metrics_port=port_a),
-            running_workers(cfg, ["b"], worker_url, metrics_port=port_b),
-            RelayClient(client_url) as relay,
-        ):
-            done, ids = [], []
-            for i in range(4):  # one after the other: one connection serves them all
-                handle = await relay.submit(f"question {i}", route="chat")
-                await handle.text()
-                done.append(handle.done)
-                ids.append(handle.id)
-            reuse = await scrape(f"http://127.0.0.1:{port_a}/metrics")
-            try:
-                await (await relay.submit("x", route="bad")).text()
-            except RequestFailed as exc:
-                bad_code = exc.code
-            flaky = await relay.submit("y", route="flaky")
-            await flaky.text()
-            after = await scrape(f"http://127.0.0.1:{port_a}/metrics")
-            on_b = await scrape(f"http://127.0.0.1:{port_b}/metrics")
-        served_by_mock_a = a.stats()["requests"]
+async def test_worker_metrics_after_known_traffic(relay_stack: StartStack) -> None:
+    a, b = MockProvider(name="mock-a", tokens=5), MockProvider(name="mock-b", tokens=3)
+    pools = {  # 4 slots: one pull for each of a's three routes and one for its own subject
+        "a": upstream(a, concurrency=4, max_retries=1, backoff_base_s=0.05),
+        "b": upstream(b, concurrency=2),
+    }
+    routes: dict[str, Any] = {
+        "chat": [("a", "gpt")],
+        "bad": [("a", "gpt+status=400")],
+        "flaky": [("a", "gpt+status=503"), ("b", "claude")],
+    }
+    port_a, port_b = free_port(), free_port()
+    ports = {"a": {"metrics_port": port_a}, "b": {"metrics_port": port_b}}
+    async with relay_stack(pools, routes, relay="broker", pool_options=ports) as s:
+        done, ids = [], []
+        for i in range(4):  # one after the other: one connection serves them all
+            handle = await s.relay.submit(f"question {i}", route="chat")
+            await handle.text()
+            done.append(handle.done)
+            ids.append(handle.id)
+        reuse = await scrape(f"http://127.0.0.1:{port_a}/metrics")
+        try:
+            await (await s.relay.submit("x", route="bad")).text()
+        except RequestFailed as exc:
+            bad_code = exc.code
+        flaky = await s.relay.submit("y", route="flaky")
+        await flaky.text()
+        after = await scrape(f"http://127.0.0.1:{port_a}/metrics")
+        on_b = await scrape(f"http://127.0.0.1:{port_b}/metrics")
+    served_by_mock_a = a.stats()["requests"]
 
     a_gpt = {"pool": "a", "model": "gpt"}
     # Requests and connections: 4 requests over 1 connection.

@@ -132,7 +132,7 @@ async def test_janitor_answers_and_dead_letters_jobs_for_unknown_routes(
     assert _sample(mon, "llmrelay_janitor_jobs_total") == 3
 
 
-async def test_janitor_leaves_young_jobs_alone(nc: NATS, client_url: str) -> None:
+async def test_janitor_leaves_young_jobs_alone(nc: NATS) -> None:
     await ensure_topology(nc, relay_config({"a": mock_pool("http://127.0.0.1:9")}, ROUTES))
     await nc.jetstream().publish("llm.jobs.ghost", encode(raw_job("r1", "ghost")))
     mon = Monitor(nc, grace_s=60)
@@ -142,9 +142,7 @@ async def test_janitor_leaves_young_jobs_alone(nc: NATS, client_url: str) -> Non
     assert (await nc.jetstream().stream_info("LLM_JOBS")).state.messages == 1
 
 
-async def test_monitor_command_serves_metrics_until_ctrl_c(
-    nc: NATS, worker_url: str, tmp_path: Any
-) -> None:
+async def test_monitor_command_serves_metrics_until_ctrl_c(worker_url: str, tmp_path: Any) -> None:
     cfg_file = write_config(tmp_path, {"a": mock_pool("http://127.0.0.1:9")}, ROUTES)
     proc = await asyncio.create_subprocess_exec(
         str(LLMRELAY), "monitor", "--port", "0", "--interval", "0.2", "-c", str(cfg_file),

@@ -201,7 +201,8 @@ async def test_client_cannot_create_a_jobs_consumer_through_the_replies_subject(
     assert sorted(c.name for c in consumers) == ["pool_p1", "route_x"]
 
 
-async def test_client_cannot_forge_replies_or_events(topology: NATS, client: ClientConn) -> None:
+@pytest.mark.usefixtures("topology")
+async def test_client_cannot_forge_replies_or_events(client: ClientConn) -> None:
     for subject in ("llm.reply.r1", "llm.events.done", "llm.dlq.x", "$KV.llm_workers.w1"):
         await client.nc.publish(subject, b"forged")
         await client.denials.expect(subject)

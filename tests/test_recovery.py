@@ -13,7 +13,6 @@ from typing import Any
 import anyio
 import pytest
 import yaml
-from nats.aio.client import Client as NATS
 
 from broker import Chunk, Config, Done, Notice, RelayClient
 from broker._server import CLIENT_USER, WORKER_USER, NatsServer, free_port
@@ -82,7 +81,7 @@ async def streaming_worker(
 
 
 async def test_sigterm_lets_the_running_answer_finish(
-    nc: NATS, worker_url: str, client_url: str, tmp_path: Path
+    worker_url: str, client_url: str, tmp_path: Path
 ) -> None:
     mock = MockProvider(name="p", tokens=15, token_delay_ms=40)
     async with mock, streaming_worker(mock, (worker_url, client_url), tmp_path, drain_s=10) as w:
@@ -96,7 +95,7 @@ async def test_sigterm_lets_the_running_answer_finish(
 
 
 async def test_drain_timeout_hands_the_job_to_another_worker(
-    nc: NATS, worker_url: str, client_url: str, tmp_path: Path
+    worker_url: str, client_url: str, tmp_path: Path
 ) -> None:
     mock = MockProvider(name="p", tokens=20, token_delay_ms=50)
     async with mock, streaming_worker(mock, (worker_url, client_url), tmp_path, drain_s=0.2) as w:
