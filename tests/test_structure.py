@@ -154,3 +154,23 @@ def _readme_codes() -> dict[str, tuple[str, bool, int]]:
 def test_readme_error_table_is_the_tree() -> None:
     assert _readme_codes() == ERROR_CODES
     assert list(_readme_codes()) == list(ERROR_CODES)  # same order too
+
+
+def _readme_layout() -> set[str]:
+    """Module paths named in the README's layout tree (``pkg/`` lines, then ``  _mod.py``)."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    listed, folder = set(), ""
+    for line in block.splitlines():
+        if m := re.match(r"^(\S+/)\s", line + " "):
+            folder = m.group(1)
+        elif m := re.match(r"^\s+(\S+\.py)\s", line + " "):
+            listed.add(folder + m.group(1))
+    return listed
+
+
+def test_readme_layout_names_every_module() -> None:
+    modules = {str(path.relative_to(REPO)) for path in MODULES.values()}
+    listed = _readme_layout()
+    assert not modules - listed, "missing from the README's layout"
+    assert not listed - modules, "in the README's layout, but not in the code"
