@@ -8,11 +8,17 @@
 
 ``submit`` subscribes to the job's reply subject before publishing, so no event
 is missed, and publishes with ``Nats-Msg-Id`` = request id, so a retried submit
-never creates a second job. A full queue raises ``QueueFull`` at once.
+never creates a second job. A full queue raises ``QueueFull`` at once. A request
+id the server has already seen raises ``DuplicateRequest``, unless the caller
+says the submit is a retry (``retry=True``): then the handle replays the first
+submit's events from ``LLM_REPLIES``, so it is never a handle to nothing.
 
-``text()`` returns one clean answer: when a worker restarts a job elsewhere
-(``Notice(reset=True)``, or chunks of a newer attempt) the partial text of the
-abandoned attempt is dropped.
+``events()`` and ``text()`` keep to the job's own events (``broker/_fold.py``):
+those of its current attempt, never of an attempt superseded by a redelivery or
+a re-queue, nor of another job naming the same reply subject (the PubAck's
+stream sequence names the job). ``text()`` returns one clean answer: when a
+worker restarts a job elsewhere (``Notice(reset=True)``, or events of a newer
+attempt) the partial text of the abandoned attempt is dropped.
 """
 
 from __future__ import annotations
@@ -27,10 +33,14 @@ from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 from nats.errors import BadSubscriptionError
 from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import DeliverPolicy, PubAck
+from nats.js.errors import NoStreamResponseError
 
-from broker._config import Config
+from broker._config import Config, NatsSettings
 from broker._errors import (
+    BrokerUnavailable,
     DeadlineExceeded,
+    DuplicateRequest,
     JetStreamApiError,
     PayloadTooLarge,
     QueueFull,
@@ -38,12 +48,11 @@ from broker._errors import (
     UnknownRoute,
     error_from_event,
 )
-from broker._fold import Answer
+from broker._fold import Answer, Fold
 from broker._jsapi import consumer_info
-from broker._nats import connect_nats, nats_errors
+from broker._nats import connect, nats_errors
 from broker._protocol import (
     Done,
-    Error,
     Event,
     Job,
     Message,
@@ -55,6 +64,7 @@ from broker._protocol import (
 )
 from broker._subjects import (
     JOBS_STREAM,
+    REPLIES_STREAM,
     cancel_subject,
     pool_consumer,
     pool_subject,
@@ -62,6 +72,7 @@ from broker._subjects import (
     route_consumer,
     route_subject,
 )
+from broker._validate import validate_job
 
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -74,7 +85,6 @@ class JobOptions(msgspec.Struct, kw_only=True, omit_defaults=True):
     top_p: float | None = None
     stop: list[str] | None = None
     seed: int | None = None
-    priority: int = 0
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
     traceparent: str | None = None
 
@@ -88,19 +98,22 @@ class JobHandle:
         self._sub = sub
         self.done: Done | None = None
         self.notices: list[Notice] = []
+        self.job_seq: int | None = None  # the job's stream sequence, from its PubAck
 
     @property
     def id(self) -> str:
         return self.job.id
 
     async def events(self) -> AsyncIterator[Event]:
-        """Events until ``done``/``error``; raises ``DeadlineExceeded`` past the deadline."""
+        """The job's events until its ``done``/``error``; raises ``DeadlineExceeded`` past
+        the deadline. Events that do not count (``broker/_fold.py``) are left out."""
+        fold = Fold(self.job_seq)
         try:
-            while True:
+            while not fold.finished:
                 event = await self._next_event()
-                yield event
-                if isinstance(event, Done | Error):
-                    return
+                if fold.accepts(event):
+                    fold.add(event)
+                    yield event
         finally:
             await self._close_sub()
 
@@ -119,7 +132,7 @@ class JobHandle:
 
     async def text(self) -> str:
         """The complete answer; raises the matching ``RelayError`` on an error event."""
-        answer = Answer()
+        answer = Answer(self.job_seq)
         async for event in self.events():
             answer.add(event)
             if isinstance(event, Notice):
@@ -138,6 +151,17 @@ class JobHandle:
     async def close(self) -> None:
         """Stop listening for this job's events (the job itself goes on). Safe twice."""
         await self._close_sub()
+
+    async def replay(self) -> None:
+        """Read the job's events from its first one (``LLM_REPLIES``), not only new ones."""
+        await self._close_sub()
+        with nats_errors(f"request {self.id}: replaying its events"):
+            self._sub = await self._client.nc.jetstream().subscribe(
+                self.job.reply_to,
+                stream=REPLIES_STREAM,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.ALL,
+            )
 
     async def _close_sub(self) -> None:
         try:
@@ -175,7 +199,9 @@ class RelayClient:
 
     async def __aenter__(self) -> RelayClient:
         if self._nc is None:
-            self._nc = await connect_nats(self.url, name="llmrelay-client")
+            # The URL's own credentials win; the config adds TLS and its credentials.
+            settings = self.config.nats if self.config else NatsSettings()
+            self._nc = await connect(settings, url=self.url, name="llmrelay-client")
         return self
 
     async def __aexit__(
@@ -224,7 +250,6 @@ class RelayClient:
             top_p=o.top_p,
             stop=o.stop,
             seed=o.seed,
-            priority=o.priority,
             metadata=dict(o.metadata),
             traceparent=o.traceparent,
         )
@@ -244,8 +269,10 @@ class RelayClient:
         timeout_s: float | None = None,
         request_id: str | None = None,
         options: JobOptions | None = None,
+        retry: bool = False,
     ) -> JobHandle:
-        """Publish a job; return a handle to its events (arguments as ``build_job``)."""
+        """Publish a job; return a handle to its events (arguments as ``build_job``;
+        ``retry`` as ``submit_job``)."""
         job = self.build_job(
             prompt,
             route=route,
@@ -255,29 +282,56 @@ class RelayClient:
             request_id=request_id,
             options=options,
         )
-        return await self.submit_job(job)
+        return await self.submit_job(job, retry=retry)
 
-    async def submit_job(self, job: Job) -> JobHandle:
-        """Publish a ready-made job (idempotent on ``job.id``)."""
+    async def submit_job(self, job: Job, *, retry: bool = False) -> JobHandle:
+        """Publish a ready-made job; never two jobs for one ``job.id``.
+
+        An id the server has already seen (within ``streams.duplicate_window_s``)
+        raises ``DuplicateRequest``; with ``retry=True`` (the caller is retrying a
+        submit that may have landed) the handle replays that job's events instead.
+        """
         await self._check_target(job)
+        if self.config is not None:  # the worker checks the same; refuse here, before publishing
+            job = validate_job(job, self.config, now_ms())
         with nats_errors(f"subscribe to {job.reply_to}"):
             sub = await self.nc.subscribe(job.reply_to, pending_msgs_limit=65536)
         handle = JobHandle(self, job, sub)
         try:
-            await self._publish(job)
+            ack = await self._publish(job)
+            handle.job_seq = int(ack.seq)
+            if ack.duplicate:
+                await self._duplicate(handle, retry)
         except BaseException:
             await handle.close()
             raise
         return handle
 
-    async def _publish(self, job: Job) -> None:
+    async def _duplicate(self, handle: JobHandle, retry: bool) -> None:
+        if not retry:
+            raise DuplicateRequest(
+                f"request id {handle.id} was already submitted (job #{handle.job_seq}); "
+                "use a new id, or submit with retry=True to follow that job"
+            )
+        await handle.replay()
+
+    async def _publish(self, job: Job) -> PubAck:
         data = encode(job)
         subject = pool_subject(job.pool) if job.pool else route_subject(job.route)
         ttl_s = max(1, math.ceil(job.deadline_ms / 1000 - time.time()) + 1)
         headers = {"Nats-Msg-Id": job.id, "Nats-TTL": f"{ttl_s}s"}
         try:
             with nats_errors(f"publish to {subject}"):
-                await self.nc.jetstream().publish(subject, data, headers=headers, timeout=5.0)
+                return await self.nc.jetstream().publish(
+                    subject, data, headers=headers, timeout=5.0
+                )
+        except BrokerUnavailable as exc:
+            if isinstance(exc.__cause__, NoStreamResponseError):  # the stream has no such subject
+                raise UnknownRoute(
+                    f"nothing takes jobs on {subject}: not a configured route or pool "
+                    "(or no worker has created the streams yet)"
+                ) from exc.__cause__
+            raise
         except QueueFull as exc:
             raise QueueFull(await self._full_message(job)) from exc.__cause__
         except PayloadTooLarge as exc:

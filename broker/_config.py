@@ -62,13 +62,42 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=T
     pass
 
 
+class TlsSettings(_Strict, frozen=True):
+    """``nats.tls``: TLS to NATS. Present (even empty), TLS is required, as with a ``tls://`` URL.
+
+    ``ca_file``: the CA that signed the server's certificate (default: the
+    system's CAs). ``cert_file``/``key_file``: a client certificate, for servers
+    that verify clients (mutual TLS). ``handshake_first``: start TLS before the
+    server's INFO, for servers with ``tls { handshake_first: true }``.
+    """
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    handshake_first: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError(
+                "cert_file and key_file go together (a client certificate and its key)"
+            )
+
+
 class NatsSettings(_Strict, frozen=True):
+    """How every process connects to NATS.
+
+    ``creds_file``: a NATS credentials file (user JWT and nkey seed; decentralised
+    auth, as ``nsc`` writes it). ``tls``: see ``TlsSettings``; a ``tls://`` URL
+    also requires TLS, and then credentials are never sent in clear text.
+    """
+
     url: str = "nats://127.0.0.1:4222"
     user: str | None = None
     password: Secret | None = None
     token: Secret | None = None
     creds_file: str | None = None
     connect_timeout_s: PositiveFloat = 2.0
+    tls: TlsSettings | None = None
 
 
 class StreamSettings(_Strict, frozen=True):
@@ -159,6 +188,14 @@ class GatewaySettings(_Strict, frozen=True):
     that an early failover (which voids it) stays invisible; 0 forwards text at
     once. ``nats_user``/``nats_password``: the gateway's NATS user (the ``client``
     user of nats.conf), used when the NATS URL carries no credentials.
+
+    Connection limits (docs/gateway.md, "Limits"), so that slow or idle clients
+    cannot hold the process's sockets: ``max_connections`` open at once (a
+    request beyond it gets a 503); a request's headers must arrive within
+    ``header_timeout_s`` of the connection (or of its first byte, for a later
+    request) and its body within ``body_timeout_s`` after them; an idle
+    keep-alive connection closes after ``keepalive_timeout_s``; a client that
+    takes nothing of a pending answer for ``write_timeout_s`` is cut.
     """
 
     host: str = "127.0.0.1"
@@ -169,6 +206,11 @@ class GatewaySettings(_Strict, frozen=True):
     retry_after_s: PositiveInt = 1
     nats_user: str | None = None
     nats_password: Secret | None = None
+    max_connections: PositiveInt = 1000
+    header_timeout_s: PositiveFloat = 10.0
+    body_timeout_s: PositiveFloat = 30.0
+    keepalive_timeout_s: PositiveFloat = 5.0
+    write_timeout_s: PositiveFloat = 30.0
 
 
 class Config(_Strict, frozen=True):

@@ -7,10 +7,13 @@ its stream sequence number (``#12``) or by its job's request id.
 Replay puts the job back where a client would have put it: ``llm.jobs.<route>``,
 or ``llm.pool.<pool>`` when it was pinned. The attempts are cleared, the
 deadline starts afresh from the route's ``deadline_s``, and the request id stays
-the same (the original client's reply subject still works if it waits); the
-``Nats-Msg-Id`` is ``<id>.replay.<seq>`` so that the jobs stream's duplicate
-window does not swallow it. The dead letter is deleted only after the publish
-was acknowledged, so a failed replay loses nothing.
+the same (the original client's reply subject still works if it waits; the
+replay is a new job, with its own ``job_seq``, so a client folding the first
+run's events needs to start over: ``tail`` does). The ``Nats-Msg-Id`` is
+``<id>.replay.<seq>.<random>``, so that neither the jobs stream's duplicate
+window nor a client that guessed the id can swallow it; the PubAck must say it
+was stored (not a duplicate), and only then is the dead letter deleted, so a
+failed replay loses nothing.
 
 These calls need the operator's (``worker``) NATS user: the ``client`` user may
 not read the DLQ, and the server answers a denied request with silence, which
@@ -22,6 +25,7 @@ from __future__ import annotations
 import base64
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -123,7 +127,8 @@ async def replay(nc: NATS, entry: DeadLetterEntry, config: Config | None) -> Rep
     await _check_target(nc, job)
     fresh = _fresh_job(job, config)
     subject = pool_subject(job.pool) if job.pool else route_subject(job.route)
-    await _publish(nc, subject, fresh, msg_id=f"{job.id}.replay.{entry.seq}")
+    msg_id = f"{job.id}.replay.{entry.seq}.{uuid.uuid4().hex[:16]}"
+    await _publish(nc, subject, fresh, msg_id=msg_id)
     await delete_dead_letter(nc, entry.seq)
     return Replayed(
         seq=entry.seq, request_id=job.id, subject=subject, deadline_ms=fresh.deadline_ms
@@ -176,11 +181,15 @@ async def _publish(nc: NATS, subject: str, job: Job, *, msg_id: str) -> None:
     headers = {"Nats-Msg-Id": msg_id, "Nats-TTL": f"{ttl_s}s"}
     try:
         with nats_errors(f"publish to {subject}"):
-            await nc.jetstream().publish(subject, encode(job), headers=headers, timeout=5.0)
+            ack = await nc.jetstream().publish(subject, encode(job), headers=headers, timeout=5.0)
     except QueueFull as exc:
         raise QueueFull(f"{subject} is full; request {job.id} stays in the DLQ") from exc
     except RelayError as exc:
         raise type(exc)(f"{exc.message}; {job.id} stays in the DLQ") from exc
+    if ack.duplicate:  # stored before under this id: this publish stored nothing
+        raise RelayError(
+            f"{subject} reported message id {msg_id} as a duplicate; {job.id} stays in the DLQ"
+        )
 
 
 async def _get(nc: NATS, body: dict[str, Any]) -> DeadLetterEntry | None:

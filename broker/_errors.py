@@ -11,7 +11,9 @@
     ├── DlqAccessError              dlq_unavailable      403  these credentials cannot read the DLQ
     ├── DeadLetterNotFound          not_found            404  no such dead letter
     ├── InvalidApiKey               invalid_api_key      401  (gateway) missing or wrong bearer key
-    ├── InvalidJob            wire  invalid_job          400
+    ├── DuplicateRequest            duplicate_request    409  (client) request id submitted before
+    ├── LeaseLost                   lease_lost                (worker) its delivery was taken back
+    ├── InvalidJob            wire  invalid_job          400  ``field`` names the job field
     │   └── InvalidRequest          invalid_job          400  (gateway) ``param`` names the field
     ├── UnknownRoute          wire  unknown_route        404
     ├── PayloadTooLarge       wire  payload_too_large    413
@@ -139,6 +141,21 @@ class InvalidApiKey(RelayError):
     http_status = 401
 
 
+class DuplicateRequest(RelayError):
+    """The request id was already submitted (the jobs stream's duplicate window)."""
+
+    code = "duplicate_request"
+    retryable = False
+    http_status = 409
+
+
+class LeaseLost(RelayError):
+    """A worker's delivery of a job outlived its ack deadline; another delivery has it."""
+
+    code = "lease_lost"
+    retryable = False
+
+
 # --- the job itself was refused, or ended before an answer ------------------------------
 
 
@@ -149,6 +166,10 @@ class InvalidJob(RelayError):
     retryable = False
     http_status = 400
     wire = True
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field  # the job field at fault (``messages[0].role``), if one is
 
 
 class InvalidRequest(InvalidJob):

@@ -1,14 +1,32 @@
-"""The reset fold: the one rule for which of a job's events count.
+"""The reset fold: the one rule for which of a job's events count, and how attempts are named.
 
 A job may be delivered to a provider more than once (retry, failover, a worker
-that died), and every delivery has its own ``attempt`` number. Events of two
+that died or stalled), and every delivery has its own attempt id. Events of two
 attempts can interleave (a backup may stream before the failing worker's
-notice arrives), so only ``attempt`` orders them:
+notice arrives, a stopped worker may wake up and go on), and other jobs may
+name the same reply subject, so:
 
-- a chunk of an older attempt than the newest seen is stale and ignored;
-- a chunk of a newer attempt, or ``notice{reset: true}`` of the current or a
-  newer attempt, voids the text of the attempt before it;
-- ``done`` and ``error`` end the answer.
+- an event of another job (``job_seq`` set and not this job's) never counts;
+- an event of an older attempt than the newest seen is stale and never counts,
+  ``done`` and ``error`` included: a superseded attempt cannot end the answer;
+- an event of a newer attempt, or ``notice{reset: true}`` of the current one,
+  voids the text of the attempt before it;
+- ``done`` and ``error`` of the current (or a newer) attempt end the answer,
+  and nothing counts after that.
+
+**Attempt ids** (``attempt_id``, made by the worker, ``workers/_job.py``). A
+message in the jobs stream has an attempt base: 0 for the job its client
+published, and for a re-queue ``requeue_base(attempt)`` of the delivery that
+re-queued it (the ``Llmrelay-Attempt-Base`` header, which only workers can
+write: re-queues travel on ``llm.requeue.<pool>``). The n-th delivery of a
+message has the id ``base + n``. Written in base 1024, an id is the list of
+delivery counts along the job's path (``1``, ``2``: redelivered; ``2·1024+1``:
+re-queued by its second delivery), so ids are unique per job, a redelivery
+outranks the delivery before it, and a re-queue outranks every delivery of
+the message it came from (also when two deliveries of one message both
+re-queued it). ``job_seq`` (the stream sequence of the job as its client
+published it, the seq of the client's PubAck) names the job itself, so a job
+someone else aimed at the same reply subject never out-ranks it.
 
 ``Fold`` applies the rule and hands text to ``_text`` and voids to ``_void``.
 ``Answer`` (the client library, the CLI) keeps the current attempt's text;
@@ -19,26 +37,53 @@ from __future__ import annotations
 
 from broker._protocol import Chunk, Done, Error, Event, Notice
 
+# Deliveries of one message that attempt ids tell apart (streams.max_deliver is far below).
+ATTEMPT_RADIX = 1024
+
+
+def attempt_id(base: int, delivery: int) -> int:
+    """The id of the ``delivery``-th delivery (1, 2, ...) of a message with attempt ``base``."""
+    return base + max(1, min(delivery, ATTEMPT_RADIX - 1))
+
+
+def requeue_base(attempt: int) -> int:
+    """The attempt base of a message re-queued by attempt ``attempt``: above all its ids."""
+    return attempt * ATTEMPT_RADIX
+
 
 class Fold:
-    """Apply the attempt-ordering rule to a job's events, one at a time."""
+    """Apply the attempt-ordering rule to a job's events, one at a time.
 
-    def __init__(self) -> None:
+    ``job_seq``: the job's own stream sequence (a client knows it from its
+    PubAck); unknown (None), the fold keeps to the job of the first event that
+    names one.
+    """
+
+    def __init__(self, job_seq: int | None = None) -> None:
         self.attempt = 0
+        self.job_seq = job_seq
         self.done: Done | None = None
         self.error: Error | None = None
 
+    def accepts(self, event: Event) -> bool:
+        """Would ``event`` count: this job's, of its current or a newer attempt, not ended?"""
+        if self.finished or event.attempt < self.attempt:
+            return False
+        return not event.job_seq or self.job_seq is None or event.job_seq == self.job_seq
+
     def add(self, event: Event) -> str:
         """Fold one event in; return the text it adds to the answer ("" for none)."""
+        if not self.accepts(event):
+            return ""  # another job's, a superseded attempt's, or after the end
+        if event.job_seq and self.job_seq is None:
+            self.job_seq = event.job_seq
+        if event.attempt > self.attempt and _starts_over(event):
+            self._void(event.attempt, f"attempt {event.attempt} started over")
         match event:
-            case Chunk(attempt=attempt) if attempt < self.attempt:
-                return ""  # a straggler of an attempt that was already voided
-            case Chunk(attempt=attempt, delta=delta):
-                if attempt > self.attempt:
-                    self._void(attempt, f"attempt {attempt} started over")
+            case Chunk(delta=delta):
                 return self._text(delta)
-            case Notice(reset=True, attempt=attempt) if attempt >= self.attempt:
-                self._void(attempt, reset_reason(event))
+            case Notice(reset=True):
+                self._void(event.attempt, reset_reason(event))
             case Done():
                 self.done = event
             case Error():
@@ -59,8 +104,8 @@ class Fold:
 class Answer(Fold):
     """Folds events into one clean answer: the text of the newest attempt."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, job_seq: int | None = None) -> None:
+        super().__init__(job_seq)
         self._parts: list[str] = []
         self.resets = 0
 
@@ -77,6 +122,12 @@ class Answer(Fold):
             self.resets += 1
         self._parts.clear()
         super()._void(attempt, reason)
+
+
+def _starts_over(event: Event) -> bool:
+    """A newer attempt's event voids older text (a reset notice says why itself; an
+    error ends the answer without one)."""
+    return not isinstance(event, Error) and not (isinstance(event, Notice) and event.reset)
 
 
 def reset_reason(notice: Notice) -> str:

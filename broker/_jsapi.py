@@ -54,7 +54,7 @@ async def api_request(
 def priority_consumer_config(
     *,
     name: str,
-    filter_subject: str,
+    filter_subjects: list[str],
     group: str,
     policy: str,
     ack_wait_s: float,
@@ -62,10 +62,16 @@ def priority_consumer_config(
     max_ack_pending: int,
     max_waiting: int,
 ) -> dict[str, Any]:
+    """A durable priority-group consumer; one filter subject is sent as ``filter_subject``."""
+    filters: dict[str, Any] = (
+        {"filter_subject": filter_subjects[0]}
+        if len(filter_subjects) == 1
+        else {"filter_subjects": filter_subjects}
+    )
     return {
         "durable_name": name,
         "name": name,
-        "filter_subject": filter_subject,
+        **filters,
         "ack_policy": "explicit",
         "deliver_policy": "all",
         "replay_policy": "instant",

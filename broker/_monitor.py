@@ -12,7 +12,9 @@ that subject, so the job would sit there until its TTL and its client would wait
 for nothing. The janitor answers every such job with ``error{unknown_route}`` on
 its ``reply_to`` (only a plain ``llm.reply.`` subject), parks it in the DLQ and
 deletes it from the job stream. Jobs younger than ``grace_s`` are left alone: a
-route being created right now gets its consumer first.
+route being created right now gets its consumer first. Any payload is survived
+(``broker/_validate.decode_untrusted``: a job nested too deep for the decoder is
+just not a job), and a payload that is not a job is parked as a bounded preview.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
-import msgspec
 from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
@@ -31,7 +32,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from broker._config import Config
-from broker._errors import JetStreamApiError, RelayError
+from broker._errors import InvalidJob, JetStreamApiError, RelayError
 from broker._jsapi import api_request
 from broker._nats import nats_errors
 from broker._protocol import (
@@ -39,7 +40,6 @@ from broker._protocol import (
     Error,
     Job,
     LifecycleEvent,
-    decode_job,
     encode,
     now_ms,
 )
@@ -48,12 +48,12 @@ from broker._subjects import (
     JOBS_PREFIX,
     JOBS_STREAM,
     POOL_PREFIX,
-    REPLY_PREFIX,
     dlq_subject,
     events_subject,
     is_valid_name,
     js_api,
 )
+from broker._validate import decode_untrusted, is_reply_subject, preview
 
 log = logging.getLogger("llmrelay.monitor")
 
@@ -293,7 +293,7 @@ class Janitor:
         what, name = _target_of(subject)
         text = f"no {what} named {name!r} is configured on this broker"
         route = name if what == "route" and is_valid_name(name) else _route_of(job)
-        answered = job is not None and _plain_reply(job.reply_to)
+        answered = job is not None and is_reply_subject(job.reply_to)
         if job is not None and answered:
             await self.nc.publish(job.reply_to, encode(Error(code="unknown_route", message=text)))
         letter = DeadLetter(
@@ -302,7 +302,8 @@ class Janitor:
             at_ms=now_ms(),
             route=route,
             job=job,
-            raw=None if job else data.decode(errors="replace"),
+            raw=None if job else preview(data),
+            raw_bytes=0 if job else len(data),
         )
         await self.nc.jetstream().publish(dlq_subject(route), encode(letter), timeout=5.0)
         await api_request(
@@ -339,8 +340,8 @@ def _target_of(subject: str) -> tuple[str, str]:
 
 def _decode(data: bytes) -> Job | None:
     try:
-        return decode_job(data)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+        return decode_untrusted(data)
+    except InvalidJob:
         return None
 
 
@@ -348,12 +349,3 @@ def _route_of(job: Job | None) -> str:
     if job is not None and is_valid_name(job.route):
         return job.route
     return INVALID_ROUTE
-
-
-def _plain_reply(subject: str) -> bool:
-    """Only a literal subject under llm.reply.: a job must not make us publish elsewhere."""
-    return (
-        subject.startswith(REPLY_PREFIX + ".")
-        and len(subject) > len(REPLY_PREFIX) + 1
-        and not any(c in subject for c in "*> \t\r\n")
-    )

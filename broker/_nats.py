@@ -11,25 +11,32 @@ so the gateway and the CLI catch ``RelayError`` only. Credentials are chosen in
 one place (``credentials``): credentials in the URL win; else the caller's own
 user (the gateway's ``client`` user); else ``nats.user``/``password``/``token``/
 ``creds_file`` from the config.
+
+TLS is required when ``nats.tls`` is set or any URL is ``tls://``. nats-py
+itself upgrades only when the server asks for TLS, and would otherwise send
+CONNECT (password included) in clear text; ``_TlsClient`` refuses to send
+CONNECT over a connection that is not encrypted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from urllib.parse import urlsplit
 
 import msgspec
 import nats
 from nats.aio.client import Client as NATS
-from nats.errors import MaxPayloadError, NoServersError
+from nats.errors import MaxPayloadError, NoServersError, UnexpectedEOF
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 
-from broker._config import NatsSettings, Secret
+from broker._config import NatsSettings, Secret, TlsSettings
 from broker._errors import (
     BrokerUnavailable,
+    ConfigError,
     ConnectFailed,
     PayloadTooLarge,
     QueueFull,
@@ -90,6 +97,8 @@ async def connect(
     """Connect to ``url`` (default ``settings.url``) with the credentials the rule picks."""
     url = url or settings.url
     creds = credentials(url, settings, user=user, password=password)
+    if creds.creds_file is not None:
+        _check_readable(creds.creds_file, "nats.creds_file")
     return await connect_nats(
         url,
         name=name,
@@ -100,6 +109,7 @@ async def connect(
         creds_file=creds.creds_file,
         inbox_prefix=inbox_prefix,
         reconnected=reconnected,
+        tls=settings.tls,
     )
 
 
@@ -114,6 +124,7 @@ async def connect_nats(
     creds_file: str | None = None,
     inbox_prefix: str = CLIENT_INBOX_PREFIX,
     reconnected: Reconnected | None = None,
+    tls: TlsSettings | None = None,
 ) -> NATS:
     """Connect to NATS or raise ``ConnectFailed`` with one clear line.
 
@@ -121,17 +132,24 @@ async def connect_nats(
     clients may subscribe to ``_INBOX.>`` (nats.conf), so a worker's inboxes
     must live elsewhere or any client could read other users' prompts.
     Later reconnects are retried forever (``reconnected`` is called after each).
+    With ``tls`` (or a ``tls://`` URL) the connection is encrypted or not made.
     """
     first = _FirstConnect(servers=url.count(",") + 1)
+    required = tls_required(url, tls)
+    context = tls_context(tls) if required else None
 
     async def quiet(exc: Exception) -> None:
         first.failed(exc)
 
     async def _connect() -> NATS:
-        return await nats.connect(
+        nc = _TlsClient(tls_required=required)
+        await nc.connect(
             url,
+            tls=context,
+            tls_handshake_first=tls is not None and tls.handshake_first,
             name=name,
-            connect_timeout=timeout_s,
+            # Annotated int in nats-py, used as an asyncio timeout: a float works.
+            connect_timeout=timeout_s,  # type: ignore[arg-type]
             max_reconnect_attempts=-1,
             allow_reconnect=True,
             error_cb=quiet,
@@ -142,17 +160,132 @@ async def connect_nats(
             inbox_prefix=inbox_prefix,
             reconnected_cb=reconnected,
         )
+        return nc
 
     try:
         return await first.run(_connect(), timeout_s=timeout_s * first.servers + 0.5)
     except (NoServersError, OSError, NatsTimeout) as exc:
-        cause = first.error or exc
-        if isinstance(cause, nats.errors.Error) and not isinstance(cause, NatsTimeout):
-            raise ConnectFailed(f"cannot connect to {redact(url)}: {cause}") from exc
-        why = str(cause) or f"timed out after {timeout_s:g}s"
-        raise ConnectFailed(f"no NATS server answered at {redact(url)} ({why})") from exc
+        late_tls = required and not (tls is not None and tls.handshake_first)
+        raise _connect_failed(
+            first.error or exc, redact(url), timeout_s, tls=required, late_tls=late_tls
+        ) from exc
     except nats.errors.Error as exc:
         raise ConnectFailed(f"cannot connect to {redact(url)}: {exc}") from exc
+
+
+def _connect_failed(
+    cause: BaseException, url: str, timeout_s: float, *, tls: bool, late_tls: bool
+) -> ConnectFailed:
+    """The one line that says why the first connect failed.
+
+    ``late_tls``: TLS is required and starts after the server's INFO, so a server
+    that waits for the client's TLS first (handshake_first) sends nothing.
+    """
+    if isinstance(cause, ssl.SSLError):
+        return ConnectFailed(f"TLS with {url} failed: {_tls_problem(cause)}")
+    if tls and isinstance(cause, BrokenPipeError | ConnectionResetError | UnexpectedEOF):
+        return ConnectFailed(
+            f"TLS with {url} failed: the server closed the connection after the handshake "
+            f"({cause or type(cause).__name__}); a server that verifies clients needs a "
+            "client certificate it trusts (nats.tls.cert_file/key_file)"
+        )
+    if late_tls and isinstance(cause, nats.errors.Error) and "expecting INFO" in str(cause):
+        return ConnectFailed(f"TLS with {url} failed: the server sent no INFO; {_FIRST_HINT}")
+    if isinstance(cause, nats.errors.Error) and not isinstance(cause, NatsTimeout):
+        return ConnectFailed(f"cannot connect to {url}: {cause}")
+    why = str(cause) or f"timed out after {timeout_s:g}s"
+    timed_out = isinstance(cause, NatsTimeout | TimeoutError)
+    hint = f"; {_FIRST_HINT}" if late_tls and timed_out else ""
+    return ConnectFailed(f"no NATS server answered at {url} ({why}){hint}")
+
+
+_FIRST_HINT = (
+    "a server with tls { handshake_first: true } waits for the client's TLS "
+    "first: set nats.tls.handshake_first: true"
+)
+
+
+# --- TLS ------------------------------------------------------------------------------
+
+
+def tls_required(url: str, tls: TlsSettings | None) -> bool:
+    """TLS is required with ``nats.tls`` set (even empty) or any ``tls://`` URL."""
+    return tls is not None or any(u.strip().startswith("tls://") for u in url.split(","))
+
+
+def tls_context(tls: TlsSettings | None) -> ssl.SSLContext:
+    """The client side of TLS: the server's certificate is verified, by ``ca_file`` if given.
+
+    A file that cannot be used is a ``ConfigError`` naming its key.
+    """
+    tls = tls or TlsSettings()
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if tls.ca_file is not None:
+        _check_readable(tls.ca_file, "nats.tls.ca_file")
+        with _tls_file_errors("nats.tls.ca_file", "a PEM CA certificate"):
+            ctx.load_verify_locations(cafile=tls.ca_file)
+    if tls.cert_file is not None and tls.key_file is not None:
+        _check_readable(tls.cert_file, "nats.tls.cert_file")
+        _check_readable(tls.key_file, "nats.tls.key_file")
+        with _tls_file_errors("nats.tls.cert_file", "a PEM certificate matching key_file"):
+            ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    return ctx
+
+
+def _check_readable(path: str, key: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from exc
+
+
+@contextlib.contextmanager
+def _tls_file_errors(key: str, wanted: str) -> Iterator[None]:
+    try:
+        yield
+    except ssl.SSLError as exc:
+        raise ConfigError(f"{key}: not {wanted} ({exc.reason or exc})") from exc
+
+
+def _tls_problem(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"certificate verify failed: {exc.verify_message} "
+            "(is nats.tls.ca_file the CA that signed the server's certificate?)"
+        )
+    reason = exc.reason or str(exc)
+    if "CERTIFICATE_REQUIRED" in reason or "HANDSHAKE_FAILURE" in reason:
+        return f"{reason}: the server asks for a client certificate (nats.tls.cert_file/key_file)"
+    if "WRONG_VERSION_NUMBER" in reason:
+        return f"{reason}: the server does not start with TLS (nats.tls.handshake_first?)"
+    return reason
+
+
+class _TlsClient(NATS):
+    """nats-py's client, which never sends CONNECT in clear text when TLS is required.
+
+    nats-py upgrades to TLS only when the server's INFO says ``tls_required``;
+    against any other server it would send CONNECT, password included, as is.
+    """
+
+    def __init__(self, *, tls_required: bool) -> None:
+        super().__init__()
+        self._llmrelay_tls_required = tls_required
+
+    def _connect_command(self) -> bytes:
+        if self._llmrelay_tls_required and not _encrypted(self._transport):
+            raise nats.errors.Error(
+                "TLS is required (a tls:// URL or nats.tls) but the server does not offer "
+                "TLS; nothing was sent (no CONNECT, no credentials)"
+            )
+        command: bytes = super()._connect_command()
+        return command
+
+
+def _encrypted(transport: object) -> bool:
+    writer = getattr(transport, "_io_writer", None)
+    return writer is not None and writer.get_extra_info("ssl_object") is not None
 
 
 class _FirstConnect:

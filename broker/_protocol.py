@@ -9,10 +9,14 @@ Events are a tagged union on the ``type`` field::
 
     Event = Chunk | Notice | Done | Error
 
-Chunks carry ``attempt`` (a number that grows with every delivery of the job to
-a provider) and ``seq`` (0, 1, 2 ... within that attempt). A client keeps only
-the text of the newest attempt: a ``Notice`` with ``reset=True``, or a chunk of a
-newer attempt, discards what came before.
+Every event carries ``attempt`` (the id of one delivery of the job to a
+provider: unique, and growing with every redelivery and re-queue) and
+``job_seq`` (the stream sequence of the job as its client published it, the
+seq of its PubAck), and chunks carry ``seq`` (0, 1, 2 ... within that attempt).
+A client keeps only the text of the newest attempt of its own job
+(``broker/_fold.py``): a ``Notice`` with ``reset=True``, or an event of a newer
+attempt, discards what came before, and events of older attempts or of another
+job never count.
 """
 
 from __future__ import annotations
@@ -67,7 +71,6 @@ class Job(msgspec.Struct, omit_defaults=True, kw_only=True):
     top_p: float | None = None
     stop: list[str] | None = None
     seed: int | None = None
-    priority: int = 0
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
     traceparent: str | None = None
     created_ms: int = 0
@@ -99,6 +102,8 @@ class Chunk(msgspec.Struct, tag="chunk", tag_field="type", kw_only=True, omit_de
     delta: str
     pool: str | None = None
     model: str | None = None
+    # The job's stream sequence as its client published it (0: not from a delivery).
+    job_seq: int = 0
 
 
 NoticeKind = Literal["retry", "failover", "requeued", "redelivered", "degraded"]
@@ -114,6 +119,8 @@ class Notice(msgspec.Struct, tag="notice", tag_field="type", kw_only=True, omit_
     to_pool: str | None = None
     reset: bool = False
     delay_ms: int | None = None
+    # The job's stream sequence as its client published it (0: not from a delivery).
+    job_seq: int = 0
 
 
 class Done(msgspec.Struct, tag="done", tag_field="type", kw_only=True):
@@ -127,6 +134,8 @@ class Done(msgspec.Struct, tag="done", tag_field="type", kw_only=True):
     timings: Timings
     degraded: bool = False
     attempts: list[Attempt] = msgspec.field(default_factory=list)
+    # The job's stream sequence as its client published it (0: not from a delivery).
+    job_seq: int = 0
 
 
 class Error(msgspec.Struct, tag="error", tag_field="type", kw_only=True):
@@ -137,13 +146,20 @@ class Error(msgspec.Struct, tag="error", tag_field="type", kw_only=True):
     retryable: bool = False
     attempt: int = 0
     attempts: list[Attempt] = msgspec.field(default_factory=list)
+    # The job's stream sequence as its client published it (0: not from a delivery).
+    job_seq: int = 0
 
 
 Event = Chunk | Notice | Done | Error
 
 
 class DeadLetter(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """What `llm.dlq.<route>` holds: the job (or its raw bytes) and why it died."""
+    """What `llm.dlq.<route>` holds: the job, or a preview of a payload that was
+    not one, and why it died.
+
+    ``raw`` is never the payload itself: it is its first 2 KiB as escaped text
+    (``broker/_validate.preview``), and ``raw_bytes`` the payload's full size.
+    """
 
     code: str
     message: str
@@ -151,6 +167,7 @@ class DeadLetter(msgspec.Struct, kw_only=True, omit_defaults=True):
     route: str
     job: Job | None = None
     raw: str | None = None
+    raw_bytes: int = 0
 
 
 class Heartbeat(msgspec.Struct, kw_only=True, omit_defaults=True):

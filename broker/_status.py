@@ -347,7 +347,10 @@ def _consumer_counts(info: dict[str, Any] | None) -> dict[str, Any]:
 
 def _stray(subjects: dict[str, int], consumers: dict[str, dict[str, Any]]) -> list[StrayQueue]:
     """Job subjects with messages but no consumer that would ever read them."""
-    read = {c.get("config", {}).get("filter_subject") for c in consumers.values()}
+    read: set[str] = set()
+    for consumer in consumers.values():
+        config = consumer.get("config", {})
+        read.update(config.get("filter_subjects") or [config.get("filter_subject")])
     return [
         StrayQueue(subject=subject, jobs=count)
         for subject, count in sorted(subjects.items())

@@ -12,6 +12,8 @@ WORKERS_BUCKET = "llm_workers"
 
 JOBS_PREFIX = "llm.jobs"
 POOL_PREFIX = "llm.pool"
+# Re-queues to a backup pool: workers only (nats.conf), so their routing state is trusted.
+REQUEUE_PREFIX = "llm.requeue"
 REPLY_PREFIX = "llm.reply"
 CANCEL_PREFIX = "llm.cancel"
 EVENTS_PREFIX = "llm.events"
@@ -27,6 +29,12 @@ JS_API_PREFIX = "$JS.API"
 # Published by the server when a job was delivered max_deliver times (NATS-NOTES.md).
 MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{JOBS_STREAM}.*"
 
+# Headers of a re-queued job (on ``llm.requeue.<pool>`` only, so a worker wrote them):
+# the job's stream sequence as its client published it, and the attempt id base of
+# the re-queued message (``broker/_fold.py``, attempt ids).
+JOB_SEQ_HEADER = "Llmrelay-Job-Seq"
+ATTEMPT_BASE_HEADER = "Llmrelay-Attempt-Base"
+
 # Every priority-group consumer has exactly one group.
 PRIORITY_GROUP = "workers"
 
@@ -39,6 +47,18 @@ def route_subject(route: str) -> str:
 
 def pool_subject(pool: str) -> str:
     return f"{POOL_PREFIX}.{pool}"
+
+
+def requeue_subject(pool: str) -> str:
+    return f"{REQUEUE_PREFIX}.{pool}"
+
+
+def arrival(subject: str) -> tuple[str, str]:
+    """What a job's subject says about it: ``("route", name)``, ``("pool", name)``
+    (both published by clients) or ``("requeue", pool)`` (by a worker); else ``("", "")``."""
+    prefix, _, name = subject.rpartition(".")
+    kinds = {JOBS_PREFIX: "route", POOL_PREFIX: "pool", REQUEUE_PREFIX: "requeue"}
+    return (kinds[prefix], name) if prefix in kinds and name else ("", "")
 
 
 def reply_subject(request_id: str) -> str:
@@ -82,4 +102,6 @@ def pool_consumer(pool: str) -> str:
 
 
 def is_valid_name(name: str) -> bool:
-    return bool(NAME_RE.match(name))
+    """A route or pool name usable as a subject token: ``[a-z0-9_-]+``, and nothing after
+    it (``re.match`` with ``$`` would let a trailing newline through into a subject)."""
+    return NAME_RE.fullmatch(name) is not None

@@ -5,14 +5,24 @@
 rights). It is idempotent: a second run with the same config changes nothing,
 and a changed limit in config updates the stream in place.
 
-    LLM_JOBS     llm.jobs.<route>, llm.pool.<pool>   WorkQueue, file, bounded per subject
+    LLM_JOBS     llm.jobs.<route>, llm.pool.<pool>,  WorkQueue, file, bounded per subject
+                 llm.requeue.<pool>                  and in bytes
     LLM_REPLIES  llm.reply.<id>                      memory, short max_age (replay, tail)
     LLM_EVENTS   llm.events.<kind>                   file, max_age (lifecycle)
     LLM_DLQ      llm.dlq.<route>                     file, long max_age (dead letters)
     KV llm_workers                                   heartbeats with TTL + limit markers
 
-Each route subject and each pool subject has one durable priority-group
-consumer; the route's spill policy picks its priority policy.
+``LLM_JOBS`` takes the subjects of the configured routes and pools only, so a
+job for anything else fails at publish (no responders) instead of waiting for
+nobody; a changed route list updates the stream. Each route subject has one
+durable priority-group consumer (the route's spill policy picks its priority
+policy), and so has each pool, reading both its own subject (pinned jobs) and
+its re-queue subject (``llm.requeue.<pool>``, which only workers may publish to).
+
+Every stream has a byte limit. They are derived, not configured (yet): the
+jobs stream holds ``queue_capacity`` jobs of ``max_job_bytes``, capped so that
+all file streams together fit the 10GB file store of nats.conf (JetStream
+reserves each stream's ``max_bytes`` when it is created).
 """
 
 from __future__ import annotations
@@ -39,15 +49,14 @@ from broker._subjects import (
     DLQ_STREAM,
     EVENTS_PREFIX,
     EVENTS_STREAM,
-    JOBS_PREFIX,
     JOBS_STREAM,
-    POOL_PREFIX,
     PRIORITY_GROUP,
     REPLIES_STREAM,
     REPLY_PREFIX,
     WORKERS_BUCKET,
     pool_consumer,
     pool_subject,
+    requeue_subject,
     route_consumer,
     route_subject,
 )
@@ -55,7 +64,24 @@ from broker._subjects import (
 _ERR_CREATING_STORE = 10049
 # Outstanding pulls a consumer accepts: one per free slot of every worker.
 MAX_WAITING_PULLS = 8192
+_GIB = 1024**3
 REPLIES_MAX_BYTES = 512 * 1024 * 1024
+JOBS_MAX_BYTES_CAP = 4 * _GIB
+EVENTS_MAX_BYTES = 1 * _GIB
+DLQ_MAX_BYTES = 1 * _GIB
+WORKERS_MAX_BYTES = 64 * 1024 * 1024
+
+
+def job_subjects(config: Config) -> list[str]:
+    """Every subject LLM_JOBS takes: configured routes, pools and their re-queues."""
+    routes = [route_subject(name) for name in sorted(config.routes)]
+    pools = sorted(config.pools)
+    return routes + [pool_subject(p) for p in pools] + [requeue_subject(p) for p in pools]
+
+
+def jobs_max_bytes(config: Config) -> int:
+    s = config.streams
+    return min(s.queue_capacity * s.max_job_bytes, JOBS_MAX_BYTES_CAP)
 
 
 def stream_configs(config: Config) -> list[StreamConfig]:
@@ -63,13 +89,14 @@ def stream_configs(config: Config) -> list[StreamConfig]:
     return [
         StreamConfig(
             name=JOBS_STREAM,
-            subjects=[f"{JOBS_PREFIX}.>", f"{POOL_PREFIX}.>"],
+            subjects=job_subjects(config),
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
             discard=DiscardPolicy.NEW,
             discard_new_per_subject=True,
             max_msgs_per_subject=s.queue_capacity,
             max_msg_size=s.max_job_bytes,
+            max_bytes=jobs_max_bytes(config),
             duplicate_window=s.duplicate_window_s,
             allow_msg_ttl=True,
             num_replicas=s.replicas,
@@ -88,6 +115,8 @@ def stream_configs(config: Config) -> list[StreamConfig]:
             subjects=[f"{EVENTS_PREFIX}.>"],
             storage=StorageType.FILE,
             max_age=s.events_max_age_s,
+            max_bytes=EVENTS_MAX_BYTES,
+            discard=DiscardPolicy.OLD,
             num_replicas=s.replicas,
         ),
         StreamConfig(
@@ -95,6 +124,7 @@ def stream_configs(config: Config) -> list[StreamConfig]:
             subjects=[f"{DLQ_PREFIX}.>"],
             storage=StorageType.FILE,
             max_age=s.dlq_max_age_s,
+            max_bytes=DLQ_MAX_BYTES,
             num_replicas=s.replicas,
         ),
     ]
@@ -148,6 +178,7 @@ async def _ensure_workers_bucket(js: JetStreamContext, config: Config) -> None:
             history=1,
             ttl=ttl,
             limit_marker_ttl=max(ttl, 1.0),
+            max_bytes=WORKERS_MAX_BYTES,
             storage=StorageType.MEMORY,
             replicas=config.streams.replicas,
         )
@@ -167,7 +198,7 @@ def consumer_configs(config: Config) -> list[dict[str, Any]]:
         out.append(
             priority_consumer_config(
                 name=route_consumer(name),
-                filter_subject=route_subject(name),
+                filter_subjects=[route_subject(name)],
                 group=PRIORITY_GROUP,
                 policy=_route_policy(route),
                 ack_wait_s=max(p.ack_wait_s for p in pools),
@@ -180,7 +211,7 @@ def consumer_configs(config: Config) -> list[dict[str, Any]]:
         out.append(
             priority_consumer_config(
                 name=pool_consumer(name),
-                filter_subject=pool_subject(name),
+                filter_subjects=[pool_subject(name), requeue_subject(name)],
                 group=PRIORITY_GROUP,
                 policy="prioritized",
                 ack_wait_s=pool.ack_wait_s,

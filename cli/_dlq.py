@@ -133,7 +133,9 @@ def _describe(e: DeadLetterEntry) -> list[str]:
     lines.append(f"  code:     {letter.code}")
     lines.append(f"  reason:   {letter.message}")
     if job is None:
-        return [*lines, "  job:      undecodable; raw bytes:", f"    {letter.raw or ''}"]
+        size = f"{letter.raw_bytes} bytes" if letter.raw_bytes else "size unknown"
+        head = f"  job:      undecodable ({size}); escaped preview of its start:"
+        return [*lines, head, f"    {letter.raw or ''}"]
     pinned = f" (pinned to pool {job.pool})" if job.pool else ""
     lines.append(f"  request:  {job.id}{pinned}")
     for i, a in enumerate(job.attempts, 1):

@@ -64,9 +64,8 @@ def gateway(
     Also serves /healthz, /readyz and /metrics.
     """
     # Imported here: every other command starts without the web stack.
-    import uvicorn
-
     from gateway import run_gateway
+    from gateway._serve import run_gateway_processes
 
     setup_logging(json_logs, log_level)
     cfg = config_from(config)
@@ -101,15 +100,14 @@ def gateway(
         os.environ[NATS_URL_ENV] = nats_url
     with tempfile.TemporaryDirectory(prefix="llmrelay-gateway-metrics-") as metrics_dir:
         os.environ[METRICS_DIR_ENV] = metrics_dir
-        uvicorn.run(
+        run_gateway_processes(
+            cfg,
             "cli._gateway:app_from_env",
-            factory=True,
             workers=workers,
             host=bind_host,
             port=bind_port,
             log_level=log_level.lower(),
-            timeout_graceful_shutdown=drain_s,
-            access_log=False,
+            graceful_s=drain_s,
         )
 
 

@@ -4,7 +4,10 @@
 ``streams.replies_max_age_s``) with an ordered consumer, from its first event,
 then follows it live until ``done`` or ``error``: started after the request
 ended it prints the whole answer at once. The answer goes to stdout and the
-rest to stderr, as with ``submit``, and the exit code is ``submit``'s.
+rest to stderr, as with ``submit``, and the exit code is ``submit``'s. Only
+events that count are shown (``broker/_fold.py``): those of the current
+attempt of the run being followed, never a superseded attempt's late text or
+``done``, nor another job's events on the same subject.
 
 ``tail`` without an ID prints one line per lifecycle event (``llm.events.*``:
 retry, failover, done, failed, dead) of every request, optionally filtered.
@@ -26,6 +29,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from broker._config import Config
 from broker._errors import DeadlineExceeded, RelayError, RequestFailed
+from broker._fold import Fold
 from broker._protocol import Done, Error, LifecycleEvent, decode_event, decode_lifecycle
 from broker._status import stream_info
 from broker._subjects import EVENTS_PREFIX, EVENTS_STREAM, REPLIES_STREAM, reply_subject
@@ -148,6 +152,7 @@ async def _follow_replies(nc: NATS, request_id: str, view: View, timeout: float 
         deliver_policy=DeliverPolicy.ALL,
     )
     deadline = time.monotonic() + timeout if timeout else None
+    fold = Fold()  # the run being followed: the job of its first event
     try:
         while True:
             left = None if deadline is None else max(0.001, deadline - time.monotonic())
@@ -158,8 +163,12 @@ async def _follow_replies(nc: NATS, request_id: str, view: View, timeout: float 
                     f"request {request_id} did not end within {timeout:g}s"
                 ) from exc
             event = decode_event(msg.data)
+            if not fold.accepts(event):
+                continue  # a superseded attempt's, or another job's
+            fold.add(event)
             if isinstance(event, Done | Error) and msg.metadata.num_pending > 0:
                 view.superseded(event)  # a run that ended; `dlq replay` ran it again
+                fold = Fold()
                 continue
             view.event(event)
             if isinstance(event, Done):

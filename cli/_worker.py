@@ -25,6 +25,12 @@ def worker(
     metrics_port: Annotated[
         int | None, typer.Option("--metrics-port", help="Serve Prometheus /metrics on this port.")
     ] = None,
+    metrics_host: Annotated[
+        str,
+        typer.Option(
+            "--metrics-host", help="Address /metrics listens on (0.0.0.0: every interface)."
+        ),
+    ] = "127.0.0.1",
     drain_s: Annotated[
         float, typer.Option("--drain-s", help="On SIGTERM, seconds to finish in-flight jobs.")
     ] = 10.0,
@@ -46,6 +52,7 @@ def worker(
         nats_url=nats_url,
         concurrency=concurrency,
         metrics_port=metrics_port,
+        metrics_host=metrics_host,
         drain_s=drain_s,
     )
     anyio.run(_serve, w)

@@ -214,6 +214,9 @@ class Gateway:
     async def _read_body(self, request: Request) -> bytes:
         # A job larger than max_job_bytes is refused anyway; do not buffer more.
         limit = 2 * self.config.streams.max_job_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"the request body ({declared} bytes) exceeds {limit} bytes")
         parts, size = [], 0
         async for part in request.stream():
             size += len(part)

@@ -54,6 +54,10 @@ log = logging.getLogger("llmrelay.gateway")
 KEEPALIVE_S = 10.0
 # Events buffered between the NATS subscription and a slow HTTP client.
 _EVENT_BUFFER = 256
+# A stream still being written this long past its job's deadline is cut: the
+# worker has stopped by then, so what is left is a client too slow to read its
+# answer (one that reads nothing at all is cut sooner, by gateway.write_timeout_s).
+SLOW_READER_GRACE_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +129,11 @@ class Exchange:
                 case Notice():
                     fold.notice(event)
                 case Done() | Error():
-                    return event
+                    fold.add(event)  # only the current attempt's ends the answer
+            if fold.done is not None:
+                return fold.done
+            if fold.error is not None:
+                return fold.error
         raise RelayError("the reply stream ended without done or error")  # pragma: no cover
 
     def error(self, event: Error) -> ApiError:
@@ -179,15 +187,24 @@ class EventStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._scope, self._send = scope, send
         try:
-            with self.metrics.in_flight.track_inprogress():
+            with (
+                self.metrics.in_flight.track_inprogress(),
+                anyio.move_on_after(self._cut_in_s()) as cut,
+            ):
                 async with anyio.create_task_group() as tg:
                     events_in, events_out = anyio.create_memory_object_stream[Event](_EVENT_BUFFER)
                     tg.start_soon(self._pump, events_in)
                     tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
                     self.outcome = await self._relay(events_out)
                     tg.cancel_scope.cancel()
+            if cut.cancelled_caught:
+                self.outcome = "deadline_exceeded"  # a reader too slow for the deadline
         finally:
             await self.x.finish(self.outcome, stream=True)
+
+    def _cut_in_s(self) -> float:
+        """Seconds until a stream still being written is cut (see ``SLOW_READER_GRACE_S``)."""
+        return self.x.handle.job.deadline_ms / 1000 - time.time() + SLOW_READER_GRACE_S
 
     async def _pump(self, events_in: ObjectSendStream[Event]) -> None:
         async with events_in:
@@ -203,12 +220,15 @@ class EventStreamResponse(Response):
                         await self._chunk(chunk)
                     case Notice() as notice:
                         self.fold.notice(notice)
-                    case Done() as done:
+                    case Done() as done if self.fold.accepts(done):
+                        self.fold.add(done)  # a newer attempt's empty answer voids sent text
                         await self._done(done)
                         return "done"
-                    case Error() as error:
+                    case Error() as error if self.fold.accepts(error):
                         await self._fail(self.x.error(error))
                         return error.code
+                    case Done() | Error():
+                        pass  # a superseded attempt's end: the answer goes on
                     case _:
                         await self._tick()
         except StreamReset as exc:

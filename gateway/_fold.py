@@ -35,10 +35,12 @@ class ReplyFold(Fold):
     (``notice{reset}``, or a chunk of a newer attempt) drops held text silently
     and raises ``StreamReset`` if text of the voided attempt was already sent.
     ``holdback_s``: how long the first text is held (``math.inf``: until done).
+    Events of a superseded attempt or of another job never count (``Fold``): a
+    late ``done`` of an older attempt does not end the answer.
     """
 
-    def __init__(self, holdback_s: float = 0.0) -> None:
-        super().__init__()
+    def __init__(self, holdback_s: float = 0.0, job_seq: int | None = None) -> None:
+        super().__init__(job_seq)
         self.holdback_s = holdback_s
         self.sent_chars = 0
         self.resets = 0

@@ -16,6 +16,7 @@ import msgspec
 from broker._client import JobOptions
 from broker._errors import InvalidRequest
 from broker._protocol import Message
+from broker._validate import valid_traceparent
 
 
 class _ContentPart(msgspec.Struct):
@@ -77,6 +78,8 @@ def parse_request(body: bytes) -> ChatRequest:
         raise _invalid_field(str(exc)) from exc
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # msgspec's guard against deep nesting
+        raise InvalidRequest("the request body is nested too deeply") from exc
     _refuse_unsupported(req)
     return req
 
@@ -135,7 +138,14 @@ def _text_of(m: _MessageIn, i: int) -> str:
 
 
 def job_options(req: ChatRequest, traceparent: str | None) -> JobOptions:
-    """The sampling options of a request, as ``Job`` fields."""
+    """The sampling options of a request, as ``Job`` fields.
+
+    An invalid ``traceparent`` header is dropped, as W3C Trace Context asks of a
+    receiver (the job would be refused as ``invalid_job`` otherwise); the other
+    fields are checked again, with the rest of the job, by ``validate_job``.
+    """
+    if traceparent is not None and not valid_traceparent(traceparent):
+        traceparent = None
     metadata = dict(req.metadata or {})
     if req.user:
         metadata["user"] = req.user

@@ -45,7 +45,7 @@ async def test_duplicate_submit_creates_one_job(nc: NATS, client_url: str) -> No
     await ensure_topology(nc, make_config(POOLS, ROUTES))
     async with RelayClient(client_url) as relay:
         await relay.submit("hi", route="chat", request_id="same-id")
-        await relay.submit("hi", route="chat", request_id="same-id")
+        await relay.submit("hi", route="chat", request_id="same-id", retry=True)
     assert (await consumer_info(nc, "LLM_JOBS", "route_chat"))["num_pending"] == 1
 
 

@@ -86,17 +86,35 @@ async def test_monitor_serves_queue_state_from_jetstream(
     assert served["llmrelay_pool_circuit_workers", (("pool", "a"), ("state", "closed"))] == 1
 
 
+async def strand(nc: NATS) -> None:
+    """The operator removes route ``ghost`` and pool ``nopool`` while jobs wait on them.
+
+    The stream stops taking their subjects (a new publish fails at once), and once
+    their consumers are deleted nothing would ever read the jobs left behind.
+    """
+    await ensure_topology(nc, relay_config({"a": mock_pool("http://127.0.0.1:9")}, ROUTES))
+    for consumer in ("route_ghost", "pool_nopool"):
+        await nc.jetstream().delete_consumer("LLM_JOBS", consumer)
+
+
+BEFORE = relay_config(
+    {"a": mock_pool("http://127.0.0.1:9"), "nopool": mock_pool("http://127.0.0.1:9")},
+    {**ROUTES, "ghost": [("a", "gpt")]},
+)
+
+
 async def test_janitor_answers_and_dead_letters_jobs_for_unknown_routes(
     nc: NATS, client_url: str
 ) -> None:
-    await ensure_topology(nc, relay_config({"a": mock_pool("http://127.0.0.1:9")}, ROUTES))
+    await ensure_topology(nc, BEFORE)
     client = await nats.connect(client_url)
     replies = await client.subscribe("llm.reply.>")
-    cjs = client.jetstream()  # a raw NATS client, not the library (which refuses these)
+    cjs = client.jetstream()  # a raw NATS client, not the library
     await cjs.publish("llm.jobs.ghost", encode(raw_job("r1", "ghost")))
     await cjs.publish("llm.jobs.ghost", b"not a job")
     await cjs.publish("llm.pool.nopool", encode(raw_job("r2", "chat")))
     await cjs.publish("llm.jobs.chat", encode(raw_job("r3", "chat")))  # a real route: kept
+    await strand(nc)
     mon = Monitor(nc, grace_s=0)
     first = await mon.tick()
     answers = [await replies.next_msg(timeout=5) for _ in range(2)]
@@ -133,8 +151,9 @@ async def test_janitor_answers_and_dead_letters_jobs_for_unknown_routes(
 
 
 async def test_janitor_leaves_young_jobs_alone(nc: NATS) -> None:
-    await ensure_topology(nc, relay_config({"a": mock_pool("http://127.0.0.1:9")}, ROUTES))
+    await ensure_topology(nc, BEFORE)
     await nc.jetstream().publish("llm.jobs.ghost", encode(raw_job("r1", "ghost")))
+    await strand(nc)
     mon = Monitor(nc, grace_s=60)
     status = await mon.tick()
     assert status is not None and [s.jobs for s in status.stray] == [1]

@@ -7,26 +7,41 @@ way an arq job gets its ``ctx``. The worker builds one after it has connected
 objects, shared by every job of the pool. ``circuit_changed`` is the worker's
 hook (``_peers.Peers.circuit_changed``), called after every breaker update.
 
-The pool-wide actions a job can take live here too: dead-letter a job (DLQ
-publish, metric, ``dead`` event) and pause the whole pool after a 429.
+The pool-wide actions a job can take live here too: answer a job (only on a
+plain ``llm.reply.`` subject, ``broker/_validate.is_reply_subject``), dead-letter
+it (DLQ publish, metric, ``dead`` event) and pause the whole pool after a 429.
+Answering and dead-lettering never raise for NATS trouble: they log and report
+whether it worked, so that a failure to park one bad job never reaches the
+worker's task group (the caller decides what becomes of the message).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
+import msgspec
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from broker._config import Config, PoolConfig
-from broker._protocol import DeadLetter, Job, LifecycleEvent, PoolPause, encode, now_ms
+from broker._errors import RelayError
+from broker._nats import nats_errors
+from broker._protocol import DeadLetter, Event, Job, LifecycleEvent, PoolPause, encode, now_ms
 from broker._subjects import dlq_subject, events_subject, pause_subject
+from broker._validate import is_reply_subject, preview
 from workers._circuit import CircuitBreaker
 from workers._http import HttpShards
 from workers._metrics import WorkerMetrics
 from workers._ratelimit import RateBudget
+
+log = logging.getLogger("llmrelay.worker")
+
+DLQ_TIMEOUT_S = 5.0
+# Room for the headers of a DLQ publish below the server's max payload.
+_HEADER_ROOM_BYTES = 4096
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -69,9 +84,30 @@ class PoolContext:
         """A bounded metric label: configured models by name, anything else as "other"."""
         return model if model in self._known_models else "other"
 
-    async def dead_letter(self, letter: DeadLetter) -> None:
+    async def answer(self, reply_to: str, event: Event) -> bool:
+        """Publish ``event`` to a job's reply subject; False if it is not a plain
+        ``llm.reply.`` subject (a job must not make a worker publish elsewhere) or
+        NATS did not take it."""
+        if not is_reply_subject(reply_to):
+            return False
+        try:
+            with nats_errors(f"answer on {reply_to}"):
+                await self.nc.publish(reply_to, encode(event))
+        except RelayError as exc:
+            log.warning("could not answer on %s: %s", reply_to, exc)
+            return False
+        return True
+
+    async def dead_letter(self, letter: DeadLetter) -> bool:
+        """Park ``letter`` in the DLQ; False (logged) if JetStream did not take it."""
         subject = dlq_subject(letter.route)
-        await self.js.publish(subject, encode(letter), timeout=5.0)
+        try:
+            with nats_errors(f"dead-letter to {subject}"):
+                await self.js.publish(subject, self._fitting(letter), timeout=DLQ_TIMEOUT_S)
+        except RelayError as exc:
+            rid = letter.job.id if letter.job else "an undecodable job"
+            log.error("could not dead-letter %s (%s): %s", rid, letter.code, exc)
+            return False
         self.metrics.dead_lettered(letter.route, letter.code)
         event = LifecycleEvent(
             kind="dead",
@@ -81,7 +117,23 @@ class PoolContext:
             at_ms=letter.at_ms,
             detail=f"{letter.code}: {letter.message}",
         )
-        await self.nc.publish(events_subject("dead"), encode(event))
+        try:
+            with nats_errors("the dead event"):
+                await self.nc.publish(events_subject("dead"), encode(event))
+        except RelayError as exc:
+            log.warning("dead-lettered, but the dead event was not sent: %s", exc)
+        return True
+
+    def _fitting(self, letter: DeadLetter) -> bytes:
+        """The letter, encoded within the server's max payload: a job too large to
+        embed whole is kept as a preview of its encoding, like a bad payload."""
+        data = encode(letter)
+        if letter.job is None or len(data) <= self.nc.max_payload - _HEADER_ROOM_BYTES:
+            return data
+        job = encode(letter.job)
+        return encode(
+            msgspec.structs.replace(letter, job=None, raw=preview(job), raw_bytes=len(job))
+        )
 
     async def pause_pool(self, seconds: float) -> None:
         """Pause every worker of this pool (an upstream 429 with Retry-After)."""

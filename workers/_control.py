@@ -12,10 +12,15 @@ Three core-NATS subscriptions (subjects from ``broker/_subjects.py``):
 
 ``dead_letter_bug`` parks a job whose run raised an unexpected exception; the
 worker's ``_run_job`` calls it so a bug in one job never reaches the task group.
+
+Both publish to a job's reply subject only through ``PoolContext.answer`` (a
+plain ``llm.reply.`` subject, as at intake), keep a payload that is not a job as
+a bounded preview, and never raise for NATS trouble.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import anyio
@@ -23,17 +28,24 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
-from broker._errors import InternalError
-from broker._protocol import DeadLetter, Error, Job, decode_job, decode_pause, encode, now_ms
+from broker._errors import InternalError, InvalidJob, RelayError
+from broker._fold import attempt_id
+from broker._nats import nats_errors
+from broker._protocol import DeadLetter, Error, Job, decode_pause, now_ms
 from broker._subjects import (
     JOBS_STREAM,
     MAX_DELIVERIES_ADVISORY,
     cancel_all_subject,
+    is_valid_name,
     pause_subject,
 )
+from broker._validate import decode_untrusted
 from workers._context import PoolContext
-from workers._intake import INVALID_ROUTE_TOKEN
+from workers._delivery import stored_identity
+from workers._intake import INVALID_ROUTE_TOKEN, raw_letter, refusal, settle
 from workers._job import JobRun
+
+log = logging.getLogger("llmrelay.worker")
 
 DLQ_QUEUE_GROUP = "llmrelay-dlq"
 
@@ -74,51 +86,62 @@ class Control:
         except (msgspec.DecodeError, KeyError, TypeError, ValueError):
             return
         try:
-            stored = await self.ctx.js.get_msg(JOBS_STREAM, seq)
-        except NotFoundError:
+            with nats_errors(f"reading poison job {seq}"):
+                stored = await self.ctx.js.get_msg(JOBS_STREAM, seq)
+        except RelayError as exc:
+            if not isinstance(exc.__cause__, NotFoundError):  # gone already: another worker's
+                log.warning("max deliveries of job %d: %s", seq, exc)
             return
-        await self._dead_letter_poison(stored.data or b"", seq)
+        job_seq, base = stored_identity(stored.subject or "", stored.headers, seq)
+        await self._dead_letter_poison(stored.data or b"", seq, job_seq, base)
 
-    async def _dead_letter_poison(self, data: bytes, seq: int) -> None:
-        try:
-            job: Job | None = decode_job(data)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            job = None
+    async def _dead_letter_poison(self, data: bytes, seq: int, job_seq: int, base: int) -> None:
+        """Park, answer, delete; a job the DLQ did not take stays in the stream, never lost.
+
+        The answer names the job and its last delivery's attempt, so the client's
+        fold takes it as the end of this job (not a stale event).
+        """
+        job = _job_or_none(data)
         max_deliver = self.ctx.config.streams.max_deliver
         reason = f"delivered {max_deliver} times without an answer (workers died?)"
-        letter = DeadLetter(
-            code=InternalError.code,
-            message=reason,
-            at_ms=now_ms(),
-            route=job.route if job else INVALID_ROUTE_TOKEN,
-            job=job,
-            raw=None if job else data.decode(errors="replace"),
-        )
-        await self.ctx.dead_letter(letter)
+        if not await self.ctx.dead_letter(_letter(InternalError.code, reason, job, data)):
+            return
         if job is not None:
-            error = Error(code=InternalError.code, message=reason)
-            await self.ctx.nc.publish(job.reply_to, encode(error))
-        await self.ctx.js.delete_msg(JOBS_STREAM, seq)
+            error = Error(
+                code=InternalError.code,
+                message=reason,
+                attempt=attempt_id(base, max_deliver),
+                job_seq=job_seq,
+            )
+            await self.ctx.answer(job.reply_to, error)
+        try:
+            with nats_errors(f"deleting poison job {seq}"):
+                await self.ctx.js.delete_msg(JOBS_STREAM, seq)
+        except RelayError as exc:
+            log.warning("poison job %d parked but not deleted: %s", seq, exc)
 
 
 async def dead_letter_bug(ctx: PoolContext, run: JobRun) -> None:
-    """Answer and park a job whose run raised unexpectedly, then terminate its message."""
+    """Answer and park a job whose run raised unexpectedly, then settle its message."""
     job = run.job
     with anyio.CancelScope(shield=True):
         if job is not None:
-            err = Error(
-                code=InternalError.code,
-                message="llmrelay failed on this job; it was dead-lettered",
-            )
-            await ctx.nc.publish(job.reply_to, encode(err))
-        await ctx.dead_letter(
-            DeadLetter(
-                code=InternalError.code,
-                message="worker bug",
-                at_ms=now_ms(),
-                route=job.route if job else INVALID_ROUTE_TOKEN,
-                job=job,
-                raw=None if job else run.msg.data.decode(errors="replace"),
-            )
-        )
-        await run.msg.term()
+            message = "llmrelay failed on this job; it was dead-lettered"
+            await ctx.answer(job.reply_to, refusal(run.delivery, InternalError.code, message, job))
+        letter = _letter(InternalError.code, "worker bug", job, run.msg.data or b"")
+        await settle(run.msg, await ctx.dead_letter(letter))
+
+
+def _job_or_none(data: bytes) -> Job | None:
+    try:
+        return decode_untrusted(data)
+    except InvalidJob:
+        return None
+
+
+def _letter(code: str, message: str, job: Job | None, data: bytes) -> DeadLetter:
+    """The job's dead letter, or a bounded preview of ``data`` when there is no job."""
+    if job is None:
+        return raw_letter(code, message, data)
+    route = job.route if is_valid_name(job.route) else INVALID_ROUTE_TOKEN
+    return DeadLetter(code=code, message=message, at_ms=now_ms(), route=route, job=job)

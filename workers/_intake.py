@@ -1,82 +1,122 @@
-"""The checks on a delivered job before any upstream call: decode it, find its model.
+"""The checks on a delivered job before any upstream call: decode, validate, find its model.
 
-``JobRun._run`` (``_job.py``) starts with these. Bad input never raises out of
-here: it is answered (when a reply subject can be read, and only under
-``llm.reply.``) and parked in the dead-letter queue, and the message is
-terminated so it is not delivered again.
+``JobRun._run`` (``_job.py``) starts with these. Every job comes from an
+untrusted client: it is decoded with ``decode_untrusted`` (any payload, however
+large, deep or malformed, is an ``InvalidJob``, never an exception of another
+kind) and checked field by field with ``broker/_validate.validate_job``, which
+also clamps its deadline to the route's ``deadline_s``.
+
+Bad input never raises out of here: it is answered (when a reply subject can
+be read, and only under ``llm.reply.``), parked in the dead-letter queue (a
+payload that is not a job as a bounded, escaped preview, never its raw bytes),
+and its message is settled (``settle``).
 """
 
 from __future__ import annotations
 
-import msgspec
+import logging
+
 from nats.aio.msg import Msg
 
-from broker._errors import InvalidJob, UnknownRoute
-from broker._protocol import DeadLetter, Error, Job, decode_job, encode, now_ms
-from broker._subjects import REPLY_PREFIX, is_valid_name
+from broker._errors import InvalidJob, PayloadTooLarge, RelayError, UnknownRoute
+from broker._nats import nats_errors
+from broker._protocol import DeadLetter, Error, Job, now_ms
+from broker._subjects import is_valid_name
+from broker._validate import decode_untrusted, peek, preview, validate_job
 from workers._context import PoolContext
+from workers._delivery import Delivery
+
+log = logging.getLogger("llmrelay.worker")
 
 INVALID_ROUTE_TOKEN = "_invalid"
+# A refused job the DLQ could not take comes back after this long, to be parked again.
+DLQ_RETRY_S = 2.0
 
 
-async def read_job(ctx: PoolContext, msg: Msg) -> Job | None:
-    """The job in ``msg``, or None once a job that cannot be served was rejected."""
+async def read_job(ctx: PoolContext, delivery: Delivery) -> Job | None:
+    """The delivered job fit to serve, or None once a job that cannot be served was rejected.
+
+    Routing state is the workers' (``Delivery.trusted``: the subject decides the
+    route) before any field is checked, so the route's limits are the ones applied.
+    """
     try:
-        job = decode_job(msg.data)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        await _reject_raw(ctx, msg, InvalidJob.code, f"the job could not be decoded: {exc}")
+        job = delivery.trusted(decode_untrusted(delivery.msg.data))
+    except InvalidJob as exc:
+        await _reject_raw(ctx, delivery, exc.code, exc.message)
         return None
-    if not _valid_reply(job.reply_to):
-        await _reject_raw(ctx, msg, InvalidJob.code, "reply_to must be a subject under llm.reply.")
+    try:
+        return validate_job(job, ctx.config, now_ms())
+    except (InvalidJob, PayloadTooLarge) as exc:
+        await _reject(ctx, delivery, job, exc.code, exc.message)
         return None
-    return job
 
 
-async def resolve_model(ctx: PoolContext, msg: Msg, job: Job) -> str | None:
+async def resolve_model(ctx: PoolContext, delivery: Delivery, job: Job) -> str | None:
     """The upstream model this pool uses for ``job``, or None once the job was rejected."""
     model = ctx.model_for(job)
     if model is None:
         message = f"pool {ctx.pool_name} does not serve route {job.route!r}"
-        await _reject(ctx, msg, job, UnknownRoute.code, message)
+        await _reject(ctx, delivery, job, UnknownRoute.code, message)
     return model
 
 
-async def _reject(ctx: PoolContext, msg: Msg, job: Job, code: str, message: str) -> None:
-    error = Error(code=code, message=message, attempts=job.attempts)
-    await ctx.nc.publish(job.reply_to, encode(error))
-    route = job.route if is_valid_name(job.route) else INVALID_ROUTE_TOKEN
-    await ctx.dead_letter(
-        DeadLetter(code=code, message=message, at_ms=now_ms(), route=route, job=job)
-    )
-    await msg.term()
+async def settle(msg: Msg, parked: bool) -> None:
+    """Terminate the message of a job that was dead-lettered; hand it back if it was not.
 
-
-async def _reject_raw(ctx: PoolContext, msg: Msg, code: str, message: str) -> None:
-    """Answer a job we could not decode, if a reply subject can be read from it."""
-    loose = _loose_fields(msg.data)
-    reply, route = loose.get("reply_to"), loose.get("route")
-    if isinstance(reply, str) and _valid_reply(reply):
-        await ctx.nc.publish(reply, encode(Error(code=code, message=message)))
-    token = route if isinstance(route, str) and is_valid_name(route) else INVALID_ROUTE_TOKEN
-    raw = msg.data[: ctx.config.streams.max_job_bytes].decode(errors="replace")
-    await ctx.dead_letter(
-        DeadLetter(code=code, message=message, at_ms=now_ms(), route=token, raw=raw)
-    )
-    await msg.term()
-
-
-def _valid_reply(subject: str) -> bool:
-    """Only plain subjects under llm.reply.: a job must not make a worker publish elsewhere."""
-    return (
-        subject.startswith(REPLY_PREFIX + ".")
-        and len(subject) > len(REPLY_PREFIX) + 1
-        and not any(c in subject for c in "*> \t\r\n")
-    )
-
-
-def _loose_fields(data: bytes) -> dict[str, object]:
+    Parked, it must never come back: ``term``. When the DLQ did not take it
+    (a timeout, the DLQ stream gone), ``nak`` with a delay instead of ``term``:
+    the job stays in the queue, so nothing is silently lost, and it comes back
+    in ``DLQ_RETRY_S`` to be parked again. That is no crash loop (a retry costs
+    one decode, and nothing raises), and it ends: after ``max_deliver`` tries
+    the max-deliveries advisory (``_control.py``) parks the job, or, with the
+    DLQ still down, leaves it in the stream for an operator to see.
+    """
     try:
-        value = msgspec.json.decode(data)
-    except msgspec.DecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
+        with nats_errors("settling a refused job"):
+            if parked:
+                await msg.term()
+            else:
+                await msg.nak(delay=DLQ_RETRY_S)
+    except RelayError as exc:  # connection gone, or acked already: redelivery decides
+        log.warning("could not settle a refused job: %s", exc)
+
+
+def raw_letter(code: str, message: str, data: bytes, route: str | None = None) -> DeadLetter:
+    """The dead letter of a payload that is not a job: a bounded preview, never the bytes."""
+    token = route if route is not None and is_valid_name(route) else INVALID_ROUTE_TOKEN
+    return DeadLetter(
+        code=code,
+        message=message,
+        at_ms=now_ms(),
+        route=token,
+        raw=preview(data),
+        raw_bytes=len(data),
+    )
+
+
+def refusal(delivery: Delivery, code: str, message: str, job: Job | None = None) -> Error:
+    """The error event of a refused delivery, named by its job and attempt like any other."""
+    attempts = job.attempts if job is not None else []
+    return Error(
+        code=code,
+        message=message,
+        attempt=delivery.attempt,
+        attempts=attempts,
+        job_seq=delivery.job_seq,
+    )
+
+
+async def _reject(ctx: PoolContext, delivery: Delivery, job: Job, code: str, message: str) -> None:
+    await ctx.answer(job.reply_to, refusal(delivery, code, message, job))
+    route = job.route if is_valid_name(job.route) else INVALID_ROUTE_TOKEN
+    letter = DeadLetter(code=code, message=message, at_ms=now_ms(), route=route, job=job)
+    await settle(delivery.msg, await ctx.dead_letter(letter))
+
+
+async def _reject_raw(ctx: PoolContext, delivery: Delivery, code: str, message: str) -> None:
+    """Answer a payload that is not a job, if a reply subject can be read from it."""
+    data = delivery.msg.data
+    reply, route = peek(data)
+    if reply is not None:
+        await ctx.answer(reply, refusal(delivery, code, message))
+    await settle(delivery.msg, await ctx.dead_letter(raw_letter(code, message, data, route)))

@@ -13,12 +13,16 @@ error event (plus a dead letter when no target is left).
 
 A run sees its worker only through a ``PoolContext`` (``_context.py``): the
 pool's config, connection, HTTP shards, breaker, budget and metrics.
+
+What a run may trust of its job, which attempt it is, and whether the worker
+still holds it are its ``_delivery.Delivery``'s: a run whose lease lapsed
+(``LeaseLost``) ends without publishing, acking or re-queueing anything. Every
+event it publishes carries its attempt id and the job's ``job_seq``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
 
@@ -33,13 +37,13 @@ from broker._errors import (
     Cancelled,
     CircuitOpen,
     DeadlineExceeded,
+    LeaseLost,
     ProviderError,
     ProviderTimeout,
     RateLimited,
     RelayError,
     StreamInterrupted,
 )
-from broker._nats import nats_errors
 from broker._protocol import (
     Attempt,
     Chunk,
@@ -55,10 +59,11 @@ from broker._protocol import (
     encode,
     now_ms,
 )
-from broker._subjects import events_subject, pool_subject
+from broker._subjects import events_subject
 from workers._context import PoolContext
 from workers._decide import Decision, Fail, FailureContext, Requeue, Retry, decide, next_target
-from workers._intake import read_job, resolve_model
+from workers._delivery import Delivery
+from workers._intake import DLQ_RETRY_S, read_job, resolve_model
 from workers._ratelimit import estimate_tokens
 from workers.providers._base import Finish, Malformed, StreamItem, TextDelta
 
@@ -75,39 +80,40 @@ class JobRun:
         self.job: Job | None = None
         self.model = ""
         self.model_label = ""
-        self.attempt = 0
+        self.delivery = Delivery(msg, ctx.pool.ack_wait_s)
+        self.job_seq, self.attempt = self.delivery.job_seq, self.delivery.attempt
         self.seq = 0
         self.started = time.monotonic()
         self.first_token_at: float | None = None
         self.degraded = False
         self.cancel_scope = anyio.CancelScope()
         self.cancelled_by_client = False
-        self.last_progress = time.monotonic()
         self._items: AsyncIterator[StreamItem] | None = None
         self._shard: int | None = None
 
     @property
     def deliveries(self) -> int:
-        return int(self.msg.metadata.num_delivered)
+        return self.delivery.deliveries
 
     # --- steps -----------------------------------------------------------------
 
     async def run(self) -> None:
         try:
             await self._run()
+        except LeaseLost as exc:
+            rid = self.job.id if self.job else "?"
+            log.warning("job %s: %s; stopped, nothing published or acked", rid, exc.message)
         finally:
             await self._close_upstream()
 
     async def _run(self) -> None:
-        job = await read_job(self.ctx, self.msg)
+        self.job = job = await read_job(self.ctx, self.delivery)
         if job is None:
             return
-        self.job = job
-        model = await resolve_model(self.ctx, self.msg, job)
+        model = await resolve_model(self.ctx, self.delivery, job)
         if model is None:
             return
         self.model, self.model_label = model, self.ctx.model_label(model)
-        self.attempt = sum(a.deliveries for a in job.attempts) + self.deliveries
         self.ctx.metrics.job_started((now_ms() - job.created_ms) / 1000 if job.created_ms else 0.0)
         if self._remaining_s() <= 0:
             await self._finish_error(
@@ -257,7 +263,7 @@ class JobRun:
                 attempts=job.attempts,
             )
         )
-        await self.msg.ack()
+        await self._ack()
         await self._close_upstream()
         self.ctx.metrics.job_done(
             self.model_label, total_s, usage.prompt_tokens, usage.completion_tokens
@@ -329,7 +335,7 @@ class JobRun:
                 message=f"{err.code}: {err.message}",
             )
         )
-        await self.msg.nak(delay=decision.delay_s)
+        await self._nak(decision.delay_s)
         await self._lifecycle("retry", f"{err.code}; again in {decision.delay_s:.2f}s")
 
     async def _requeue(self, decision: Requeue, job: Job, err: ProviderError) -> None:
@@ -348,37 +354,29 @@ class JobRun:
         moved = msgspec.structs.replace(
             job, attempts=[*job.attempts, self._attempt_record(err)], rank=decision.rank
         )
-        ttl_s = max(1, math.ceil(self._remaining_s()) + 1)
-        headers = {"Nats-Msg-Id": f"{job.id}.{len(moved.attempts)}", "Nats-TTL": f"{ttl_s}s"}
-        subject = pool_subject(decision.pool)
         try:
-            with nats_errors(f"re-queue to {subject}"):
-                await self.ctx.js.publish(subject, encode(moved), headers=headers, timeout=5.0)
-        except RelayError as exc:  # full backup queue, timeout: hand the job back
+            await self.delivery.requeue(self.ctx.js, decision.pool, moved, self._remaining_s())
+        except RelayError as exc:  # full backup queue, timeout, id taken: hand the job back
             log.warning(
-                "re-queue of %s to %s failed (%r); redelivering",
+                "re-queue of %s to %s failed (%s); redelivering",
                 job.id,
                 decision.pool,
                 exc,
                 extra=self._log_fields(job),
             )
-            await self.msg.nak(delay=1.0)
+            await self._nak(1.0)
             return
         self.ctx.metrics.failed_over(decision.pool)
-        await self.msg.ack()
+        await self._ack()
 
     async def _fail(self, decision: Fail, job: Job, err: ProviderError) -> None:
         attempts = [*job.attempts, self._attempt_record(err)]
-        if decision.dead_letter:
-            await self.ctx.dead_letter(
-                DeadLetter(
-                    code=decision.code,
-                    message=decision.message,
-                    at_ms=now_ms(),
-                    route=job.route,
-                    job=msgspec.structs.replace(job, attempts=attempts),
-                )
-            )
+        if decision.dead_letter and not await self._park(decision, job, attempts):
+            # The DLQ did not take it: hand the job back rather than ack it unparked.
+            # It comes back (a new attempt, or deadline_exceeded) or, after
+            # max_deliver tries, the max-deliveries advisory parks it.
+            await self._nak(DLQ_RETRY_S)
+            return
         retryable = decision.code == AllProvidersFailed.code
         await self._publish(
             Error(
@@ -389,10 +387,20 @@ class JobRun:
                 attempts=attempts,
             )
         )
-        await self.msg.ack()
+        await self._ack()
         self.ctx.metrics.job_outcome(self.model_label, "error")
         if not decision.dead_letter:  # PoolContext.dead_letter announced "dead" already
             await self._lifecycle("failed", decision.code)
+
+    async def _park(self, decision: Fail, job: Job, attempts: list[Attempt]) -> bool:
+        letter = DeadLetter(
+            code=decision.code,
+            message=decision.message,
+            at_ms=now_ms(),
+            route=job.route,
+            job=msgspec.structs.replace(job, attempts=attempts),
+        )
+        return await self.ctx.dead_letter(letter)
 
     def _attempt_record(self, err: ProviderError) -> Attempt:
         return Attempt(
@@ -410,7 +418,7 @@ class JobRun:
     async def _cancelled(self) -> None:
         if not self.cancelled_by_client:
             # Shutdown: hand the job back to the queue for another worker.
-            await self.msg.nak()
+            await self._nak()
             return
         await self._finish_error(Cancelled.code, "the client cancelled the request")
 
@@ -419,7 +427,7 @@ class JobRun:
         await self._publish(
             Error(code=code, message=message, attempt=self.attempt, attempts=self.job.attempts)
         )
-        await self.msg.ack()
+        await self._ack()
         self.ctx.metrics.job_outcome(self.model_label, code)
         await self._lifecycle("failed", code)
 
@@ -430,8 +438,17 @@ class JobRun:
         return self.job.deadline_ms / 1000 - time.time()
 
     async def _publish(self, event: Event) -> None:
+        """Publish one event of this attempt, stamped with the job's ``job_seq``."""
         assert self.job is not None
+        self.delivery.hold()
+        event.job_seq = self.job_seq
         await self.ctx.nc.publish(self.job.reply_to, encode(event))
+
+    async def _ack(self) -> None:
+        await self.delivery.ack()
+
+    async def _nak(self, delay_s: float | None = None) -> None:
+        await self.delivery.nak(delay_s)
 
     async def _lifecycle(self, kind: str, detail: str) -> None:
         assert self.job is not None

@@ -2,7 +2,8 @@
 
 The worker calls the hook methods below at named points of a job's life;
 nothing else touches a metric object. Labels are low-cardinality (pool, model,
-code, route), never a request id. Served by ``serve()`` on ``--metrics-port``.
+code, route), never a request id. Served by ``serve()`` on ``--metrics-port``,
+on loopback unless ``--metrics-host`` says otherwise.
 """
 
 from __future__ import annotations
@@ -16,8 +17,14 @@ CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 
 
 class WorkerMetrics:
-    def __init__(self, pool: str, registry: CollectorRegistry | None = None) -> None:
+    """``host``: where ``serve()`` listens; loopback unless the operator says otherwise
+    (``llmrelay worker --metrics-host``), as metrics name pools, models and codes."""
+
+    def __init__(
+        self, pool: str, registry: CollectorRegistry | None = None, *, host: str = "127.0.0.1"
+    ) -> None:
         self.pool = pool
+        self.host = host
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -151,7 +158,8 @@ class WorkerMetrics:
     def circuit_state(self, state: str) -> None:
         self.circuit.labels(self.pool).set(CIRCUIT_VALUES.get(state, 0))
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> Any:
-        """Serve /metrics in a thread; returns the server (``shutdown()`` stops it)."""
-        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, port: int, addr: str | None = None) -> Any:
+        """Serve /metrics on ``addr`` (default: ``host``) in a thread; returns the server
+        (``shutdown()`` stops it)."""
+        server, _thread = start_http_server(port, addr=addr or self.host, registry=self.registry)
         return server

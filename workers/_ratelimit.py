@@ -5,6 +5,11 @@ A pool's limits are shared by its live workers: each worker's bucket refills at
 together stay within the provider's limit. A 429 with Retry-After pauses the
 whole pool (every worker) until then. Clocks are injected so tests need no
 sleeping.
+
+Charges come from job fields a client wrote (``max_tokens``) and from provider
+usage, so they are clamped: a charge or refund is at most
+``MAX_CHARGE_TOKENS``, and a bucket's debt at most ``MAX_DEBT_S`` of its
+refill, so no single job can stop a pool from pulling for longer than that.
 """
 
 from __future__ import annotations
@@ -14,6 +19,11 @@ from collections import deque
 from collections.abc import Callable
 
 Clock = Callable[[], float]
+
+# No one request costs more tokens (the largest context windows are ~2M).
+MAX_CHARGE_TOKENS = 10_000_000
+# A bucket owes at most this many seconds of its refill.
+MAX_DEBT_S = 60.0
 
 
 class TokenBucket:
@@ -44,13 +54,14 @@ class TokenBucket:
         return True
 
     def take(self, n: float) -> None:
-        """Take ``n`` even if that leaves a debt (used to correct estimates)."""
+        """Take ``n`` even if that leaves a debt (used to correct estimates), of at
+        most ``MAX_DEBT_S`` of refill."""
         self._refill()
-        self._level -= n
+        self._level = max(-self.rate_per_s * MAX_DEBT_S, self._level - max(0.0, n))
 
     def give_back(self, n: float) -> None:
         self._refill()
-        self._level = min(self.burst, self._level + n)
+        self._level = min(self.burst, self._level + max(0.0, n))
 
     def wait_s(self, n: float = 1.0) -> float:
         """Seconds until ``n`` tokens are available (0 if now)."""
@@ -159,6 +170,7 @@ class RateBudget:
 
     def charge_tokens(self, n: int) -> None:
         """Charge (or, negative, refund) tokens: estimate first, then the correction."""
+        n = max(-MAX_CHARGE_TOKENS, min(MAX_CHARGE_TOKENS, n))
         self.tokens_used.add(n)
         if self.tpm and n:
             if n > 0:
@@ -169,4 +181,5 @@ class RateBudget:
 
 def estimate_tokens(text_chars: int, max_tokens: int | None, default_completion: int = 256) -> int:
     """Rough prompt+completion estimate before the call (~4 chars per token)."""
-    return max(1, text_chars // 4) + (max_tokens or default_completion)
+    completion = max_tokens if max_tokens is not None and max_tokens > 0 else default_completion
+    return min(MAX_CHARGE_TOKENS, max(1, text_chars // 4) + completion)

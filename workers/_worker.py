@@ -73,6 +73,7 @@ class Worker:
         nats_url: str | None = None,
         concurrency: int | None = None,
         metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
         worker_id: str | None = None,
         drain_s: float = 10.0,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -88,7 +89,7 @@ class Worker:
         self.metrics_port = metrics_port
         self.drain_s = drain_s
         self._transport = transport
-        self.metrics = WorkerMetrics(pool_name)
+        self.metrics = WorkerMetrics(pool_name, host=metrics_host)
         self.breaker = CircuitBreaker(self.pool.circuit)
         self.budget = RateBudget(self.pool.rpm, self.pool.tpm)
         self.running: dict[str, JobRun] = {}
@@ -284,14 +285,18 @@ class Worker:
         self._sched.job_finished()
 
     async def _run_job(self, msg: Msg, route: str | None) -> None:
-        run = JobRun(self._context, msg, route)
+        ctx = self._context
+        run = JobRun(ctx, msg, route)
         key = msg.reply or ""
         self.running[key] = run
         try:
             await run.run()
         except Exception:
-            log.exception("bug while running a job; dead-lettering it")
-            await dead_letter_bug(self._context, run)
+            # The one place a job's unexpected failure is caught. It never reaches
+            # the task group: dead_letter_bug logs NATS trouble instead of raising.
+            rid = run.job.id if run.job is not None else "(not decoded)"
+            log.exception("bug while running job %s; dead-lettering it", rid)
+            await dead_letter_bug(ctx, run)
         finally:
             self.running.pop(key, None)
             self._sched.job_finished()
@@ -320,7 +325,7 @@ class Worker:
 
     async def _housekeeping_loop(self) -> None:
         """In-progress acks for long streams; write off pulls the server forgot."""
-        interval = min(1.0, self.pool.ack_wait_s / 3)
+        interval = min(1.0, self.pool.ack_wait_s / 6)
         while True:
             await anyio.sleep(interval)
             await self._touch_long_runs()
@@ -328,9 +333,18 @@ class Worker:
                 self._wake.set()
 
     async def _touch_long_runs(self) -> None:
-        """Extend the ack deadline of runs that have not been touched for a third of it."""
+        """Extend the ack deadline of runs that have not been touched for a third of it.
+
+        A run whose lease already lapsed (this process was stopped or starved, or
+        cut off from NATS, past its ack deadline) is not extended: the job may be
+        with a redelivery by now. It is cancelled and ends without a word
+        (``_delivery.Delivery``).
+        """
         now = time.monotonic()
         for run in list(self.running.values()):
-            if now - run.last_progress >= self.pool.ack_wait_s / 3 and self.nc.is_connected:
-                run.last_progress = now
-                await run.msg.in_progress()
+            delivery = run.delivery
+            if now - delivery.last_progress < self.pool.ack_wait_s / 3 or not self.nc.is_connected:
+                continue
+            if not await delivery.touch():
+                log.warning("attempt %d lost its lease; stopping it", delivery.attempt)
+                run.cancel_scope.cancel()

@@ -11,6 +11,7 @@ on the class alone, never on a provider's wording.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
@@ -69,25 +70,41 @@ _FILTER_PHRASES = ("content filter", "content management policy", "content polic
 _MAX_MESSAGE_CHARS = 500
 
 
+# The longest wait a provider's Retry-After may impose. A 429 pauses the whole
+# pool (every worker stops pulling), so the provider's word is not taken for
+# longer than the longest common rate-limit window, a minute: past it, the pool
+# tries again, and a provider still over its limit answers with a new 429.
+MAX_RETRY_AFTER_S = 60.0
+
+
 def retry_after_s(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
-    """The wait a 429/503 asks for: ``retry-after-ms``, else ``Retry-After`` seconds or date."""
+    """The wait a 429/503 asks for: ``retry-after-ms``, else ``Retry-After`` seconds or date.
+
+    At most ``MAX_RETRY_AFTER_S``; an unreadable value (``nan`` included) is no value.
+    """
     millis = _float(headers.get("retry-after-ms"))
     if millis is not None:
-        return max(millis / 1000.0, 0.0)
+        return _bounded(millis / 1000.0)
     value = headers.get("retry-after")
     if value is None:
         return None
     seconds = _float(value)
-    return max(seconds, 0.0) if seconds is not None else _from_http_date(value, now)
+    wait = seconds if seconds is not None else _from_http_date(value, now)
+    return None if wait is None else _bounded(wait)
+
+
+def _bounded(seconds: float) -> float:
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
 def _float(value: str | None) -> float | None:
     if value is None:
         return None
     try:
-        return float(value.strip())
+        number = float(value.strip())
     except ValueError:
         return None
+    return None if math.isnan(number) else number
 
 
 def _from_http_date(value: str, now: float | None) -> float | None:
