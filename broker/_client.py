@@ -24,6 +24,7 @@ attempt) the partial text of the abandoned attempt is dropped.
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
@@ -146,7 +147,7 @@ class JobHandle:
     async def cancel(self) -> None:
         """Ask the worker to abort the upstream call (it answers ``cancelled``)."""
         with nats_errors(f"cancel of {self.id}"):
-            await self._client.nc.publish(cancel_subject(self.id), b"")
+            await self._client.nc.publish(cancel_subject(self.id), cancel_payload(self.job))
 
     async def close(self) -> None:
         """Stop listening for this job's events (the job itself goes on). Safe twice."""
@@ -252,6 +253,7 @@ class RelayClient:
             seed=o.seed,
             metadata=dict(o.metadata),
             traceparent=o.traceparent,
+            cancel_key=secrets.token_urlsafe(18),
         )
 
     def _route_timeout(self, route: str) -> float:
@@ -375,6 +377,11 @@ class RelayClient:
                 raise UnknownRoute(f"no {what} is configured on this broker") from exc
             raise
         self._known_targets.add(consumer)
+
+
+def cancel_payload(job: Job) -> bytes:
+    """What ``llm.cancel.<id>`` carries: the job's cancel key (workers check it)."""
+    return (job.cancel_key or "").encode()
 
 
 def _messages(prompt: str | Sequence[Message], system: str | None) -> list[Message]:

@@ -186,8 +186,10 @@ class GatewaySettings(_Strict, frozen=True):
     ``request_timeout_s``: a request's deadline; unset, the route's ``deadline_s``.
     ``stream_holdback_ms``: how long a streamed answer's first text is held back so
     that an early failover (which voids it) stays invisible; 0 forwards text at
-    once. ``nats_user``/``nats_password``: the gateway's NATS user (the ``client``
-    user of nats.conf), used when the NATS URL carries no credentials.
+    once. ``keepalive_s``: with nothing to send for this long, a stream sends its
+    headers (if not yet sent) and an SSE comment, so that proxies and clients do
+    not time out. ``nats_user``/``nats_password``: the gateway's NATS user (the
+    ``client`` user of nats.conf), used when the NATS URL carries no credentials.
 
     Connection limits (docs/gateway.md, "Limits"), so that slow or idle clients
     cannot hold the process's sockets: ``max_connections`` open at once (a
@@ -203,6 +205,7 @@ class GatewaySettings(_Strict, frozen=True):
     api_keys: list[Secret] = []
     request_timeout_s: PositiveFloat | None = None
     stream_holdback_ms: NonNegFloat = 0.0
+    keepalive_s: PositiveFloat = 10.0
     retry_after_s: PositiveInt = 1
     nats_user: str | None = None
     nats_password: Secret | None = None

@@ -42,7 +42,7 @@ from broker._errors import (
     QueueFull,
     RelayError,
 )
-from broker._subjects import CLIENT_INBOX_PREFIX, JOBS_STREAM
+from broker._subjects import JOBS_STREAM, inbox_prefix
 
 # JetStream error codes (server/errors.json).
 ERR_MAX_MSGS_PER_SUBJECT = 10077
@@ -62,6 +62,15 @@ class Credentials(msgspec.Struct, frozen=True, kw_only=True):
 
 def url_has_credentials(url: str) -> bool:
     return "@" in urlsplit(url.split(",", 1)[0].strip()).netloc
+
+
+def url_user(urls: str) -> str | None:
+    """The user named in the first URL (``nats://user:pass@host``); None for none or a
+    lone token (``nats://token@host``), which must never end up in a subject."""
+    authority = urlsplit(urls.split(",", 1)[0].strip()).netloc
+    creds, at, _ = authority.rpartition("@")
+    user, colon, _ = creds.partition(":")
+    return user if at and colon and user else None
 
 
 def credentials(
@@ -91,7 +100,7 @@ async def connect(
     name: str = "llmrelay",
     user: str | None = None,
     password: Secret | None = None,
-    inbox_prefix: str = CLIENT_INBOX_PREFIX,
+    inbox: str | None = None,
     reconnected: Reconnected | None = None,
 ) -> NATS:
     """Connect to ``url`` (default ``settings.url``) with the credentials the rule picks."""
@@ -107,7 +116,7 @@ async def connect(
         password=creds.password.reveal() if creds.password else None,
         token=creds.token.reveal() if creds.token else None,
         creds_file=creds.creds_file,
-        inbox_prefix=inbox_prefix,
+        inbox=inbox,
         reconnected=reconnected,
         tls=settings.tls,
     )
@@ -122,15 +131,15 @@ async def connect_nats(
     password: str | None = None,
     token: str | None = None,
     creds_file: str | None = None,
-    inbox_prefix: str = CLIENT_INBOX_PREFIX,
+    inbox: str | None = None,
     reconnected: Reconnected | None = None,
     tls: TlsSettings | None = None,
 ) -> NATS:
     """Connect to NATS or raise ``ConnectFailed`` with one clear line.
 
-    Workers pass a private ``inbox_prefix``: jobs are pulled into inboxes, and
-    clients may subscribe to ``_INBOX.>`` (nats.conf), so a worker's inboxes
-    must live elsewhere or any client could read other users' prompts.
+    ``inbox``: the inbox prefix; by default the user's own, ``_INBOX_<user>``
+    (``broker/_subjects.inbox_prefix``), the only inboxes nats.conf lets that
+    user read. Workers pass a private prefix besides (jobs are pulled into inboxes).
     Later reconnects are retried forever (``reconnected`` is called after each).
     With ``tls`` (or a ``tls://`` URL) the connection is encrypted or not made.
     """
@@ -157,7 +166,7 @@ async def connect_nats(
             password=password,
             token=token,
             user_credentials=creds_file,
-            inbox_prefix=inbox_prefix,
+            inbox_prefix=inbox or inbox_prefix(user or url_user(url)),
             reconnected_cb=reconnected,
         )
         return nc

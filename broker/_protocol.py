@@ -77,6 +77,9 @@ class Job(msgspec.Struct, omit_defaults=True, kw_only=True):
     attempts: list[Attempt] = msgspec.field(default_factory=list)
     # Reserved routing state: the rank of the target a re-queued job is meant for.
     rank: int = 0
+    # The secret a cancel must carry (the payload of `llm.cancel.<id>`): clients
+    # cannot read jobs, so only the submitter knows it. Unset: anyone may cancel.
+    cancel_key: str | None = None
 
 
 class Usage(msgspec.Struct, omit_defaults=False, kw_only=True):

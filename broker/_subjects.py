@@ -20,9 +20,12 @@ EVENTS_PREFIX = "llm.events"
 DLQ_PREFIX = "llm.dlq"
 CONTROL_PREFIX = "llm.control"
 
-# Jobs are pulled into inboxes; clients may read _INBOX.> (nats.conf), so
-# workers use an inbox prefix of their own that clients cannot subscribe to.
-CLIENT_INBOX_PREFIX = "_INBOX"
+# Every NATS user gets inboxes of its own, `_INBOX_<user>.>`, and nats.conf lets a
+# user subscribe to its own only: PubAcks, replays, JetStream API answers and pulled
+# jobs land in inboxes, so one user must never read another's. A connection without
+# a user name (a token, creds) falls back to `_INBOX`. Workers use a prefix of their
+# own besides, so no permission slip could expose the jobs they pull.
+INBOX_PREFIX = "_INBOX"
 WORKER_INBOX_PREFIX = "_LLMRELAY_WORKER_INBOX"
 
 JS_API_PREFIX = "$JS.API"
@@ -39,6 +42,11 @@ ATTEMPT_BASE_HEADER = "Llmrelay-Attempt-Base"
 PRIORITY_GROUP = "workers"
 
 NAME_RE = re.compile(r"^[a-z0-9_-]+$")
+
+
+def inbox_prefix(user: str | None) -> str:
+    """The inbox prefix of a NATS user (``_INBOX_client``); ``_INBOX`` without a name."""
+    return f"{INBOX_PREFIX}_{user}" if user and is_valid_name(user) else INBOX_PREFIX
 
 
 def route_subject(route: str) -> str:

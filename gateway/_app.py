@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from broker._client import JobHandle, RelayClient
+from broker._client import JobHandle, RelayClient, cancel_payload
 from broker._config import Config
 from broker._errors import (
     BrokerUnavailable,
@@ -200,7 +200,7 @@ class Gateway:
             return await self.relay.submit_job(job)
         except BrokerUnavailable as exc:
             # The job may have been stored all the same: nobody will read its answer.
-            await _cancel_quietly(nc, job.id)
+            await _cancel_quietly(nc, job)
             raise BrokerUnavailable(f"NATS did not confirm the job: {exc.message}") from exc
 
     def _job(self, req: ChatRequest, request: Request) -> Job:
@@ -232,7 +232,7 @@ class Gateway:
         self._keys.check(request.headers.get("authorization", ""))
 
 
-async def _cancel_quietly(nc: NATS, job_id: str) -> None:
+async def _cancel_quietly(nc: NATS, job: Job) -> None:
     """Ask workers to drop a job; best effort (its deadline ends it anyway)."""
-    with contextlib.suppress(BrokerUnavailable), nats_errors(f"cancel of {job_id}"):
-        await nc.publish(cancel_subject(job_id), b"")
+    with contextlib.suppress(BrokerUnavailable), nats_errors(f"cancel of {job.id}"):
+        await nc.publish(cancel_subject(job.id), cancel_payload(job))

@@ -4,7 +4,7 @@ A request becomes one job; ``Exchange`` reads the job's events and records the
 outcome. ``Exchange.complete`` holds a non-streamed answer whole, so any reset
 is invisible. ``EventStreamResponse`` streams under the reset policy
 (``gateway._fold``): it sends its HTTP headers only with its first text (or a
-keep-alive after ``KEEPALIVE_S`` of silence), so an error before any text still
+keep-alive after ``gateway.keepalive_s`` of silence), so an error before any text still
 gets its status code. An error after that is sent as an SSE ``data: {"error":
 ...}`` event, which the OpenAI SDKs raise as ``APIError``, and the stream ends
 without ``data: [DONE]``: a stream is never closed as if complete when it was not.
@@ -49,9 +49,6 @@ from gateway._responses import CompletionIds, SseWriter, completion, json_respon
 
 log = logging.getLogger("llmrelay.gateway")
 
-# With nothing to send for this long, a stream sends its headers (if not yet
-# sent) and an SSE comment, so that proxies and clients do not time out.
-KEEPALIVE_S = 10.0
 # Events buffered between the NATS subscription and a slow HTTP client.
 _EVENT_BUFFER = 256
 # A stream still being written this long past its job's deadline is cut: the
@@ -183,6 +180,9 @@ class EventStreamResponse(Response):
         self._send: Send | None = None
         self._started = False
         self._last_write = time.monotonic()
+        # With nothing to send for this long, the stream sends its headers (if not
+        # yet sent) and an SSE comment, so that proxies and clients do not time out.
+        self._keepalive_s = exchange.ctx.settings.keepalive_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._scope, self._send = scope, send
@@ -238,7 +238,7 @@ class EventStreamResponse(Response):
 
     async def _next(self, events: ObjectReceiveStream[Event]) -> Event | None:
         """The next event, or None when held text is due or a keep-alive is."""
-        wake_at = self._last_write + KEEPALIVE_S
+        wake_at = self._last_write + self._keepalive_s
         due = self.fold.due_at()
         if due is not None:
             wake_at = min(wake_at, due)
@@ -259,7 +259,7 @@ class EventStreamResponse(Response):
         text = self.fold.flush(now)
         if text:
             await self._text(text)
-        elif now - self._last_write >= KEEPALIVE_S:
+        elif now - self._last_write >= self._keepalive_s:
             await self._write(b": keep-alive\n\n")
 
     async def _text(self, text: str) -> None:

@@ -21,6 +21,8 @@ from typing import Any, Literal, NamedTuple
 import anyio
 
 from broker import Config, RelayClient
+from broker._server import CLIENT_USER
+from broker._subjects import inbox_prefix
 from devstack import MockProvider
 from tests._builders import make_config
 from workers._worker import Worker
@@ -142,3 +144,8 @@ async def start_stack(
             relay_client = RelayClient(urls.client, config=config if relay == "config" else None)
             client = await stack.enter_async_context(relay_client)
         yield RelayStack(providers, settings, config, started, client)
+
+
+# A raw NATS client connecting as the `client` user reads only its own inboxes
+# (nats.conf): it must use this inbox prefix, as llmrelay's own connections do.
+CLIENT_INBOX = inbox_prefix(CLIENT_USER[0])

@@ -31,7 +31,6 @@ from broker._protocol import decode_event
 from broker._server import free_port, llmrelay_command
 from devstack import MockProvider, expected_answer
 from gateway import InvalidRequest, ReplyFold, StreamReset, parse_request, serve_gateway
-from gateway import _exchange as gateway_module
 from tests._harness import (
     NatsUrls,
     StartStack,
@@ -266,11 +265,10 @@ async def test_a_broken_stream_is_never_closed_as_complete(
 
 
 async def test_a_slow_start_gets_keepalives_and_a_later_error_arrives_in_the_stream(
-    wire: StartWire, mocks: tuple[MockProvider, MockProvider], monkeypatch: pytest.MonkeyPatch
+    wire: StartWire, mocks: tuple[MockProvider, MockProvider]
 ) -> None:
     """Headers are held for the first text only up to the keep-alive interval."""
-    monkeypatch.setattr(gateway_module, "KEEPALIVE_S", 0.1)
-    cfg = gateway_config(*mocks, a_model="x+error=content_filter+ttft_ms=600")
+    cfg = gateway_config(*mocks, a_model="x+error=content_filter+ttft_ms=600", keepalive_s=0.1)
     async with wire(cfg) as http:
         body = {"model": "solo", "messages": MESSAGES, "stream": True}
         response = await http.post("/chat/completions", json=body)

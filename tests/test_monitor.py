@@ -17,7 +17,7 @@ from broker._dlq import iter_dead_letters
 from broker._monitor import Monitor
 from broker._protocol import decode_event, encode, now_ms
 from devstack import MockProvider
-from tests._harness import mock_pool, relay_config, running_workers
+from tests._harness import CLIENT_INBOX, mock_pool, relay_config, running_workers
 from tests.test_cli_submit import CLI_TIMEOUT_S, LLMRELAY, write_config
 
 ROUTES = {"chat": [("a", "gpt")]}
@@ -107,7 +107,7 @@ async def test_janitor_answers_and_dead_letters_jobs_for_unknown_routes(
     nc: NATS, client_url: str
 ) -> None:
     await ensure_topology(nc, BEFORE)
-    client = await nats.connect(client_url)
+    client = await nats.connect(client_url, inbox_prefix=CLIENT_INBOX)
     replies = await client.subscribe("llm.reply.>")
     cjs = client.jetstream()  # a raw NATS client, not the library
     await cjs.publish("llm.jobs.ghost", encode(raw_job("r1", "ghost")))

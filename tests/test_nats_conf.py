@@ -24,6 +24,7 @@ from broker._config import Config, parse_config
 from broker._jsapi import consumer_info, next_subject, pull_request_body
 from broker._subjects import PRIORITY_GROUP
 from broker._topology import ensure_topology
+from tests._harness import CLIENT_INBOX
 
 TIMEOUT_S = 5.0
 
@@ -78,7 +79,9 @@ async def topology(nc: NATS, config: Config) -> NATS:
 @pytest.fixture
 async def client(client_url: str) -> AsyncIterator[ClientConn]:
     denials = Denials()
-    conn = await nats.connect(client_url, error_cb=denials.error_cb, allow_reconnect=False)
+    conn = await nats.connect(
+        client_url, inbox_prefix=CLIENT_INBOX, error_cb=denials.error_cb, allow_reconnect=False
+    )
     yield ClientConn(conn, denials)
     await conn.close()
 

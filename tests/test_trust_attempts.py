@@ -40,7 +40,7 @@ from broker._protocol import Timings, Usage, decode_event
 from broker._topology import ensure_topology, stream_configs
 from devstack import MockProvider, WorkerProcess, expected_answer, wait_for_workers
 from gateway import ReplyFold
-from tests._harness import mock_pool, relay_config, running_workers
+from tests._harness import CLIENT_INBOX, mock_pool, relay_config, running_workers
 
 TIMEOUT_S = 10.0
 FAST_RETRY: dict[str, Any] = {"max_retries": 0, "backoff_base_s": 0.05, "backoff_max_s": 0.1}
@@ -64,7 +64,7 @@ def _raw_job(rid: str, route: str, reply_to: str, **fields: Any) -> bytes:
 
 @asynccontextmanager
 async def attacker(client_url: str) -> AsyncIterator[NATS]:
-    conn = await nats.connect(client_url, allow_reconnect=False)
+    conn = await nats.connect(client_url, inbox_prefix=CLIENT_INBOX, allow_reconnect=False)
     try:
         yield conn
     finally:
@@ -175,7 +175,9 @@ async def test_a_client_cannot_publish_a_requeue(nc: NATS, client_url: str) -> N
     async def on_error(exc: Exception) -> None:
         errors.append(str(exc).lower())
 
-    conn = await nats.connect(client_url, error_cb=on_error, allow_reconnect=False)
+    conn = await nats.connect(
+        client_url, inbox_prefix=CLIENT_INBOX, error_cb=on_error, allow_reconnect=False
+    )
     try:
         with pytest.raises((nats.errors.TimeoutError, NoRespondersError)):
             await conn.request("llm.requeue.a", _raw_job("r", "chat", "llm.reply.r"), timeout=1)

@@ -481,3 +481,87 @@ async def test_nats_monitoring_listens_on_loopback_only(nats_server: NatsServer)
     if outside is None:
         pytest.skip("this machine has no address but loopback")
     assert not reachable(outside, nats_server.monitor_port)
+
+
+# --- bodies and headers a job must never be built from (issue 11, defects 10 and 7) -----
+
+DEPTH = 200_000  # far deeper than msgspec's and Python's recursion limits
+TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def post_chat(payload: bytes, *extra_headers: bytes) -> bytes:
+    """A raw chat completion request: ``payload`` as is, ``extra_headers`` as raw lines."""
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+    lines = b"".join(h + b"\r\n" for h in extra_headers)
+    return head + lines + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload
+
+
+async def jobs_published(nc: NATS) -> int:
+    """How many jobs were ever stored (sequence numbers; a served job is removed)."""
+    return (await nc.jetstream().stream_info("LLM_JOBS")).state.last_seq
+
+
+async def dead_letter_count(nc: NATS) -> int:
+    return (await nc.jetstream().stream_info("LLM_DLQ")).state.messages
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"model":"chat","messages":[{"role":"user","content":'
+        + b"[" * DEPTH
+        + b"]" * DEPTH
+        + b"}]}",
+        b'{"model":"chat","messages":[{"role":"user","content":"Say hello"}],"unknown":'
+        + b"[" * DEPTH
+        + b"]" * DEPTH
+        + b"}",
+    ],
+    ids=["content", "unknown-field"],
+)
+async def test_a_body_nested_200000_deep_gets_a_400_and_publishes_no_job(
+    nc: NATS, worker_url: str, client_url: str, mock: MockProvider, payload: bytes
+) -> None:
+    cfg = config(mock)
+    assert len(payload) <= 2 * cfg.streams.max_job_bytes  # refused for its depth, not its size
+    async with running_workers(cfg, ["a"], worker_url), gateway(cfg, client_url) as addr:
+        async with raw(addr) as conn:
+            await conn.send(post_chat(payload))
+            with anyio.fail_after(MARGIN_S):
+                status, headers, body = await conn.response()
+        assert status == 400
+        assert headers["content-type"].startswith("application/json")
+        error = json.loads(body)["error"]
+        assert error["code"] == "invalid_job"
+        assert error["type"] == "invalid_request_error"
+        assert await jobs_published(nc) == 0  # the job was never built, let alone published
+        assert await answers_normally(addr) == expected_answer("a", 5)
+        assert await jobs_published(nc) == 1
+        assert await dead_letter_count(nc) == 0
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        TRACE.encode() + "é".encode(),  # non-ASCII (UTF-8 bytes; Starlette reads latin-1)
+        TRACE.encode() + b"\x85",  # latin-1 NEL: a line break to str.splitlines
+        TRACE.encode() + "\u2028x-injected: 1".encode(),  # UTF-8 LINE SEPARATOR
+        TRACE.replace("31-01", "3\u0661-01").encode(),  # ARABIC-INDIC DIGIT ONE for a 1
+    ],
+    ids=["utf8", "nel", "line-separator", "unicode-digit"],
+)
+async def test_an_invalid_traceparent_through_the_gateway_is_dropped(
+    nc: NATS, worker_url: str, client_url: str, mock: MockProvider, traceparent: bytes
+) -> None:
+    """W3C: a receiver drops a traceparent it cannot parse; the request is served."""
+    payload = json.dumps({"model": "chat", "messages": MESSAGES}).encode()
+    cfg = config(mock)
+    async with running_workers(cfg, ["a"], worker_url), gateway(cfg, client_url) as addr:
+        async with raw(addr) as conn:
+            await conn.send(post_chat(payload, b"traceparent: " + traceparent))
+            with anyio.fail_after(10):
+                status, _, body = await conn.response()
+        assert status == 200, body
+        assert json.loads(body)["choices"][0]["message"]["content"] == expected_answer("a", 5)
+        assert await answers_normally(addr) == expected_answer("a", 5)
+        assert await dead_letter_count(nc) == 0

@@ -30,7 +30,7 @@ from broker._protocol import DeadLetter, Event, decode_dead_letter, decode_event
 from broker._subjects import PRIORITY_GROUP, route_consumer
 from broker._validate import PREVIEW_BYTES, peek, preview, validate_job
 from devstack import ConfigDoc, MockProvider, expected_answer
-from tests._harness import running_workers
+from tests._harness import CLIENT_INBOX, running_workers
 from workers._ratelimit import RateBudget
 
 LLMRELAY = Path(sys.executable).parent / "llmrelay"
@@ -63,7 +63,7 @@ def raw_job(rid: str, **fields: Any) -> dict[str, Any]:
 
 @asynccontextmanager
 async def attacker(client_url: str) -> AsyncIterator[NATS]:
-    conn = await nats.connect(client_url)
+    conn = await nats.connect(client_url, inbox_prefix=CLIENT_INBOX)
     try:
         yield conn
     finally:

@@ -18,6 +18,7 @@ import pytest
 from nats.js.errors import NotFoundError
 
 from broker._server import free_port
+from tests._harness import CLIENT_INBOX
 
 REPO = Path(__file__).resolve().parent.parent
 LLMRELAY = Path(sys.executable).parent / "llmrelay"
@@ -131,7 +132,7 @@ async def test_up_serves_jetstream_until_ctrl_c(start_up: StartUp) -> None:
     assert "llmrelay worker --pool mock-a" in up.output()
     assert "llmrelay submit" in up.output()
 
-    nc = await nats.connect(up.client_url(), allow_reconnect=False)
+    nc = await nats.connect(up.client_url(), inbox_prefix=CLIENT_INBOX, allow_reconnect=False)
     js = nc.jetstream()
     assert (await js.account_info()).streams >= 4  # the topology from the config
     ack = await js.publish("llm.jobs.chat", b"{}")  # a client may submit
@@ -148,7 +149,7 @@ async def test_up_without_config_leaves_topology_to_workers(start_up: StartUp) -
     await up.read_until_ready()
     assert "workers create it on start" in up.output()
 
-    nc = await nats.connect(up.client_url(), allow_reconnect=False)
+    nc = await nats.connect(up.client_url(), inbox_prefix=CLIENT_INBOX, allow_reconnect=False)
     with pytest.raises(NotFoundError):
         await nc.jetstream().stream_info("LLM_JOBS")
     await nc.close()

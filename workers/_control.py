@@ -20,6 +20,7 @@ a bounded preview, and never raise for NATS trouble.
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Mapping
 
@@ -66,9 +67,14 @@ class Control:
         )
 
     async def _on_cancel(self, msg: Msg) -> None:
+        """Cancel the run of ``llm.cancel.<id>``, if the message carries its job's key.
+
+        Every client may publish on ``llm.cancel.>`` and read request ids on
+        ``llm.reply.>``; only the submitter knows the job's ``cancel_key``.
+        """
         rid = msg.subject.rsplit(".", 1)[-1]
         for run in self.running.values():
-            if run.job is not None and run.job.id == rid:
+            if run.job is not None and run.job.id == rid and _may_cancel(run.job, msg.data):
                 run.cancelled_by_client = True
                 run.cancel_scope.cancel()
 
@@ -130,6 +136,12 @@ async def dead_letter_bug(ctx: PoolContext, run: JobRun) -> None:
             await ctx.answer(job.reply_to, refusal(run.delivery, InternalError.code, message, job))
         letter = _letter(InternalError.code, "worker bug", job, run.msg.data or b"")
         await settle(run.msg, await ctx.dead_letter(letter))
+
+
+def _may_cancel(job: Job, key: bytes) -> bool:
+    if job.cancel_key is None:
+        return True  # a raw client's job without a key: anyone who knows its id
+    return hmac.compare_digest(job.cancel_key.encode(), key)
 
 
 def _job_or_none(data: bytes) -> Job | None:

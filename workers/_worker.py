@@ -188,7 +188,7 @@ class Worker:
             self.config.nats,
             url=self.nats_url,
             name=f"llmrelay-worker-{self.pool_name}",
-            inbox_prefix=WORKER_INBOX_PREFIX,
+            inbox=WORKER_INBOX_PREFIX,
             reconnected=self._on_reconnected,
         )
         await ensure_topology(nc, self.config)
