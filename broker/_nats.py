@@ -20,12 +20,12 @@ CONNECT over a connection that is not encrypted.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from urllib.parse import urlsplit
 
+import anyio
 import msgspec
 import nats
 from nats.aio.client import Client as NATS
@@ -299,13 +299,17 @@ def _encrypted(transport: object) -> bool:
 
 class _FirstConnect:
     """Give every server one try: nats-py retries a first connect forever when
-    ``max_reconnect_attempts=-1`` (which we want for later reconnects)."""
+    ``max_reconnect_attempts=-1`` (which we want for later reconnects).
+
+    ``run`` races the connect against "every server has failed once" and a
+    timeout, in one task group: whichever ends first cancels the rest.
+    """
 
     def __init__(self, servers: int) -> None:
         self.servers = servers
         self.error: Exception | None = None
         self._failures = 0
-        self._gave_up = asyncio.Event()
+        self._gave_up = anyio.Event()
 
     def failed(self, exc: Exception) -> None:
         self.error = exc
@@ -314,21 +318,28 @@ class _FirstConnect:
             self._gave_up.set()
 
     async def run(self, connect: Awaitable[NATS], *, timeout_s: float) -> NATS:
-        task = asyncio.ensure_future(connect)
-        gave_up = asyncio.ensure_future(self._gave_up.wait())
-        try:
-            await asyncio.wait(
-                {task, gave_up}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            gave_up.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        # nats-py's connect task ends in whatever its last try raised; that error
-        # is already in ``self.error`` and reported by the caller.
-        with contextlib.suppress(asyncio.CancelledError, nats.errors.Error, OSError):
-            await task
+        connected: list[NATS] = []
+        raised: list[Exception] = []
+
+        async def attempt(scope: anyio.CancelScope) -> None:
+            try:
+                connected.append(await connect)
+            except (nats.errors.Error, OSError) as exc:  # reported by connect_nats
+                raised.append(exc)
+            scope.cancel()
+
+        async def give_up(scope: anyio.CancelScope) -> None:
+            await self._gave_up.wait()
+            scope.cancel()
+
+        with anyio.move_on_after(timeout_s):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(attempt, tg.cancel_scope)
+                tg.start_soon(give_up, tg.cancel_scope)
+        if connected:
+            return connected[0]
+        if raised:
+            raise raised[0]
         raise NoServersError()
 
 
