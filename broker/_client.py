@@ -19,6 +19,15 @@ a re-queue, nor of another job naming the same reply subject (the PubAck's
 stream sequence names the job). ``text()`` returns one clean answer: when a
 worker restarts a job elsewhere (``Notice(reset=True)``, or events of a newer
 attempt) the partial text of the abandoned attempt is dropped.
+
+**Tenants.** ``RelayClient(url, tenant="acme")`` (connecting as the NATS user
+``acme`` of ``deploy/nats-tenants.conf``) publishes on ``llm.jobs.<route>.acme``
+(``llm.pool.<pool>.acme``), reads ``llm.reply.acme.<id>`` and cancels on
+``llm.cancel.acme.<id>``. A tenant may not read the JetStream API (consumer
+and stream state reveal every tenant's queues) nor replay ``LLM_REPLIES``, so a
+tenant's client checks routes against ``config=`` if it has one, else lets the
+publish refuse an unknown route (``LLM_JOBS`` takes configured subjects only),
+and a duplicate request id is a ``DuplicateRequest`` even with ``retry=True``.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from nats.js.errors import NoStreamResponseError
 from broker._config import Config, NatsSettings
 from broker._errors import (
     BrokerUnavailable,
+    ConfigError,
     DeadlineExceeded,
     DuplicateRequest,
     JetStreamApiError,
@@ -67,6 +77,7 @@ from broker._subjects import (
     JOBS_STREAM,
     REPLIES_STREAM,
     cancel_subject,
+    is_valid_name,
     pool_consumer,
     pool_subject,
     reply_subject,
@@ -147,7 +158,8 @@ class JobHandle:
     async def cancel(self) -> None:
         """Ask the worker to abort the upstream call (it answers ``cancelled``)."""
         with nats_errors(f"cancel of {self.id}"):
-            await self._client.nc.publish(cancel_subject(self.id), cancel_payload(self.job))
+            subject = cancel_subject(self.id, self._client.tenant)
+            await self._client.nc.publish(subject, cancel_payload(self.job))
 
     async def close(self) -> None:
         """Stop listening for this job's events (the job itself goes on). Safe twice."""
@@ -183,7 +195,11 @@ class RelayClient:
         config: Config | None = None,
         nc: NATS | None = None,
         default_timeout_s: float = DEFAULT_TIMEOUT_S,
+        tenant: str | None = None,
     ) -> None:
+        if tenant is not None and not is_valid_name(tenant):
+            raise ConfigError(f"tenant {tenant!r}: lowercase letters, digits, '_' or '-'")
+        self.tenant = tenant
         self.url = url
         self.config = config
         self._nc = nc
@@ -243,7 +259,7 @@ class RelayClient:
             route=route,
             pool=pool,
             messages=_messages(prompt, system),
-            reply_to=reply_subject(rid),
+            reply_to=reply_subject(rid, self.tenant),
             deadline_ms=created + int(timeout * 1000),
             created_ms=created,
             max_tokens=o.max_tokens,
@@ -310,7 +326,7 @@ class RelayClient:
         return handle
 
     async def _duplicate(self, handle: JobHandle, retry: bool) -> None:
-        if not retry:
+        if not retry or self.tenant is not None:  # a tenant may not replay LLM_REPLIES
             raise DuplicateRequest(
                 f"request id {handle.id} was already submitted (job #{handle.job_seq}); "
                 "use a new id, or submit with retry=True to follow that job"
@@ -319,9 +335,11 @@ class RelayClient:
 
     async def _publish(self, job: Job) -> PubAck:
         data = encode(job)
-        subject = pool_subject(job.pool) if job.pool else route_subject(job.route)
+        tenant = self.tenant
+        subject = pool_subject(job.pool, tenant) if job.pool else route_subject(job.route, tenant)
         ttl_s = max(1, math.ceil(job.deadline_ms / 1000 - time.time()) + 1)
-        headers = {"Nats-Msg-Id": job.id, "Nats-TTL": f"{ttl_s}s"}
+        msg_id = f"{tenant}.{job.id}" if tenant else job.id  # no clash with another tenant's
+        headers = {"Nats-Msg-Id": msg_id, "Nats-TTL": f"{ttl_s}s"}
         try:
             with nats_errors(f"publish to {subject}"):
                 return await self.nc.jetstream().publish(
@@ -344,7 +362,7 @@ class RelayClient:
     async def _full_message(self, job: Job) -> str:
         where = f"pool {job.pool}" if job.pool else f"route {job.route}"
         capacity = self._capacity
-        if capacity is None:
+        if capacity is None and self.tenant is None:  # tenants may not read stream state
             try:
                 with nats_errors(f"{JOBS_STREAM} stream info"):
                     info = await self.nc.jetstream().stream_info(JOBS_STREAM)
@@ -365,6 +383,8 @@ class RelayClient:
                 raise UnknownRoute(
                     f"no route named {job.route!r} (routes: {', '.join(self.config.routes)})"
                 )
+            return
+        if self.tenant is not None:  # no consumer info for tenants: the publish refuses
             return
         consumer = pool_consumer(job.pool) if job.pool else route_consumer(job.route)
         if consumer in self._known_targets:

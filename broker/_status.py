@@ -48,6 +48,7 @@ from broker._subjects import (
     pool_subject,
     route_consumer,
     route_subject,
+    subject_matches,
 )
 
 # A denied request gets no answer (the server only tells the connection): keep it short.
@@ -350,11 +351,13 @@ def _stray(subjects: dict[str, int], consumers: dict[str, dict[str, Any]]) -> li
     read: set[str] = set()
     for consumer in consumers.values():
         config = consumer.get("config", {})
-        read.update(config.get("filter_subjects") or [config.get("filter_subject")])
+        read.update(config.get("filter_subjects") or [config.get("filter_subject") or ""])
     return [
         StrayQueue(subject=subject, jobs=count)
         for subject, count in sorted(subjects.items())
-        if count and subject not in read and subject.startswith((JOBS_PREFIX, POOL_PREFIX))
+        if count
+        and not any(subject_matches(f, subject) for f in read if f)  # tenants': wildcards
+        and subject.startswith((JOBS_PREFIX, POOL_PREFIX))
     ]
 
 

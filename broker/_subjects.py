@@ -49,32 +49,94 @@ def inbox_prefix(user: str | None) -> str:
     return f"{INBOX_PREFIX}_{user}" if user and is_valid_name(user) else INBOX_PREFIX
 
 
-def route_subject(route: str) -> str:
-    return f"{JOBS_PREFIX}.{route}"
+# Tenants (README, "Security model"; deploy/nats-tenants.conf): a tenant is a NATS
+# user with a subject space of its own, the tenant name being its user name. Its
+# jobs go to `llm.jobs.<route>.<tenant>` and `llm.pool.<pool>.<tenant>` (the
+# tenant last, so a route's consumer takes `llm.jobs.<route>` and
+# `llm.jobs.<route>.*`, and each tenant has a bounded queue of its own), its
+# replies to `llm.reply.<tenant>.<id>`, its cancels to `llm.cancel.<tenant>.<id>`,
+# its inboxes are `_INBOX_<tenant>`. Without a tenant (the default, nats.conf):
+# `llm.jobs.<route>`, `llm.reply.<id>`, `llm.cancel.<id>`, one token each.
 
 
-def pool_subject(pool: str) -> str:
-    return f"{POOL_PREFIX}.{pool}"
+def _scoped(prefix: str, name: str, tenant: str | None) -> str:
+    return f"{prefix}.{name}.{tenant}" if tenant else f"{prefix}.{name}"
+
+
+def route_subject(route: str, tenant: str | None = None) -> str:
+    return _scoped(JOBS_PREFIX, route, tenant)
+
+
+def pool_subject(pool: str, tenant: str | None = None) -> str:
+    return _scoped(POOL_PREFIX, pool, tenant)
+
+
+def tenant_subjects(subject: str) -> str:
+    """The wildcard of every tenant's queue beside a route or pool subject."""
+    return f"{subject}.*"
 
 
 def requeue_subject(pool: str) -> str:
     return f"{REQUEUE_PREFIX}.{pool}"
 
 
+_ARRIVALS = ((JOBS_PREFIX, "route", 2), (POOL_PREFIX, "pool", 2), (REQUEUE_PREFIX, "requeue", 1))
+
+
+def _arrival(subject: str) -> tuple[str, str, str | None]:
+    for prefix, kind, most in _ARRIVALS:
+        if subject.startswith(prefix + "."):
+            tokens = subject[len(prefix) + 1 :].split(".")
+            if len(tokens) <= most and all(tokens):
+                return kind, tokens[0], tokens[1] if len(tokens) == 2 else None
+    return "", "", None
+
+
 def arrival(subject: str) -> tuple[str, str]:
     """What a job's subject says about it: ``("route", name)``, ``("pool", name)``
-    (both published by clients) or ``("requeue", pool)`` (by a worker); else ``("", "")``."""
-    prefix, _, name = subject.rpartition(".")
-    kinds = {JOBS_PREFIX: "route", POOL_PREFIX: "pool", REQUEUE_PREFIX: "requeue"}
-    return (kinds[prefix], name) if prefix in kinds and name else ("", "")
+    (both published by clients, tenant or not) or ``("requeue", pool)`` (by a
+    worker); else ``("", "")``."""
+    kind, name, _ = _arrival(subject)
+    return kind, name
 
 
-def reply_subject(request_id: str) -> str:
-    return f"{REPLY_PREFIX}.{request_id}"
+def tenant_of(subject: str) -> str | None:
+    """The tenant token of a job subject (``llm.jobs.<route>.<tenant>``), else None.
+    Not checked here: a token that is no tenant name fits no reply subject."""
+    return _arrival(subject)[2]
 
 
-def cancel_subject(request_id: str) -> str:
-    return f"{CANCEL_PREFIX}.{request_id}"
+def reply_subject(request_id: str, tenant: str | None = None) -> str:
+    return f"{REPLY_PREFIX}.{tenant}.{request_id}" if tenant else f"{REPLY_PREFIX}.{request_id}"
+
+
+def reply_tenant(reply_to: str) -> str | None:
+    """The tenant of a (checked) reply subject: ``t`` of ``llm.reply.<t>.<id>``."""
+    tokens = reply_to.split(".")
+    return tokens[2] if len(tokens) == 4 else None
+
+
+def cancel_subject(request_id: str, tenant: str | None = None) -> str:
+    return f"{CANCEL_PREFIX}.{tenant}.{request_id}" if tenant else f"{CANCEL_PREFIX}.{request_id}"
+
+
+def parse_cancel(subject: str) -> tuple[str | None, str] | None:
+    """(tenant, request id) of ``llm.cancel.<id>`` / ``llm.cancel.<tenant>.<id>``."""
+    tokens = subject.split(".")
+    if subject.startswith(CANCEL_PREFIX + ".") and len(tokens) in (3, 4) and all(tokens):
+        return (tokens[2] if len(tokens) == 4 else None), tokens[-1]
+    return None
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard matching: ``*`` one token, a final ``>`` one or more."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or token not in ("*", have[i]):
+            return False
+    return len(want) == len(have)
 
 
 def events_subject(kind: str) -> str:
@@ -91,8 +153,8 @@ def pause_subject(pool: str) -> str:
 
 
 def cancel_all_subject() -> str:
-    """What a worker subscribes to: every ``llm.cancel.<id>``."""
-    return f"{CANCEL_PREFIX}.*"
+    """What a worker subscribes to: every ``llm.cancel.<id>`` and ``llm.cancel.<tenant>.<id>``."""
+    return f"{CANCEL_PREFIX}.>"
 
 
 def js_api(*tokens: str) -> str:

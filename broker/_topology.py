@@ -5,9 +5,10 @@
 rights). It is idempotent: a second run with the same config changes nothing,
 and a changed limit in config updates the stream in place.
 
-    LLM_JOBS     llm.jobs.<route>, llm.pool.<pool>,  WorkQueue, file, bounded per subject
-                 llm.requeue.<pool>                  and in bytes
-    LLM_REPLIES  llm.reply.<id>                      memory, short max_age (replay, tail)
+    LLM_JOBS     llm.jobs.<route>[.<tenant>],        WorkQueue, file, bounded per subject
+                 llm.pool.<pool>[.<tenant>],         (so per tenant) and in bytes
+                 llm.requeue.<pool>
+    LLM_REPLIES  llm.reply.[<tenant>.]<id>           memory, short max_age (replay, tail)
     LLM_EVENTS   llm.events.<kind>                   file, max_age (lifecycle)
     LLM_DLQ      llm.dlq.<route>                     file, long max_age (dead letters)
     KV llm_workers                                   heartbeats with TTL + limit markers
@@ -18,6 +19,9 @@ nobody; a changed route list updates the stream. Each route subject has one
 durable priority-group consumer (the route's spill policy picks its priority
 policy), and so has each pool, reading both its own subject (pinned jobs) and
 its re-queue subject (``llm.requeue.<pool>``, which only workers may publish to).
+A route's or pool's consumer also reads its tenants' subjects (``llm.jobs.<route>.*``,
+the tenant last: disjoint from every other route's); ``max_msgs_per_subject``
+then bounds each tenant's queue on its own (the byte limit is the stream's).
 
 Every stream has a byte limit. They are derived, not configured (yet): the
 jobs stream holds ``queue_capacity`` jobs of ``max_job_bytes``, capped so that
@@ -59,6 +63,7 @@ from broker._subjects import (
     requeue_subject,
     route_consumer,
     route_subject,
+    tenant_subjects,
 )
 
 _ERR_CREATING_STORE = 10049
@@ -72,11 +77,21 @@ DLQ_MAX_BYTES = 1 * _GIB
 WORKERS_MAX_BYTES = 64 * 1024 * 1024
 
 
+def route_filters(route: str) -> list[str]:
+    """What a route's consumer reads: the default subject and every tenant's."""
+    return [route_subject(route), tenant_subjects(route_subject(route))]
+
+
+def pool_filters(pool: str) -> list[str]:
+    """What a pool's consumer reads: pinned jobs (default, tenants) and re-queues."""
+    return [pool_subject(pool), tenant_subjects(pool_subject(pool)), requeue_subject(pool)]
+
+
 def job_subjects(config: Config) -> list[str]:
-    """Every subject LLM_JOBS takes: configured routes, pools and their re-queues."""
-    routes = [route_subject(name) for name in sorted(config.routes)]
-    pools = sorted(config.pools)
-    return routes + [pool_subject(p) for p in pools] + [requeue_subject(p) for p in pools]
+    """Every subject LLM_JOBS takes: configured routes, pools (and their tenants'
+    subjects) and the pools' re-queues."""
+    routes = [s for name in sorted(config.routes) for s in route_filters(name)]
+    return routes + [s for name in sorted(config.pools) for s in pool_filters(name)]
 
 
 def jobs_max_bytes(config: Config) -> int:
@@ -198,7 +213,7 @@ def consumer_configs(config: Config) -> list[dict[str, Any]]:
         out.append(
             priority_consumer_config(
                 name=route_consumer(name),
-                filter_subjects=[route_subject(name)],
+                filter_subjects=route_filters(name),
                 group=PRIORITY_GROUP,
                 policy=_route_policy(route),
                 ack_wait_s=max(p.ack_wait_s for p in pools),
@@ -211,7 +226,7 @@ def consumer_configs(config: Config) -> list[dict[str, Any]]:
         out.append(
             priority_consumer_config(
                 name=pool_consumer(name),
-                filter_subjects=[pool_subject(name), requeue_subject(name)],
+                filter_subjects=pool_filters(name),
                 group=PRIORITY_GROUP,
                 policy="prioritized",
                 ack_wait_s=pool.ack_wait_s,

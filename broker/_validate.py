@@ -19,7 +19,9 @@ The rest is for bytes that may not be a job at all:
   ``PREVIEW_BYTES`` bytes, undecodable bytes and control characters escaped,
   never the raw bytes (1 MB of ``0x01`` is 6 MB once JSON-escaped);
 - ``is_reply_subject``: the one check of a subject a worker or the janitor is
-  about to publish a job's events on.
+  about to publish a job's events on;
+- ``reply_fits``: whether a client's job may name that reply subject, given the
+  tenant of the subject it arrived on (``llm.reply.<tenant>.<id>`` only).
 """
 
 from __future__ import annotations
@@ -101,6 +103,19 @@ def is_reply_subject(subject: object) -> bool:
         and ".." not in subject
         and not subject.endswith(".")
     )
+
+
+def reply_fits(reply_to: object, tenant: str | None) -> bool:
+    """The reply subject a client's job may name: ``llm.reply.<id>`` without a tenant,
+    ``llm.reply.<tenant>.<id>`` for a job of ``tenant`` (the subject it arrived on says
+    which). So no client makes a worker answer into another tenant's replies."""
+    if not is_reply_subject(reply_to):
+        return False
+    assert isinstance(reply_to, str)
+    tokens = reply_to.split(".")[2:]
+    if tenant is None:
+        return len(tokens) == 1
+    return is_valid_name(tenant) and len(tokens) == 2 and tokens[0] == tenant
 
 
 def valid_traceparent(value: str) -> bool:

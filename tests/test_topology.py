@@ -45,7 +45,12 @@ async def test_topology_is_idempotent(nc: NATS) -> None:
     assert c_before["route_chat"]["config"]["priority_policy"] == "prioritized"
     assert c_before["route_spill"]["config"]["priority_policy"] == "overflow"
     # A pool's consumer reads pinned jobs and the re-queues only workers may publish.
-    assert c_before["pool_p1"]["config"]["filter_subjects"] == ["llm.pool.p1", "llm.requeue.p1"]
+    # And each tenant's subjects (the tenant last): `llm.pool.p1.<tenant>`.
+    assert c_before["pool_p1"]["config"]["filter_subjects"] == [
+        "llm.pool.p1",
+        "llm.pool.p1.*",
+        "llm.requeue.p1",
+    ]
     kv = await js.key_value("llm_workers")
     assert (await kv.status()).bucket == "llm_workers"
 

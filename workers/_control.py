@@ -2,7 +2,9 @@
 
 Three core-NATS subscriptions (subjects from ``broker/_subjects.py``):
 
-- ``llm.cancel.<id>``: a client cancelled; the run serving it stops and
+- ``llm.cancel.>``: a client cancelled; ``llm.cancel.<id>`` names a job
+  without a tenant, ``llm.cancel.<tenant>.<id>`` one of that tenant (whose
+  reply subject is ``llm.reply.<tenant>.<id>``); the run serving it stops and
   answers ``cancelled``;
 - ``llm.control.<pool>.pause``: another worker of the pool met a 429; this
   worker's budget waits out the same pause (a ``PoolPause``);
@@ -38,11 +40,13 @@ from broker._subjects import (
     MAX_DELIVERIES_ADVISORY,
     cancel_all_subject,
     is_valid_name,
+    parse_cancel,
     pause_subject,
+    reply_tenant,
 )
 from broker._validate import decode_untrusted
 from workers._context import PoolContext
-from workers._delivery import stored_identity
+from workers._delivery import reply_allowed, stored_identity
 from workers._intake import INVALID_ROUTE_TOKEN, raw_letter, refusal, settle
 from workers._job import JobRun
 
@@ -67,14 +71,24 @@ class Control:
         )
 
     async def _on_cancel(self, msg: Msg) -> None:
-        """Cancel the run of ``llm.cancel.<id>``, if the message carries its job's key.
+        """Cancel the run of ``llm.cancel.[<tenant>.]<id>``, if the message carries its
+        job's key.
 
-        Every client may publish on ``llm.cancel.>`` and read request ids on
-        ``llm.reply.>``; only the submitter knows the job's ``cancel_key``.
+        A tenant may publish only on its own ``llm.cancel.<tenant>.>`` (NATS
+        permissions), and cancels only its own jobs: the tenant of a job is that
+        of its reply subject, checked against its arrival subject at intake.
+        Clients of one user share its cancel subjects and read its request ids;
+        only the submitter knows the job's ``cancel_key``.
         """
-        rid = msg.subject.rsplit(".", 1)[-1]
+        parsed = parse_cancel(msg.subject)
+        if parsed is None:
+            return
+        tenant, rid = parsed
         for run in self.running.values():
-            if run.job is not None and run.job.id == rid and _may_cancel(run.job, msg.data):
+            job = run.job
+            if job is None or job.id != rid or reply_tenant(job.reply_to) != tenant:
+                continue
+            if _may_cancel(job, msg.data):
                 run.cancelled_by_client = True
                 run.cancel_scope.cancel()
 
@@ -98,10 +112,13 @@ class Control:
             if not isinstance(exc.__cause__, NotFoundError):  # gone already: another worker's
                 log.warning("max deliveries of job %d: %s", seq, exc)
             return
-        job_seq, base = stored_identity(stored.subject or "", stored.headers, seq)
-        await self._dead_letter_poison(stored.data or b"", seq, job_seq, base)
+        subject = stored.subject or ""
+        job_seq, base = stored_identity(subject, stored.headers, seq)
+        await self._dead_letter_poison(stored.data or b"", seq, job_seq, base, subject)
 
-    async def _dead_letter_poison(self, data: bytes, seq: int, job_seq: int, base: int) -> None:
+    async def _dead_letter_poison(
+        self, data: bytes, seq: int, job_seq: int, base: int, subject: str
+    ) -> None:
         """Park, answer, delete; a job the DLQ did not take stays in the stream, never lost.
 
         The answer names the job and its last delivery's attempt, so the client's
@@ -112,7 +129,7 @@ class Control:
         reason = f"delivered {max_deliver} times without an answer (workers died?)"
         if not await self.ctx.dead_letter(_letter(InternalError.code, reason, job, data)):
             return
-        if job is not None:
+        if job is not None and reply_allowed(subject, job.reply_to):
             error = Error(
                 code=InternalError.code,
                 message=reason,
@@ -131,7 +148,7 @@ async def dead_letter_bug(ctx: PoolContext, run: JobRun) -> None:
     """Answer and park a job whose run raised unexpectedly, then settle its message."""
     job = run.job
     with anyio.CancelScope(shield=True):
-        if job is not None:
+        if job is not None and run.delivery.may_answer(job.reply_to):
             message = "llmrelay failed on this job; it was dead-lettered"
             await ctx.answer(job.reply_to, refusal(run.delivery, InternalError.code, message, job))
         letter = _letter(InternalError.code, "worker bug", job, run.msg.data or b"")

@@ -8,6 +8,11 @@ pinned to (``trusted``); only a re-queue, on ``llm.requeue.<pool>`` (workers onl
 nats.conf), keeps them, and names its job and attempt base in the
 ``Llmrelay-Job-Seq`` and ``Llmrelay-Attempt-Base`` headers.
 
+**Tenant.** A job on ``llm.jobs.<route>.<tenant>`` (or ``llm.pool.<pool>.<tenant>``)
+is that tenant's: it may be answered only on ``llm.reply.<tenant>.<id>``, and a
+job without a tenant only on ``llm.reply.<id>`` (``may_answer``). A re-queue
+keeps its job as it is: its reply subject was checked when a client's job arrived.
+
 **Identity.** ``job_seq`` is the job's stream sequence as its client published
 it, ``attempt`` this delivery's id (``broker/_fold.py``): the events of the run
 carry both, so no other job and no superseded attempt counts for the client.
@@ -35,7 +40,14 @@ from broker._errors import BrokerUnavailable, LeaseLost, RelayError
 from broker._fold import attempt_id, requeue_base
 from broker._nats import nats_errors
 from broker._protocol import Job, encode
-from broker._subjects import ATTEMPT_BASE_HEADER, JOB_SEQ_HEADER, arrival, requeue_subject
+from broker._subjects import (
+    ATTEMPT_BASE_HEADER,
+    JOB_SEQ_HEADER,
+    arrival,
+    requeue_subject,
+    tenant_of,
+)
+from broker._validate import is_reply_subject, reply_fits
 
 # A delivery is held while its last in-progress ack is younger than this share of
 # ack_wait_s; the rest is margin for the server's clock and the ack's way there.
@@ -54,6 +66,7 @@ class Delivery:
         self.last_progress = time.monotonic()  # the delivery, then each in-progress ack
         self.lost = False
         self._requeue_id = uuid.uuid4().hex[:16]  # a re-queue id nobody can take first
+        self.tenant = tenant_of(msg.subject)  # None: no tenant, or a re-queue
 
     # --- lease -------------------------------------------------------------------------
 
@@ -90,6 +103,10 @@ class Delivery:
     async def nak(self, delay_s: float | None = None) -> None:
         self.hold()
         await self.msg.nak(delay=delay_s)
+
+    def may_answer(self, reply_to: object) -> bool:
+        """Whether this delivery's job may be answered on ``reply_to`` (its tenant's)."""
+        return reply_allowed(self.msg.subject, reply_to)
 
     def trusted(self, job: Job) -> Job:
         """The job as the workers see it: a client cannot write routing state."""
@@ -134,6 +151,13 @@ class Delivery:
             if ack.duplicate and first:
                 raise RelayError(f"re-queue id {msg_id} was already taken")
             return
+
+
+def reply_allowed(subject: str, reply_to: object) -> bool:
+    """Whether a job stored on ``subject`` may be answered on ``reply_to``."""
+    if arrival(subject)[0] == "requeue":
+        return is_reply_subject(reply_to)
+    return reply_fits(reply_to, tenant_of(subject))
 
 
 def _identity(msg: Msg) -> tuple[int, int]:

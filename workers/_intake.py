@@ -7,7 +7,7 @@ kind) and checked field by field with ``broker/_validate.validate_job``, which
 also clamps its deadline to the route's ``deadline_s``.
 
 Bad input never raises out of here: it is answered (when a reply subject can
-be read, and only under ``llm.reply.``), parked in the dead-letter queue (a
+be read, and only on its tenant's ``llm.reply.`` subjects), parked in the dead-letter queue (a
 payload that is not a job as a bounded, escaped preview, never its raw bytes),
 and its message is settled (``settle``).
 """
@@ -43,6 +43,10 @@ async def read_job(ctx: PoolContext, delivery: Delivery) -> Job | None:
         job = delivery.trusted(decode_untrusted(delivery.msg.data))
     except InvalidJob as exc:
         await _reject_raw(ctx, delivery, exc.code, exc.message)
+        return None
+    if not delivery.may_answer(job.reply_to):  # another tenant's replies: never answered
+        wanted = f"llm.reply.{delivery.tenant}.<id>" if delivery.tenant else "llm.reply.<id>"
+        await _reject(ctx, delivery, job, InvalidJob.code, f"reply_to: must be {wanted}")
         return None
     try:
         return validate_job(job, ctx.config, now_ms())
@@ -107,7 +111,8 @@ def refusal(delivery: Delivery, code: str, message: str, job: Job | None = None)
 
 
 async def _reject(ctx: PoolContext, delivery: Delivery, job: Job, code: str, message: str) -> None:
-    await ctx.answer(job.reply_to, refusal(delivery, code, message, job))
+    if delivery.may_answer(job.reply_to):
+        await ctx.answer(job.reply_to, refusal(delivery, code, message, job))
     route = job.route if is_valid_name(job.route) else INVALID_ROUTE_TOKEN
     letter = DeadLetter(code=code, message=message, at_ms=now_ms(), route=route, job=job)
     await settle(delivery.msg, await ctx.dead_letter(letter))
@@ -117,6 +122,6 @@ async def _reject_raw(ctx: PoolContext, delivery: Delivery, code: str, message: 
     """Answer a payload that is not a job, if a reply subject can be read from it."""
     data = delivery.msg.data
     reply, route = peek(data)
-    if reply is not None:
+    if reply is not None and delivery.may_answer(reply):
         await ctx.answer(reply, refusal(delivery, code, message))
     await settle(delivery.msg, await ctx.dead_letter(raw_letter(code, message, data, route)))
