@@ -41,16 +41,13 @@ from types import TracebackType
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
-from nats.errors import BadSubscriptionError
-from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import DeliverPolicy, PubAck
+from nats.js.api import PubAck
 from nats.js.errors import NoStreamResponseError
 
 from broker._config import Config, NatsSettings
 from broker._errors import (
     BrokerUnavailable,
     ConfigError,
-    DeadlineExceeded,
     DuplicateRequest,
     JetStreamApiError,
     PayloadTooLarge,
@@ -68,14 +65,13 @@ from broker._protocol import (
     Job,
     Message,
     Notice,
-    decode_event,
     encode,
     new_request_id,
     now_ms,
 )
+from broker._replay import ReplyReader
 from broker._subjects import (
     JOBS_STREAM,
-    REPLIES_STREAM,
     cancel_subject,
     is_valid_name,
     pool_consumer,
@@ -87,6 +83,9 @@ from broker._subjects import (
 from broker._validate import validate_job
 
 DEFAULT_TIMEOUT_S = 120.0
+# Events a reply subscription buffers before nats-py drops them (a slow consumer);
+# what is dropped is read again from LLM_REPLIES (broker/_replay.py).
+REPLY_BUFFER_MSGS = 65536
 
 
 class JobOptions(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -107,7 +106,13 @@ class JobHandle:
     def __init__(self, client: RelayClient, job: Job, sub: Subscription) -> None:
         self.job = job
         self._client = client
-        self._sub = sub
+        self._reader = ReplyReader(
+            client.nc,
+            job.reply_to,
+            sub,
+            what=f"request {job.id}",
+            can_replay=client.tenant is None,  # a tenant may not read LLM_REPLIES
+        )
         self.done: Done | None = None
         self.notices: list[Notice] = []
         self.job_seq: int | None = None  # the job's stream sequence, from its PubAck
@@ -116,31 +121,24 @@ class JobHandle:
     def id(self) -> str:
         return self.job.id
 
+    @property
+    def resumes(self) -> int:
+        """How often the handle resumed from ``LLM_REPLIES`` after a gap (``broker/_replay.py``)."""
+        return self._reader.resumes
+
     async def events(self) -> AsyncIterator[Event]:
-        """The job's events until its ``done``/``error``; raises ``DeadlineExceeded`` past
-        the deadline. Events that do not count (``broker/_fold.py``) are left out."""
+        """The job's events until its ``done``/``error``, each once; raises
+        ``DeadlineExceeded`` past the deadline. Events that do not count
+        (``broker/_fold.py``) are left out; lost ones are read from ``LLM_REPLIES``."""
         fold = Fold(self.job_seq)
         try:
             while not fold.finished:
-                event = await self._next_event()
+                event = await self._reader.next_event(self.job.deadline_ms / 1000, fold.accepts)
                 if fold.accepts(event):
                     fold.add(event)
                     yield event
         finally:
-            await self._close_sub()
-
-    async def _next_event(self) -> Event:
-        remaining_s = self.job.deadline_ms / 1000 - time.time()
-        if remaining_s <= 0:
-            raise DeadlineExceeded(f"request {self.id}: no answer before its deadline")
-        try:
-            with nats_errors(f"request {self.id}: reading the answer"):
-                msg = await self._sub.next_msg(timeout=remaining_s)
-        except RelayError as exc:
-            if isinstance(exc.__cause__, NatsTimeout):
-                raise DeadlineExceeded(f"request {self.id}: no answer before its deadline") from exc
-            raise
-        return decode_event(msg.data)
+            await self._reader.close()
 
     async def text(self) -> str:
         """The complete answer; raises the matching ``RelayError`` on an error event."""
@@ -163,26 +161,11 @@ class JobHandle:
 
     async def close(self) -> None:
         """Stop listening for this job's events (the job itself goes on). Safe twice."""
-        await self._close_sub()
+        await self._reader.close()
 
     async def replay(self) -> None:
         """Read the job's events from its first one (``LLM_REPLIES``), not only new ones."""
-        await self._close_sub()
-        with nats_errors(f"request {self.id}: replaying its events"):
-            self._sub = await self._client.nc.jetstream().subscribe(
-                self.job.reply_to,
-                stream=REPLIES_STREAM,
-                ordered_consumer=True,
-                deliver_policy=DeliverPolicy.ALL,
-            )
-
-    async def _close_sub(self) -> None:
-        try:
-            with nats_errors(f"request {self.id}: unsubscribing"):
-                await self._sub.unsubscribe()
-        except RelayError as exc:
-            if not isinstance(exc.__cause__, BadSubscriptionError):  # already gone: fine
-                raise
+        await self._reader.resume()
 
 
 class RelayClient:
@@ -196,6 +179,7 @@ class RelayClient:
         nc: NATS | None = None,
         default_timeout_s: float = DEFAULT_TIMEOUT_S,
         tenant: str | None = None,
+        reply_buffer_msgs: int = REPLY_BUFFER_MSGS,
     ) -> None:
         if tenant is not None and not is_valid_name(tenant):
             raise ConfigError(f"tenant {tenant!r}: lowercase letters, digits, '_' or '-'")
@@ -205,6 +189,7 @@ class RelayClient:
         self._nc = nc
         self._owns_nc = nc is None
         self.default_timeout_s = default_timeout_s
+        self.reply_buffer_msgs = reply_buffer_msgs
         self._known_targets: set[str] = set()
         self._capacity: int | None = config.streams.queue_capacity if config else None
 
@@ -313,7 +298,7 @@ class RelayClient:
         if self.config is not None:  # the worker checks the same; refuse here, before publishing
             job = validate_job(job, self.config, now_ms())
         with nats_errors(f"subscribe to {job.reply_to}"):
-            sub = await self.nc.subscribe(job.reply_to, pending_msgs_limit=65536)
+            sub = await self.nc.subscribe(job.reply_to, pending_msgs_limit=self.reply_buffer_msgs)
         handle = JobHandle(self, job, sub)
         try:
             ack = await self._publish(job)

@@ -87,8 +87,11 @@ class NatsSettings(_Strict, frozen=True):
     """How every process connects to NATS.
 
     ``creds_file``: a NATS credentials file (user JWT and nkey seed; decentralised
-    auth, as ``nsc`` writes it). ``tls``: see ``TlsSettings``; a ``tls://`` URL
-    also requires TLS, and then credentials are never sent in clear text.
+    auth, as ``nsc`` writes it). ``nkey_seed_file``: a user nkey seed file (``SU...``,
+    for a server whose ``authorization { users: [{nkey: U...}] }`` names its public
+    key); the seed signs the server's nonce and is never sent. ``tls``: see
+    ``TlsSettings``; a ``tls://`` URL also requires TLS, and then credentials are
+    never sent in clear text.
     """
 
     url: str = "nats://127.0.0.1:4222"
@@ -96,6 +99,7 @@ class NatsSettings(_Strict, frozen=True):
     password: Secret | None = None
     token: Secret | None = None
     creds_file: str | None = None
+    nkey_seed_file: str | None = None
     connect_timeout_s: PositiveFloat = 2.0
     tls: TlsSettings | None = None
 

@@ -5,11 +5,17 @@
 its stream sequence number (``#12``) or by its job's request id.
 
 Replay puts the job back where a client would have put it: ``llm.jobs.<route>``,
-or ``llm.pool.<pool>`` when it was pinned. The attempts are cleared, the
-deadline starts afresh from the route's ``deadline_s``, and the request id stays
-the same (the original client's reply subject still works if it waits; the
-replay is a new job, with its own ``job_seq``, so a client folding the first
-run's events needs to start over: ``tail`` does). The ``Nats-Msg-Id`` is
+or ``llm.pool.<pool>`` when it was pinned; a tenant's job (its ``reply_to`` is
+``llm.reply.<tenant>.<id>``) on ``llm.jobs.<route>.<tenant>`` or
+``llm.pool.<pool>.<tenant>``, the only subjects where a worker answers it there.
+A tenant's job refused as ``invalid_job`` is not replayed: its reply subject may
+be another tenant's (the refusal says so), and replay would make it fit.
+
+The attempts are cleared, the deadline starts afresh from the route's
+``deadline_s``, and the request id stays the same (the original client's reply
+subject still works if it waits; the replay is a new job, with its own
+``job_seq``, so a client folding the first run's events needs to start over:
+``tail`` does). The ``Nats-Msg-Id`` is
 ``<id>.replay.<seq>.<random>``, so that neither the jobs stream's duplicate
 window nor a client that guessed the id can swallow it; the PubAck must say it
 was stored (not a duplicate), and only then is the dead letter deleted, so a
@@ -36,6 +42,7 @@ from broker._config import Config
 from broker._errors import (
     DeadLetterNotFound,
     DlqAccessError,
+    InvalidJob,
     JetStreamApiError,
     QueueFull,
     RelayError,
@@ -50,9 +57,11 @@ from broker._subjects import (
     DLQ_STREAM,
     JOBS_STREAM,
     dlq_subject,
+    is_valid_name,
     js_api,
     pool_consumer,
     pool_subject,
+    reply_tenant,
     route_consumer,
     route_subject,
 )
@@ -124,9 +133,10 @@ async def replay(nc: NATS, entry: DeadLetterEntry, config: Config | None) -> Rep
             f"dead letter #{entry.seq} holds no decodable job (route {entry.route}); "
             "it cannot be replayed: `llmrelay dlq show` prints its raw bytes"
         )
+    tenant = _tenant(entry, job)
     await _check_target(nc, job)
     fresh = _fresh_job(job, config)
-    subject = pool_subject(job.pool) if job.pool else route_subject(job.route)
+    subject = pool_subject(job.pool, tenant) if job.pool else route_subject(job.route, tenant)
     msg_id = f"{job.id}.replay.{entry.seq}.{uuid.uuid4().hex[:16]}"
     await _publish(nc, subject, fresh, msg_id=msg_id)
     await delete_dead_letter(nc, entry.seq)
@@ -147,6 +157,26 @@ async def purge(nc: NATS, route: str | None = None) -> int:
 
 
 # --- helpers ------------------------------------------------------------------------
+
+
+def _tenant(entry: DeadLetterEntry, job: Job) -> str | None:
+    """The tenant whose subject the job goes back to: that of its reply subject.
+
+    A dead letter does not say which subject its job arrived on; a job the
+    workers refused as ``invalid_job`` may name any tenant's reply subject (that
+    is one reason for the refusal), so it is not replayed into that tenant's space.
+    """
+    tenant = reply_tenant(job.reply_to)
+    if tenant is None:
+        return None
+    refused = entry.letter is not None and entry.letter.code == InvalidJob.code
+    if refused or not is_valid_name(tenant):
+        raise RelayError(
+            f"dead letter #{entry.seq} names reply subject {job.reply_to!r}, which may not "
+            f"be its own (code {entry.letter.code if entry.letter else '?'}); "
+            f"request {job.id} not replayed"
+        )
+    return tenant
 
 
 def _fresh_job(job: Job, config: Config | None) -> Job:

@@ -53,7 +53,7 @@ from broker._subjects import (
     is_valid_name,
     js_api,
 )
-from broker._validate import decode_untrusted, is_reply_subject, preview
+from broker._validate import decode_untrusted, preview, reply_allowed
 
 log = logging.getLogger("llmrelay.monitor")
 
@@ -293,9 +293,12 @@ class Janitor:
         what, name = _target_of(subject)
         text = f"no {what} named {name!r} is configured on this broker"
         route = name if what == "route" and is_valid_name(name) else _route_of(job)
-        answered = job is not None and is_reply_subject(job.reply_to)
+        # The subject's tenant decides where it may be answered, as in a worker;
+        # job_seq names this job, so no other job on that reply subject ends early.
+        answered = job is not None and reply_allowed(subject, job.reply_to)
         if job is not None and answered:
-            await self.nc.publish(job.reply_to, encode(Error(code="unknown_route", message=text)))
+            error = Error(code="unknown_route", message=text, job_seq=int(message["seq"]))
+            await self.nc.publish(job.reply_to, encode(error))
         letter = DeadLetter(
             code="unknown_route",
             message=text,

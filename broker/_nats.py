@@ -10,7 +10,7 @@ module could see is turned into a ``RelayError`` here, with ``raise ... from``:
 so the gateway and the CLI catch ``RelayError`` only. Credentials are chosen in
 one place (``credentials``): credentials in the URL win; else the caller's own
 user (the gateway's ``client`` user); else ``nats.user``/``password``/``token``/
-``creds_file`` from the config.
+``creds_file``/``nkey_seed_file`` from the config.
 
 TLS is required when ``nats.tls`` is set or any URL is ``tls://``. nats-py
 itself upgrades only when the server asks for TLS, and would otherwise send
@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import anyio
 import msgspec
 import nats
+import nkeys  # type: ignore[import-untyped]
 from nats.aio.client import Client as NATS
 from nats.errors import MaxPayloadError, NoServersError, UnexpectedEOF
 from nats.errors import TimeoutError as NatsTimeout
@@ -58,6 +59,7 @@ class Credentials(msgspec.Struct, frozen=True, kw_only=True):
     password: Secret | None = None
     token: Secret | None = None
     creds_file: str | None = None
+    nkey_seed_file: str | None = None
 
 
 def url_has_credentials(url: str) -> bool:
@@ -90,6 +92,7 @@ def credentials(
         password=settings.password,
         token=settings.token,
         creds_file=settings.creds_file,
+        nkey_seed_file=settings.nkey_seed_file,
     )
 
 
@@ -108,6 +111,8 @@ async def connect(
     creds = credentials(url, settings, user=user, password=password)
     if creds.creds_file is not None:
         _check_readable(creds.creds_file, "nats.creds_file")
+    if creds.nkey_seed_file is not None:
+        _check_seed(creds.nkey_seed_file, "nats.nkey_seed_file")
     return await connect_nats(
         url,
         name=name,
@@ -116,6 +121,7 @@ async def connect(
         password=creds.password.reveal() if creds.password else None,
         token=creds.token.reveal() if creds.token else None,
         creds_file=creds.creds_file,
+        nkey_seed_file=creds.nkey_seed_file,
         inbox=inbox,
         reconnected=reconnected,
         tls=settings.tls,
@@ -131,6 +137,7 @@ async def connect_nats(
     password: str | None = None,
     token: str | None = None,
     creds_file: str | None = None,
+    nkey_seed_file: str | None = None,
     inbox: str | None = None,
     reconnected: Reconnected | None = None,
     tls: TlsSettings | None = None,
@@ -166,6 +173,7 @@ async def connect_nats(
             password=password,
             token=token,
             user_credentials=creds_file,
+            nkeys_seed=nkey_seed_file,
             inbox_prefix=inbox or inbox_prefix(user or url_user(url)),
             reconnected_cb=reconnected,
         )
@@ -247,6 +255,22 @@ def _check_readable(path: str, key: str) -> None:
             pass
     except OSError as exc:
         raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from exc
+
+
+def _check_seed(path: str, key: str) -> None:
+    """A readable file holding a user nkey seed (``SU...``), else a ``ConfigError``."""
+    _check_readable(path, key)
+    with open(path, "rb") as f:
+        seed = bytearray(f.read().strip())
+    try:
+        prefix, raw = nkeys.decode_seed(seed)
+        del raw
+    except (nkeys.NkeysError, ValueError) as exc:
+        raise ConfigError(f"{key}: {path} holds no nkey seed ({exc})") from exc
+    finally:
+        seed[:] = bytes(len(seed))
+    if prefix != nkeys.PREFIX_BYTE_USER:
+        raise ConfigError(f"{key}: {path} is not a user nkey seed (SU...)")
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ import msgspec
 from broker._config import Config
 from broker._errors import InvalidJob, PayloadTooLarge
 from broker._protocol import Job, decode_job, encode
-from broker._subjects import REPLY_PREFIX, is_valid_name
+from broker._subjects import REPLY_PREFIX, arrival, is_valid_name, tenant_of
 
 PREVIEW_BYTES = 2048
 # No model answers more in one go; a bound keeps budget charges finite.
@@ -256,3 +256,10 @@ def _invalid_field(text: str) -> InvalidJob:
 def _clip(reason: str, limit: int = 200) -> str:
     """msgspec may quote the offending value ("Invalid enum value ..."): keep it short, safe."""
     return _escape(reason if len(reason) <= limit else reason[:limit] + "...")
+
+
+def reply_allowed(subject: str, reply_to: object) -> bool:
+    """Whether a job stored on ``subject`` may be answered on ``reply_to``."""
+    if arrival(subject)[0] == "requeue":
+        return is_reply_subject(reply_to)
+    return reply_fits(reply_to, tenant_of(subject))

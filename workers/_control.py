@@ -44,9 +44,9 @@ from broker._subjects import (
     pause_subject,
     reply_tenant,
 )
-from broker._validate import decode_untrusted
+from broker._validate import decode_untrusted, reply_allowed
 from workers._context import PoolContext
-from workers._delivery import reply_allowed, stored_identity
+from workers._delivery import stored_identity
 from workers._intake import INVALID_ROUTE_TOKEN, raw_letter, refusal, settle
 from workers._job import JobRun
 

@@ -47,7 +47,7 @@ from broker._subjects import (
     requeue_subject,
     tenant_of,
 )
-from broker._validate import is_reply_subject, reply_fits
+from broker._validate import reply_allowed
 
 # A delivery is held while its last in-progress ack is younger than this share of
 # ack_wait_s; the rest is margin for the server's clock and the ack's way there.
@@ -151,13 +151,6 @@ class Delivery:
             if ack.duplicate and first:
                 raise RelayError(f"re-queue id {msg_id} was already taken")
             return
-
-
-def reply_allowed(subject: str, reply_to: object) -> bool:
-    """Whether a job stored on ``subject`` may be answered on ``reply_to``."""
-    if arrival(subject)[0] == "requeue":
-        return is_reply_subject(reply_to)
-    return reply_fits(reply_to, tenant_of(subject))
 
 
 def _identity(msg: Msg) -> tuple[int, int]:

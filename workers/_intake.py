@@ -121,7 +121,10 @@ async def _reject(ctx: PoolContext, delivery: Delivery, job: Job, code: str, mes
 async def _reject_raw(ctx: PoolContext, delivery: Delivery, code: str, message: str) -> None:
     """Answer a payload that is not a job, if a reply subject can be read from it."""
     data = delivery.msg.data
-    reply, route = peek(data)
+    reply, claimed = peek(data)
     if reply is not None and delivery.may_answer(reply):
         await ctx.answer(reply, refusal(delivery, code, message))
+    # The DLQ subject (and its metric label) names a configured route or `_invalid`,
+    # never any name a payload claims: a client must not mint subjects or labels.
+    route = claimed if claimed in ctx.config.routes else None
     await settle(delivery.msg, await ctx.dead_letter(raw_letter(code, message, data, route)))

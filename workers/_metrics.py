@@ -8,23 +8,37 @@ on loopback unless ``--metrics-host`` says otherwise.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# The route of a dead letter that names none (workers/_intake.py INVALID_ROUTE_TOKEN).
+INVALID_ROUTE_LABEL = "_invalid"
 CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 
 
 class WorkerMetrics:
     """``host``: where ``serve()`` listens; loopback unless the operator says otherwise
-    (``llmrelay worker --metrics-host``), as metrics name pools, models and codes."""
+    (``llmrelay worker --metrics-host``), as metrics name pools, models and codes.
+
+    ``routes``: the configured route names. A dead letter's route may come from a
+    client's payload (one that is no job but names a route), so any other name is
+    labelled ``other``, as unknown models are (``_invalid`` stays); ``None``: no bound.
+    """
 
     def __init__(
-        self, pool: str, registry: CollectorRegistry | None = None, *, host: str = "127.0.0.1"
+        self,
+        pool: str,
+        registry: CollectorRegistry | None = None,
+        *,
+        host: str = "127.0.0.1",
+        routes: Iterable[str] | None = None,
     ) -> None:
         self.pool = pool
         self.host = host
+        self.known_routes = None if routes is None else {*routes, INVALID_ROUTE_LABEL}
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -137,7 +151,9 @@ class WorkerMetrics:
         self.failovers.labels(self.pool, to_pool).inc()
 
     def dead_lettered(self, route: str, code: str) -> None:
-        self.dead_letters.labels(route, code).inc()
+        known = self.known_routes
+        label = route if known is None or route in known else "other"
+        self.dead_letters.labels(label, code).inc()
 
     def upstream_request(self) -> None:
         self.upstream_requests.labels(self.pool).inc()

@@ -89,7 +89,7 @@ class Worker:
         self.metrics_port = metrics_port
         self.drain_s = drain_s
         self._transport = transport
-        self.metrics = WorkerMetrics(pool_name, host=metrics_host)
+        self.metrics = WorkerMetrics(pool_name, host=metrics_host, routes=config.routes)
         self.breaker = CircuitBreaker(self.pool.circuit)
         self.budget = RateBudget(self.pool.rpm, self.pool.tpm)
         self.running: dict[str, JobRun] = {}

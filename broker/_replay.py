@@ -1,0 +1,132 @@
+"""Reading a job's replies without a gap: live over core NATS, resumed from ``LLM_REPLIES``.
+
+Replies are core NATS publishes: a client whose connection dropped (and came
+back), or whose subscription overflowed (a slow consumer: nats-py drops what
+does not fit), has lost some. ``LLM_REPLIES`` captured them all, so on a sign
+of a gap ``ReplyReader`` resumes: it swaps the core subscription for an ordered
+consumer from the first message on the job's reply subject, and leaves out
+what it handed over before. The signs:
+
+- a chunk whose ``seq`` skips (chunks are 0, 1, 2 ... within an attempt);
+- a reconnect of the connection (``nc.stats["reconnects"]`` moved; checked
+  at least every ``POLL_S`` while waiting, so a lost ``done`` is noticed too);
+- a message the subscription dropped (a slow consumer: nats-py counts what it
+  received, so received - taken - still queued is what it threw away).
+
+Events are deduplicated by (attempt, seq) for chunks and by their bytes for the
+rest, so each is handed over once, in order within its attempt. On the
+ordered consumer only a reconnect resumes again (it tracks its own sequence);
+a chunk it lacks (aged out of the stream) is lost for good. A tenant may not
+read ``LLM_REPLIES`` (``can_replay=False``): it reads live only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from nats.aio.client import Client as NATS
+from nats.aio.subscription import Subscription
+from nats.errors import BadSubscriptionError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import DeliverPolicy
+
+from broker._errors import DeadlineExceeded, RelayError
+from broker._nats import nats_errors
+from broker._protocol import Chunk, Event, decode_event
+from broker._subjects import REPLIES_STREAM
+
+# The longest wait without a look at the connection's reconnect count.
+POLL_S = 0.25
+
+
+class ReplyReader:
+    """The events of one reply subject, each once, resumed from ``LLM_REPLIES`` after a gap."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        reply_to: str,
+        sub: Subscription,
+        *,
+        what: str,
+        can_replay: bool,
+    ) -> None:
+        self.nc, self.reply_to, self.what = nc, reply_to, what
+        self._sub = sub
+        self._taken = 0  # messages read from the core subscription
+        self.can_replay = can_replay
+        self.replaying = False  # reading the ordered consumer on LLM_REPLIES
+        self.resumes = 0
+        self._reconnects = nc.stats["reconnects"]
+        self._seen: set[object] = set()
+        self._next_seq: dict[int, int] = {}  # attempt -> the chunk seq due next
+
+    async def next_event(self, deadline_s: float, counts: Callable[[Event], bool]) -> Event:
+        """The next event not handed over before; ``counts``: would the fold take it
+        (only such chunks' ``seq`` is checked). Raises ``DeadlineExceeded`` at ``deadline_s``."""
+        while True:
+            if self._gap_suspected():
+                await self.resume()
+            remaining_s = deadline_s - time.time()
+            if remaining_s <= 0:
+                raise DeadlineExceeded(f"{self.what}: no answer before its deadline")
+            try:
+                with nats_errors(f"{self.what}: reading the answer"):
+                    msg = await self._sub.next_msg(timeout=min(remaining_s, POLL_S))
+            except RelayError as exc:
+                if isinstance(exc.__cause__, NatsTimeout):
+                    continue  # look at the connection, then wait on
+                raise
+            self._taken += 1
+            event = decode_event(msg.data)
+            key = _key(event, msg.data)
+            if key in self._seen:
+                continue
+            if isinstance(event, Chunk) and counts(event):
+                due = self._next_seq.get(event.attempt, 0)
+                if event.seq > due and self.can_replay and not self.replaying:
+                    await self.resume()  # the chunks between come first, from the stream
+                    continue
+                self._next_seq[event.attempt] = event.seq + 1
+            self._seen.add(key)
+            return event
+
+    def _gap_suspected(self) -> bool:
+        if not self.can_replay:
+            return False
+        if self.nc.stats["reconnects"] != self._reconnects:
+            return True
+        if self.replaying:
+            return False
+        return self._sub.delivered - self._taken - self._sub.pending_msgs > 0
+
+    async def resume(self) -> None:
+        """Read the reply subject from its first message in ``LLM_REPLIES``, then live."""
+        self._reconnects = self.nc.stats["reconnects"]
+        await self.close()
+        with nats_errors(f"{self.what}: replaying its events"):
+            self._sub = await self.nc.jetstream().subscribe(
+                self.reply_to,
+                stream=REPLIES_STREAM,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.ALL,
+            )
+        self.replaying = True
+        self.resumes += 1
+
+    async def close(self) -> None:
+        """Unsubscribe; safe twice."""
+        try:
+            with nats_errors(f"{self.what}: unsubscribing"):
+                await self._sub.unsubscribe()
+        except RelayError as exc:
+            if not isinstance(exc.__cause__, BadSubscriptionError):  # already gone: fine
+                raise
+
+
+def _key(event: Event, data: bytes) -> object:
+    """What makes two copies of one event the same event."""
+    if isinstance(event, Chunk):
+        return ("chunk", event.attempt, event.seq)
+    return data
