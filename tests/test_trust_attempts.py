@@ -36,11 +36,14 @@ from broker._config import Config, parse_config
 from broker._dlq import find_dead_letter, replay
 from broker._errors import AllProvidersFailed, DuplicateRequest, StreamReset
 from broker._fold import Answer, attempt_id, requeue_base
-from broker._protocol import Timings, Usage, decode_event
+from broker._jsapi import next_subject, pull_request_body
+from broker._protocol import Job, Message, Timings, Usage, decode_event
+from broker._subjects import PRIORITY_GROUP
 from broker._topology import ensure_topology, stream_configs
 from devstack import MockProvider, WorkerProcess, expected_answer, wait_for_workers
 from gateway import ReplyFold
 from tests._harness import CLIENT_INBOX, mock_pool, relay_config, running_workers
+from workers._delivery import Delivery
 
 TIMEOUT_S = 10.0
 FAST_RETRY: dict[str, Any] = {"max_retries": 0, "backoff_base_s": 0.05, "backoff_max_s": 0.1}
@@ -389,3 +392,51 @@ def test_every_stream_has_a_byte_limit() -> None:
     # Every stream fits the file store of nats.conf (10GB) together, so all can be created.
     file_streams = ("LLM_JOBS", "LLM_EVENTS", "LLM_DLQ")
     assert sum(limits[s] or 0 for s in file_streams) <= 10 * 1000**3
+
+
+class _PubAckLostOnce:
+    """A JetStream context whose first publish is stored but whose PubAck is lost,
+    as when the server answers after the client's timeout (the store happens, the
+    reply does not arrive). Only the network is faked; the store is the real server."""
+
+    def __init__(self, js: Any) -> None:
+        self.js = js
+        self.calls = 0
+
+    async def publish(self, subject: str, payload: bytes, **kwargs: Any) -> Any:
+        self.calls += 1
+        ack = await self.js.publish(subject, payload, **kwargs)
+        if self.calls == 1:
+            raise nats.errors.TimeoutError()
+        return ack
+
+
+async def test_a_requeue_whose_puback_is_lost_is_stored_once_and_not_handed_back(
+    nc: NATS,
+) -> None:
+    """Suspected in the issue: "a re-queue whose PubAck times out is nak'ed and also
+    runs on the backup". Ruled out: the re-queue is sent again under the same
+    Nats-Msg-Id, the server answers duplicate (stored), and the original is settled
+    by the caller's ack, not handed back (``Delivery.requeue`` returns normally)."""
+    cfg = _config({"a": mock_pool("http://127.0.0.1:9"), "b": mock_pool("http://127.0.0.1:9")},
+                  {"chat": [("a", "gpt"), ("b", "gpt")]})  # fmt: skip
+    await ensure_topology(nc, cfg)
+    await nc.jetstream().publish("llm.jobs.chat", _raw_job("rq1", "chat", "llm.reply.rq1"))
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, max_msgs=1)
+    body = pull_request_body(group=PRIORITY_GROUP, expires_s=TIMEOUT_S)
+    await nc.publish(next_subject("LLM_JOBS", "route_chat"), body, reply=inbox)
+    delivered = await sub.next_msg(timeout=TIMEOUT_S)
+    delivery = Delivery(delivered, ack_wait_s=30.0)
+    job = Job(id="rq1", route="chat", messages=[Message(role="user", content="hi")],
+              reply_to="llm.reply.rq1", deadline_ms=9_999_999_999_999)  # fmt: skip
+    lossy = _PubAckLostOnce(nc.jetstream())
+    await delivery.requeue(lossy, "b", job, remaining_s=10.0)  # type: ignore[arg-type]
+    await delivery.ack()
+    subjects: dict[str, int] = {}
+    with anyio.fail_after(TIMEOUT_S):  # the server applies the ack on its own time
+        while subjects != {"llm.requeue.b": 1}:
+            info = await nc.jetstream().stream_info("LLM_JOBS", subjects_filter=">")
+            subjects = dict(info.state.subjects or {})
+            await anyio.sleep(0.02)
+    assert lossy.calls == 2  # sent again after the lost PubAck: stored once, original acked
