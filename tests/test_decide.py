@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from broker import Attempt, Job, Message
-from tests._builders import make_config
-from workers._decide import Fail, FailureContext, Requeue, Retry, backoff_s, decide
-from workers.providers._base import (
+from broker._errors import (
     AuthFailed,
     ContentFiltered,
     ContextLengthExceeded,
@@ -14,6 +12,8 @@ from workers.providers._base import (
     StreamInterrupted,
     UpstreamUnavailable,
 )
+from tests._builders import make_config
+from workers._decide import Fail, FailureContext, Requeue, Retry, backoff_s, decide
 
 CFG = make_config(
     {"a": {"max_retries": 2, "context_window": 8000}, "b": {"context_window": 128000}, "c": {}},

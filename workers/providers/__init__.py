@@ -4,23 +4,19 @@
 provider kind means adding one module and one entry to ``PROVIDERS``.
 """
 
-from workers.providers._base import (
+from broker._errors import (
     AuthFailed,
     ContentFiltered,
     ContextLengthExceeded,
-    Finish,
-    Malformed,
-    Provider,
     ProviderError,
     ProviderTimeout,
     RateLimited,
     StreamInterrupted,
-    StreamItem,
-    TextDelta,
     UpstreamConnectError,
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from workers.providers._base import Finish, Malformed, Provider, StreamItem, TextDelta
 from workers.providers._registry import PROVIDERS, make_provider
 from workers.providers.anthropic import AnthropicProvider
 from workers.providers.ollama import OllamaProvider

@@ -19,18 +19,6 @@ import httpx
 import msgspec
 
 from broker._config import PoolConfig
-from broker._errors import (
-    AuthFailed,
-    ContentFiltered,
-    ContextLengthExceeded,
-    ProviderError,
-    ProviderTimeout,
-    RateLimited,
-    StreamInterrupted,
-    UpstreamConnectError,
-    UpstreamRejected,
-    UpstreamUnavailable,
-)
 from broker._protocol import Job, Usage
 
 
@@ -50,25 +38,6 @@ class Finish(msgspec.Struct, frozen=True):
 
 
 StreamItem = TextDelta | Malformed | Finish
-
-# The failures an adapter raises (defined in broker/_errors.py, re-exported here).
-__all__ = [
-    "AuthFailed",
-    "ContentFiltered",
-    "ContextLengthExceeded",
-    "Finish",
-    "Malformed",
-    "Provider",
-    "ProviderError",
-    "ProviderTimeout",
-    "RateLimited",
-    "StreamInterrupted",
-    "StreamItem",
-    "TextDelta",
-    "UpstreamConnectError",
-    "UpstreamRejected",
-    "UpstreamUnavailable",
-]
 
 
 class Provider(Protocol):

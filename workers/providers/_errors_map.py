@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import msgspec
 
-from workers.providers._base import (
+from broker._errors import (
     AuthFailed,
     ContentFiltered,
     ContextLengthExceeded,

@@ -23,8 +23,8 @@ import anyio
 import httpx
 
 from broker._config import PoolConfig
+from broker._errors import StreamInterrupted
 from broker._protocol import Job
-from workers.providers._base import StreamInterrupted
 from workers.providers._errors_map import error_for_status, error_for_transport
 
 T = TypeVar("T")

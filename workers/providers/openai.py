@@ -19,8 +19,9 @@ import httpx
 import msgspec
 
 from broker._config import PoolConfig
+from broker._errors import StreamInterrupted
 from broker._protocol import Job, Usage
-from workers.providers._base import Finish, Malformed, StreamInterrupted, StreamItem, TextDelta
+from workers.providers._base import Finish, Malformed, StreamItem, TextDelta
 from workers.providers._errors_map import error_for_payload
 from workers.providers._http import job_headers, job_params, join_url, open_stream, static_headers
 from workers.providers._sse import SSEEvent, SSEParser
