@@ -24,6 +24,14 @@ Three shapes of load:
 Every request sent in the measured window ends as exactly one record: completed
 (``code == ""``) or an error code (``unfinished`` if it had no answer when the
 drain time ran out), so ``completed + errors == sent`` by construction.
+
+A record's ``chunks`` and ``chars`` (the answer's length) follow the client's
+fold (``broker/_fold.py``): a ``Notice`` with ``resume=True`` keeps the text so
+far (its first ``offset`` characters), and the continuing attempt's chunks add
+to it; ``reset=True``, or a chunk of a newer attempt with no resume before it,
+starts the count over. ``max_gap_ms`` is the longest wait between two
+consecutive chunks the caller got, whatever attempt sent them: the stall of a
+failover in the middle of an answer.
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ from anyio.abc import TaskGroup
 from broker._client import RelayClient
 from broker._config import PoolConfig, Secret
 from broker._errors import RelayError
-from broker._protocol import Chunk, Done, Error, Job, Message, now_ms
+from broker._protocol import Chunk, Done, Error, Job, Message, Notice, now_ms
 from broker._subjects import reply_subject
 from workers.providers import Finish, Provider, ProviderError, TextDelta, make_provider
 
@@ -89,6 +97,9 @@ class Rec(msgspec.Struct, array_like=True):
     failed_at_ms: int  # wall-clock ms of the first failed attempt (Done.attempts), 0 if none
     queued_ms: float  # broker: Done.timings.queued_ms (submit -> a worker starts the job)
     worker_ttft_ms: float  # broker: Done.timings.ttft_ms (job start -> first upstream token)
+    chars: int = 0  # characters of the answer the caller holds at the end (resume rule)
+    max_gap_ms: float = 0.0  # longest wait between two consecutive chunks (0: fewer than two)
+    failed_attempts: int = 0  # len(Done.attempts): failed tries before the one that answered
 
 
 class LoadResult(msgspec.Struct, kw_only=True):
@@ -109,10 +120,14 @@ class _Request:
 
     __slots__ = (
         "attempt",
+        "chars",
         "chunks",
         "code",
         "failed_at_ms",
+        "failed_attempts",
         "first",
+        "last",
+        "max_gap",
         "on_submitted",
         "pool",
         "queued_ms",
@@ -123,7 +138,11 @@ class _Request:
     def __init__(self, on_submitted: Callable[[], None] | None = None) -> None:
         self.t0 = time.perf_counter()
         self.first = -1.0
+        self.last = 0.0
+        self.max_gap = 0.0
         self.chunks = 0
+        self.chars = 0
+        self.failed_attempts = 0
         self.code = "unfinished"
         self.pool = ""
         self.failed_at_ms = 0
@@ -137,16 +156,32 @@ class _Request:
             self.on_submitted()
             self.on_submitted = None
 
-    def chunk(self, attempt: int = 0) -> None:
+    def chunk(self, attempt: int = 0, chars: int = 0) -> None:
+        now = time.perf_counter()
         if self.first < 0:
-            self.first = time.perf_counter()
-        if attempt != self.attempt:  # a newer attempt restarts the answer (as Answer does)
-            self.attempt, self.chunks = attempt, 0
+            self.first = now
+        elif now - self.last > self.max_gap:
+            self.max_gap = now - self.last
+        self.last = now
+        if attempt != self.attempt:  # a newer attempt with no resume restarts the answer
+            self.attempt, self.chunks, self.chars = attempt, 0, 0
         self.chunks += 1
+        self.chars += chars
+
+    def notice(self, event: Notice) -> None:
+        """The fold's rule for a notice: ``resume`` keeps the text, ``reset`` voids it."""
+        if event.resume:
+            # The first ``offset`` characters stand; the continuing attempt's chunks add to them.
+            if event.offset is not None and event.offset < self.chars:
+                self.chars = event.offset
+            self.attempt = max(self.attempt, event.attempt)
+        elif event.reset or event.attempt > self.attempt:
+            self.attempt, self.chunks, self.chars = max(self.attempt, event.attempt), 0, 0
 
     def done(self, event: Done) -> None:
         self.code, self.pool = "", event.pool
         self.failed_at_ms = event.attempts[0].at_ms if event.attempts else 0
+        self.failed_attempts = len(event.attempts)
         self.queued_ms = event.timings.queued_ms
         self.worker_ttft_ms = event.timings.ttft_ms if event.timings.ttft_ms is not None else -1
 
@@ -164,6 +199,9 @@ class _Request:
             self.failed_at_ms,
             self.queued_ms,
             self.worker_ttft_ms,
+            self.chars,
+            self.max_gap * 1000,
+            self.failed_attempts,
         )
 
 
@@ -188,9 +226,11 @@ class _BrokerSender:
             req.submitted()
             async for event in handle.events():
                 if isinstance(event, Chunk):
-                    req.chunk(event.attempt)
+                    req.chunk(event.attempt, len(event.delta))
                 elif isinstance(event, Done):
                     req.done(event)
+                elif isinstance(event, Notice):
+                    req.notice(event)
                 elif isinstance(event, Error):
                     req.code = event.code
         except RelayError as exc:
@@ -245,7 +285,7 @@ class _DirectSender:
             # Read to the end (as the worker does after Finish) so the connection is reused.
             async for item in provider.stream(job, self.spec.model):
                 if isinstance(item, TextDelta) and item.text:
-                    req.chunk()
+                    req.chunk(0, len(item.text))
                 elif isinstance(item, Finish):
                     finished = time.perf_counter()
                     req.code, req.pool = "", "direct"

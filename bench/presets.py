@@ -11,8 +11,9 @@ Scenarios:
   (``direct``), then through the broker; the difference is the broker's overhead.
 - ``spike``: one burst of jobs into the bounded queue, drained at the pool's
   rate limit; queue depth and memory are sampled throughout.
-- ``failover``: a primary pool whose provider answers 503 at once (``max_retries:
-  0``), then SIGKILL of the primary worker while jobs flow; see ``_failover``.
+- ``failover``: a primary pool whose provider answers 503 at once, then one whose
+  stream is cut mid-answer (the backup continues it), then SIGKILL of the
+  primary worker while jobs flow; see ``_failover``.
 """
 
 from __future__ import annotations
@@ -62,9 +63,11 @@ class Preset(msgspec.Struct, frozen=True, kw_only=True):
     drain_s: float = 30.0  # after the last send, how long answers may take
     deadline_s: float = 120.0
     # failover only
-    requests: int = 0  # 503 -> backup samples, sent one at a time
+    requests: int = 0  # baseline, 503 -> backup and cut -> backup samples, one at a time
     trials: int = 0  # SIGKILLs of the primary worker
     kill_rate: float = 200.0  # arrival rate while the primary is killed
+    # the cut run and its baseline: delay between tokens, so the cut lands mid-answer
+    cut_token_delay_ms: float = 2.0
 
 
 _STEADY_PROVIDER = ProviderSpec(tokens=8, ttft_ms=5.0, token_delay_ms=1.0)
@@ -135,10 +138,12 @@ PRESETS: dict[str, Preset] = {
     "failover": Preset(
         name="failover",
         description=(
-            "route primary -> backup. (1) primary's provider answers 503 at once, max_retries 0: "
-            "time from the 503 to the backup's first chunk, 300 requests one at a time; "
-            "(2) SIGKILL of the primary worker at 200 req/s, 20 times: time to the next "
-            "job served by the backup"
+            "route primary -> backup, 8-token answers. (1) primary's provider answers 503 at "
+            "once (one immediate retry, then the backup): time from the 503 to the backup's "
+            "first chunk; (2) tokens 2 ms apart, the primary's stream cut after 4 of them, the "
+            "backup continues it: the caller's extra wait and longest stall; 300 requests one "
+            "at a time each, against a healthy baseline of the same timing; (3) SIGKILL of the "
+            "primary worker at 200 req/s, 20 times: time to the next job served by the backup"
         ),
         scenario="failover",
         provider=_ZERO_PROVIDER,

@@ -137,6 +137,8 @@ class JobHandle:
                 if fold.accepts(event):
                     fold.add(event)
                     yield event
+                    if fold.error is not None and fold.error is not event:
+                        yield fold.error  # the fold's own verdict (a resume it cannot follow)
         finally:
             await self._reader.close()
 

@@ -138,6 +138,19 @@ ProviderKind = Literal["openai", "anthropic", "ollama"]
 
 
 class PoolConfig(_Strict, frozen=True):
+    """One provider account: where it is, its limits, and how it is retried.
+
+    ``prefill``: continue a broken answer on this pool with an assistant prefill
+    (the text the caller has as the last assistant message: Anthropic Messages,
+    Ollama, and OpenAI-compatible servers with ``continue_final_message`` such as
+    vLLM). A pool that refuses it (OpenAI's own API does, with a 400) is asked
+    again at once without, and the worker stops sending it to that model;
+    ``false`` never sends one. ``retry_after_wait_max_s``: a 429 whose Retry-After
+    is at most this is waited out on this pool (when the deadline allows); a
+    longer one moves the job to a backup. ``pause_max_s``: the ceiling on how long
+    a provider's 429 may pause the whole pool.
+    """
+
     kind: ProviderKind
     base_url: str
     api_key: Secret | None = None
@@ -150,6 +163,9 @@ class PoolConfig(_Strict, frozen=True):
     backoff_max_s: PositiveFloat = 30.0
     ack_wait_s: PositiveFloat = 30.0
     context_window: PositiveInt | None = None
+    prefill: bool = True
+    retry_after_wait_max_s: NonNegFloat = 3.0
+    pause_max_s: PositiveFloat = 60.0
     # Extra headers on every request (e.g. Azure's `api-key`): secrets, as keys often are.
     headers: dict[str, Secret] = {}
     timeouts: Timeouts = Timeouts()
@@ -163,6 +179,7 @@ class Target(_Strict, frozen=True):
 
 
 SpillPolicy = Literal["saturation", "backlog", "failover"]
+MidstreamPolicy = Literal["continue", "restart", "fail"]
 
 
 class RouteConfig(_Strict, frozen=True):
@@ -171,12 +188,23 @@ class RouteConfig(_Strict, frozen=True):
     ``spill``: ``saturation`` sends work to backups whenever the primaries have no
     free slot; ``backlog`` only once more than ``min_pending`` jobs wait;
     ``failover`` only when no primary worker is healthy.
+
+    ``midstream``: what a failure after the caller has text does. ``continue``
+    (the default): the next attempt continues the answer (assistant prefill,
+    else a restart spliced on only if it begins with exactly that text, else
+    a ``cannot_continue`` error); ``restart``: the text is void
+    (``notice{reset}``) and the next attempt starts over; ``fail``: the caller
+    gets ``stream_interrupted``. ``retry_before_failover``: while a target of the
+    route is healthy, how often a retryable failure before any text is retried
+    on the same pool, at once, before the job moves on.
     """
 
     targets: Annotated[list[Target], msgspec.Meta(min_length=1)]
     spill: SpillPolicy = "saturation"
     min_pending: PositiveInt = 100
     deadline_s: PositiveFloat = 120.0
+    midstream: MidstreamPolicy = "continue"
+    retry_before_failover: NonNegInt = 1
 
     def ranks(self) -> list[tuple[int, Target]]:
         """Targets with their effective rank (list position unless given)."""

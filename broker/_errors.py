@@ -27,15 +27,16 @@
         ├── UpstreamRejected      wire bad_request             no retry (other 4xx)
         ├── ContentFiltered       wire content_filtered        no retry
         ├── ContextLengthExceeded wire context_length_exceeded only to a larger target
-        ├── AuthFailed            wire auth_failed             fail over at once, open circuit
-        ├── RateLimited           wire rate_limited            429; carries retry_after_s
+        ├── AuthFailed            wire auth_failed             fail over now, open pool circuit
+        ├── RateLimited           wire rate_limited            429, retry_after_s; no circuit
         ├── UpstreamUnavailable   wire upstream_unavailable    5xx, 408, overloaded
         ├── ProviderTimeout       wire upstream_timeout        no first token: fail over at once
-        ├── UpstreamConnectError  wire connect_error           retry, then fail over
+        ├── UpstreamConnectError  wire connect_error           retry, fail over; pool circuit
         ├── StreamInterrupted     wire stream_interrupted      mid-stream: fail over
         │   └── StreamReset            stream_interrupted      (gateway) sent text was voided
         ├── BadUpstreamEvent      wire bad_upstream_event      mid-stream: fail over
-        └── CircuitOpen           wire circuit_open            fail over at once, no call made
+        ├── CircuitOpen           wire circuit_open            fail over at once, no call made
+        └── CannotContinue        wire cannot_continue         mid-stream: no target could continue
 
 ``wire`` classes name the codes an ``error`` event may carry (``ERROR_CODES``,
 ``llmrelay schema --codes``, README); their first docstring line is the code's
@@ -240,6 +241,9 @@ class ProviderError(RelayError):
     # The failure says something about the provider's health (counts for the circuit),
     # not about the caller's request.
     health: ClassVar[bool] = True
+    # A health failure that is the whole pool's (credentials, connection, TLS), not one
+    # model's: it counts for the pool-level circuit (workers/_circuit.py).
+    pool_level: ClassVar[bool] = False
 
     def __init__(
         self, message: str, *, status: int | None = None, retry_after_s: float | None = None
@@ -285,6 +289,7 @@ class AuthFailed(ProviderError):
     code = "auth_failed"
     wire = True
     failover_now = True
+    pool_level = True
 
 
 class RateLimited(ProviderError):
@@ -293,6 +298,7 @@ class RateLimited(ProviderError):
     code = "rate_limited"
     http_status = 429
     wire = True
+    health = False  # a 429 pauses the pool (Retry-After); it never opens a circuit
 
 
 class UpstreamUnavailable(ProviderError):
@@ -316,6 +322,7 @@ class UpstreamConnectError(ProviderError):
 
     code = "connect_error"
     wire = True
+    pool_level = True
 
 
 class StreamInterrupted(ProviderError):
@@ -347,6 +354,15 @@ class CircuitOpen(ProviderError):
     http_status = 503
     wire = True
     failover_now = True
+    health = False
+
+
+class CannotContinue(ProviderError):
+    """the answer broke mid-stream and could not be continued; retry the request"""
+
+    code = "cannot_continue"
+    http_status = 502
+    wire = True
     health = False
 
 

@@ -10,7 +10,12 @@ name the same reply subject, so:
 - an event of an older attempt than the newest seen is stale and never counts,
   ``done`` and ``error`` included: a superseded attempt cannot end the answer;
 - an event of a newer attempt, or ``notice{reset: true}`` of the current one,
-  voids the text of the attempt before it;
+  voids the text of the attempt before it, except a ``notice{resume: true,
+  offset: K}``: the answer's first K characters stand and the next text
+  continues them (a mid-stream failover that carries the text along, and the
+  continuing attempt before its first chunk). A resume past the text the fold
+  holds (text it never saw) cannot be continued: the fold ends with an
+  ``error{cannot_continue}`` rather than a garbled answer;
 - ``done`` and ``error`` of the current (or a newer) attempt end the answer,
   and nothing counts after that.
 
@@ -35,6 +40,7 @@ the gateway's fold also knows what it already sent over HTTP and holds text back
 
 from __future__ import annotations
 
+from broker._errors import CannotContinue
 from broker._protocol import Chunk, Done, Error, Event, Notice
 
 # Deliveries of one message that attempt ids tell apart (streams.max_deliver is far below).
@@ -64,6 +70,7 @@ class Fold:
         self.job_seq = job_seq
         self.done: Done | None = None
         self.error: Error | None = None
+        self.chars = 0  # characters of the answer so far
 
     def accepts(self, event: Event) -> bool:
         """Would ``event`` count: this job's, of its current or a newer attempt, not ended?"""
@@ -77,13 +84,16 @@ class Fold:
             return ""  # another job's, a superseded attempt's, or after the end
         if event.job_seq and self.job_seq is None:
             self.job_seq = event.job_seq
-        if event.attempt > self.attempt and _starts_over(event):
-            self._void(event.attempt, f"attempt {event.attempt} started over")
+        if isinstance(event, Notice) and event.resume:
+            self._resume(event)
+        elif event.attempt > self.attempt and _starts_over(event):
+            self._void_all(event.attempt, f"attempt {event.attempt} started over")
         match event:
             case Chunk(delta=delta):
+                self.chars += len(delta)
                 return self._text(delta)
             case Notice(reset=True):
-                self._void(event.attempt, reset_reason(event))
+                self._void_all(event.attempt, reset_reason(event))
             case Done():
                 self.done = event
             case Error():
@@ -94,8 +104,33 @@ class Fold:
     def finished(self) -> bool:
         return self.done is not None or self.error is not None
 
+    def _resume(self, notice: Notice) -> None:
+        """The first ``offset`` characters stand; the text after them is void."""
+        offset = self.chars if notice.offset is None else notice.offset
+        if offset > self.chars:
+            self.error = Error(
+                code=CannotContinue.code,
+                message=f"the answer continues after character {offset}, but only "
+                f"{self.chars} arrived: it cannot be put together; retry the request",
+                retryable=True,
+                attempt=notice.attempt,
+                job_seq=notice.job_seq,
+            )
+            return
+        if offset < self.chars:
+            self._keep(offset, reset_reason(notice))
+        self.chars = offset
+        self.attempt = max(self.attempt, notice.attempt)
+
+    def _void_all(self, attempt: int, reason: str) -> None:
+        self._void(attempt, reason)
+        self.chars = 0
+
     def _text(self, delta: str) -> str:
         return delta
+
+    def _keep(self, chars: int, reason: str) -> None:
+        """Keep the first ``chars`` characters of the answer (fewer than it has)."""
 
     def _void(self, attempt: int, reason: str) -> None:
         self.attempt = attempt
@@ -116,6 +151,11 @@ class Answer(Fold):
     def _text(self, delta: str) -> str:
         self._parts.append(delta)
         return delta
+
+    def _keep(self, chars: int, reason: str) -> None:
+        text = self.text[:chars]
+        self._parts = [text] if text else []
+        self.resets += 1
 
     def _void(self, attempt: int, reason: str) -> None:
         if self._parts:

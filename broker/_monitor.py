@@ -4,7 +4,8 @@ Every ``interval_s`` the monitor takes one ``collect_status`` snapshot and
 serves it on ``/metrics`` (its own registry; names in docs/operations.md):
 queue depth, oldest job age, ack pending, redeliveries and capacity per route
 and pool subject, DLQ depth per route, live workers, slots and circuit states
-per pool. A scrape reads the latest snapshot; it never waits for NATS.
+per pool (and per upstream model whose own circuit is not closed on some
+worker). A scrape reads the latest snapshot; it never waits for NATS.
 
 **Janitor.** A raw NATS client can publish a job to ``llm.jobs.<route>`` for a
 route that does not exist (the client library refuses to). No consumer reads
@@ -146,13 +147,22 @@ def _pool_families(status: Status) -> Iterator[Metric]:
         "Live workers of the pool by circuit-breaker state",
         labels=["pool", "state"],
     )
+    models = GaugeMetricFamily(
+        "llmrelay_pool_model_circuit_workers",
+        "Live workers of the pool whose circuit for one upstream model is half_open or open"
+        " (only models not closed everywhere)",
+        labels=["pool", "model", "state"],
+    )
     for p in status.pools:
         live.add_metric([p.name], p.live_workers)
         slots.add_metric([p.name], p.slots_total)
         busy.add_metric([p.name], p.slots_busy)
         for state in _CIRCUIT_STATES:
             circuit.add_metric([p.name, state], p.circuit.get(state, 0))
-    yield from (live, slots, busy, circuit)
+        for model, states in p.model_circuits.items():
+            for state in _CIRCUIT_STATES[1:]:
+                models.add_metric([p.name, model, state], states.get(state, 0))
+    yield from (live, slots, busy, circuit, models)
 
 
 class MonitorMetrics:

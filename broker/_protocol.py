@@ -50,6 +50,23 @@ class Attempt(msgspec.Struct, omit_defaults=True, kw_only=True):
     deliveries: int = 1
     chunks_sent: int = 0
     at_ms: int = 0
+    # Of the text this attempt sent, how much the answer kept (a continuation
+    # builds on it), and what it cost (the provider's count, else an estimate).
+    chars: int = 0
+    completion_tokens: int = 0
+
+
+class Resume(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """The answer so far of a job whose stream broke after its caller had text.
+
+    A re-queued job carries it (workers' routing state: never taken from a
+    client), and the next attempt continues the answer from there instead of
+    restarting it (``workers/_continuation.py``). ``text`` is exactly what the
+    caller has; ``completion_tokens`` what writing it cost, over every attempt.
+    """
+
+    text: str
+    completion_tokens: int = 0
 
 
 class Job(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -80,6 +97,8 @@ class Job(msgspec.Struct, omit_defaults=True, kw_only=True):
     # The secret a cancel must carry (the payload of `llm.cancel.<id>`): clients
     # cannot read jobs, so only the submitter knows it. Unset: anyone may cancel.
     cancel_key: str | None = None
+    # Reserved routing state: the answer so far, which the next attempt continues.
+    resume: Resume | None = None
 
 
 class Usage(msgspec.Struct, omit_defaults=False, kw_only=True):
@@ -109,11 +128,17 @@ class Chunk(msgspec.Struct, tag="chunk", tag_field="type", kw_only=True, omit_de
     job_seq: int = 0
 
 
-NoticeKind = Literal["retry", "failover", "requeued", "redelivered", "degraded"]
+NoticeKind = Literal["retry", "failover", "requeued", "redelivered", "degraded", "resumed"]
 
 
 class Notice(msgspec.Struct, tag="notice", tag_field="type", kw_only=True, omit_defaults=True):
-    """Something the client may want to show: a retry, a failover, a reset."""
+    """Something the client may want to show: a retry, a failover, a reset, a resume.
+
+    ``reset``: the text so far is void (the next attempt starts over).
+    ``resume``: the first ``offset`` characters of the answer stand, and the next
+    text continues them: a failover that carries the text along says so, and so
+    does the continuing attempt before its first chunk (``kind: resumed``).
+    """
 
     kind: NoticeKind
     attempt: int
@@ -122,6 +147,8 @@ class Notice(msgspec.Struct, tag="notice", tag_field="type", kw_only=True, omit_
     to_pool: str | None = None
     reset: bool = False
     delay_ms: int | None = None
+    resume: bool = False
+    offset: int | None = None
     # The job's stream sequence as its client published it (0: not from a delivery).
     job_seq: int = 0
 
@@ -187,6 +214,9 @@ class Heartbeat(msgspec.Struct, kw_only=True, omit_defaults=True):
     metrics_port: int | None = None
     # Tokens this worker charged to the pool's budget in the last minute.
     tpm_used: int = 0
+    # The circuits of single upstream models that are not closed: model -> state
+    # ("open" or "half_open"); ``circuit`` is the pool-level state.
+    circuits: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class LifecycleEvent(msgspec.Struct, kw_only=True, omit_defaults=True):

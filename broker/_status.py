@@ -9,7 +9,9 @@ exports. Everything comes from the server, nothing from a process's memory:
     oldest job age    timestamp of the first job after the consumer's delivered
                       sequence on the subject (a stream message get)
     DLQ depth         LLM_DLQ subject counts (stream info with a subjects filter)
-    workers           the heartbeats in KV ``llm_workers``: slots, busy, circuit, rate used
+    workers           the heartbeats in KV ``llm_workers``: slots, busy, circuits, rate used
+                      (``circuit``: the pool-level circuit; ``circuits``/``model_circuits``:
+                      the upstream models whose own circuit is not closed)
     stray jobs        jobs on a ``llm.jobs.*``/``llm.pool.*`` subject that no consumer reads
 
 The `client` NATS user may read all of this except job messages, so the
@@ -85,6 +87,8 @@ class PoolStatus(QueueStatus, kw_only=True):
     slots_total: int = 0
     slots_busy: int = 0
     circuit: dict[str, int] = msgspec.field(default_factory=dict)
+    # Models whose circuit is not closed on some worker: model -> state -> workers.
+    model_circuits: dict[str, dict[str, int]] = msgspec.field(default_factory=dict)
     rpm_used: int = 0
     rpm_limit: int = 0
     tpm_used: int = 0
@@ -102,6 +106,8 @@ class WorkerStatus(msgspec.Struct, kw_only=True):
     rpm_used: int = 0
     tpm_used: int = 0
     metrics_port: int | None = None
+    # The worker's model circuits that are not closed: model -> state.
+    circuits: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class StrayQueue(msgspec.Struct, kw_only=True):
@@ -223,6 +229,7 @@ class StatusReader:
             slots_total=sum(hb.slots for hb in mine),
             slots_busy=sum(hb.busy for hb in mine),
             circuit=circuit,
+            model_circuits=_model_circuits(mine),
             rpm_used=sum(hb.rpm_used for hb in mine),
             rpm_limit=pool.rpm if pool else 0,
             tpm_used=sum(hb.tpm_used for hb in mine),
@@ -373,4 +380,15 @@ def _worker_status(hb: Heartbeat) -> WorkerStatus:
         rpm_used=hb.rpm_used,
         tpm_used=hb.tpm_used,
         metrics_port=hb.metrics_port,
+        circuits=dict(sorted(hb.circuits.items())),
     )
+
+
+def _model_circuits(heartbeats: list[Heartbeat]) -> dict[str, dict[str, int]]:
+    """Per model whose circuit is not closed somewhere: how many workers see each state."""
+    out: dict[str, dict[str, int]] = {}
+    for hb in heartbeats:
+        for model, state in hb.circuits.items():
+            states = out.setdefault(model, {})
+            states[state] = states.get(state, 0) + 1
+    return dict(sorted(out.items()))

@@ -43,8 +43,10 @@ def status(
 
     Per route: jobs waiting (queued), age of the oldest waiting job, jobs in
     flight (delivered, not yet answered), dead letters. Per pool: live workers,
-    busy/total slots, circuit-breaker state, rate budget used in the last minute
-    (of the configured limit), and the pool's own queue (failovers, pinned jobs).
+    busy/total slots, circuit-breaker state (the pool-level circuit, then each
+    upstream model whose own circuit is not closed, with its workers), rate budget
+    used in the last minute (of the configured limit), and the pool's own queue
+    (failovers, pinned jobs).
     """
     cfg = optional_config(config)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends --watch
@@ -172,7 +174,7 @@ def _workers_table(ws: list[WorkerStatus]) -> Table:
             w.pool,
             w.worker_id,
             f"{w.busy}/{w.slots}",
-            w.circuit,
+            _worker_circuit(w),
             str(w.rpm_used),
             str(w.tpm_used),
             f"{w.last_seen_s:.1f}s ago",
@@ -227,11 +229,29 @@ def _targets(r: RouteStatus) -> str:
 
 
 def _circuit(p: PoolStatus) -> str:
+    """The pool-level state, then e.g. ``; gpt-x open 2/3`` (workers seeing it, of the live)."""
     if not p.circuit:
         return "-"
     if len(p.circuit) == 1:
-        return next(iter(p.circuit))
-    return ", ".join(f"{state} {n}" for state, n in sorted(p.circuit.items()))
+        text = next(iter(p.circuit))
+    else:
+        text = ", ".join(f"{state} {n}" for state, n in sorted(p.circuit.items()))
+    models = [
+        f"{model} {state} {n}/{p.live_workers}"
+        for model, states in p.model_circuits.items()
+        for state, n in sorted(states.items(), reverse=True)  # open before half_open
+    ]
+    return "; ".join([text, ", ".join(models)]) if models else text
+
+
+def _worker_circuit(w: WorkerStatus) -> str:
+    """``closed``; ``open (gpt-x)``: a model's circuit; ``open (pool)``: the pool-level one."""
+    parts = [f"{w.circuit} (pool)"] if w.circuit != "closed" else []
+    for state in ("open", "half_open"):
+        models = [model for model, s in w.circuits.items() if s == state]
+        if models:
+            parts.append(f"{state} ({', '.join(models)})")
+    return ", ".join(parts) or "closed"
 
 
 def _rate(p: PoolStatus) -> str:

@@ -248,6 +248,8 @@ class TextView(View):
         self.stream = stream
         self.printed = ""  # text of the current attempt already on stdout
         self.last_notice = ""
+        # Notes about a continued answer, said after it: the text on stdout goes on.
+        self.deferred: list[str] = []
 
     def started(self, handle: JobHandle) -> None:
         super().started(handle)
@@ -274,6 +276,10 @@ class TextView(View):
         self.printed += chunk.delta
 
     def _notice(self, n: Notice) -> None:
+        if n.resume and self.printed and self.stream:
+            self.deferred.append(_describe(n))  # mid-line: said once the answer is out
+            self.last_notice = n.kind
+            return
         void = bool(n.reset and self.printed and self.stream)
         if void:
             typer.echo("")  # end the half-printed line before talking about it
@@ -287,6 +293,17 @@ class TextView(View):
     def interrupted(self) -> None:
         if self.printed and not self.printed.endswith("\n"):
             typer.echo("")
+        self._say_deferred()
+
+    def failed(self, exc: RelayError, code: int, *, printed: bool = False) -> int:
+        self.interrupted()
+        self.printed = ""
+        return super().failed(exc, code, printed=printed)
+
+    def _say_deferred(self) -> None:
+        for line in self.deferred:
+            _note(line)
+        self.deferred.clear()
 
     def superseded(self, end: Done | Error) -> None:
         if self.printed:
@@ -306,6 +323,7 @@ class TextView(View):
             typer.echo(text, nl=not text.endswith("\n"))
         elif self.printed and not self.printed.endswith("\n"):
             typer.echo("")
+        self._say_deferred()
         _note(_summary(done, self.request_id))
 
 

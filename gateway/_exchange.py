@@ -220,6 +220,9 @@ class EventStreamResponse(Response):
                         await self._chunk(chunk)
                     case Notice() as notice:
                         self.fold.notice(notice)
+                        if self.fold.error is not None:  # a resume it cannot follow
+                            await self._fail(self.x.error(self.fold.error))
+                            return self.fold.error.code
                     case Done() as done if self.fold.accepts(done):
                         self.fold.add(done)  # a newer attempt's empty answer voids sent text
                         await self._done(done)

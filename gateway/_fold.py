@@ -1,12 +1,17 @@
 """The gateway's reset policy: what a client may see of a job whose attempts restart.
 
-When a provider breaks mid-answer the worker re-queues the job and sends
-``notice{reset: true}``: the text of that attempt is void, and another attempt
-starts over. ``broker._fold.Fold`` decides which events count; text already
-sent over HTTP cannot be taken back, so ``ReplyFold`` adds the policy:
+When a provider breaks mid-answer the worker re-queues the job with the text so
+far, and the next attempt continues it (``notice{resume: true, offset}``): the
+stream goes on as if nothing happened. Only a route with ``midstream: restart``
+sends ``notice{reset: true}``: the text of that attempt is void, and another
+attempt starts over. ``broker._fold.Fold`` decides which events count; text
+already sent over HTTP cannot be taken back, so ``ReplyFold`` adds the policy:
 
 - Text is forwarded as soon as it arrives (``gateway.stream_holdback_ms: 0``,
   the default), so the gateway adds no time to the first token.
+- A resume at the end of the text sent (the normal continuation) changes
+  nothing the client sees; one that keeps less than was sent (a redelivery
+  after a worker died mid-answer) is a reset of the text past it.
 - A reset before any text was sent changes nothing the client sees: the next
   attempt streams as if it were the first.
 - A reset after text was sent raises ``StreamReset``: the stream ends with an
@@ -77,6 +82,17 @@ class ReplyFold(Fold):
         if self._held_since is None:
             self._held_since = self._now
         return self.flush(self._now)
+
+    def _keep(self, chars: int, reason: str) -> None:
+        if chars < self.sent_chars:
+            raise StreamReset(
+                f"the answer was continued from character {chars} ({reason}) after "
+                f"{self.sent_chars} characters had been sent; the request was cancelled: retry it"
+            )
+        held = "".join(self._held)[: chars - self.sent_chars]
+        self._held = [held] if held else []
+        if not held:
+            self._held_since = None
 
     def _void(self, attempt: int, reason: str) -> None:
         if self.sent_chars:

@@ -20,7 +20,7 @@ from typing import Any, Literal, NamedTuple
 
 import anyio
 
-from broker import Config, RelayClient
+from broker import Answer, Config, Event, RelayClient
 from broker._server import CLIENT_USER
 from broker._subjects import inbox_prefix
 from devstack import MockProvider
@@ -149,3 +149,11 @@ async def start_stack(
 # A raw NATS client connecting as the `client` user reads only its own inboxes
 # (nats.conf): it must use this inbox prefix, as llmrelay's own connections do.
 CLIENT_INBOX = inbox_prefix(CLIENT_USER[0])
+
+
+def folded(events: Sequence[Event]) -> Answer:
+    """The events as a client folds them (``broker.Answer``): its text, done or error."""
+    answer = Answer()
+    for event in events:
+        answer.add(event)
+    return answer

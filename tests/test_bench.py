@@ -17,8 +17,11 @@ from typing import Any
 
 import pytest
 
+from bench._failover import cut_figures, cut_tokens, requeue_figures, sigkill_figures
+from bench._loadgen import Rec, _Request
 from bench._stats import percentile, summarize
 from bench.presets import PRESETS, Overrides, apply_overrides
+from broker._protocol import Notice
 from broker._server import llmrelay_command
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,7 +30,7 @@ TINY = ["--preset", "smoke", "--duration", "1", "--warmup", "0.2", "--rate", "20
 
 
 def _ordered(summary: dict[str, Any]) -> bool:
-    return summary["p50"] <= summary["p90"] <= summary["p99"] <= summary["max"]
+    return bool(summary["p50"] <= summary["p90"] <= summary["p99"] <= summary["max"])
 
 
 def _check_side(side: dict[str, Any], target: str) -> None:
@@ -167,3 +170,112 @@ def test_gateway_preset_measures_all_three_paths() -> None:
     for path in report.values():
         assert path["n"] == 5
         assert 0 < path["p50"] <= path["p90"] <= path["p99"] <= path["max"]
+
+
+# --- the failover figures (pure functions over records) ------------------------------------
+
+
+def _rec(
+    sent: float,
+    ttft_ms: float,
+    total_ms: float,
+    *,
+    code: str = "",
+    pool: str = "backup",
+    chars: int = 40,
+    max_gap_ms: float = 2.0,
+    failed_attempts: int = 1,
+    failed_at_ms: int = 0,
+) -> Rec:
+    return Rec(
+        sent, ttft_ms, total_ms, code, pool, 8, 0.0, failed_at_ms, 1.0, 1.0,
+        chars, max_gap_ms, failed_attempts,
+    )  # fmt: skip
+
+
+def test_rec_without_the_new_fields_still_decodes() -> None:
+    import msgspec
+
+    old = msgspec.json.encode([1.0, 2.0, 3.0, "", "primary", 8, 0.0, 0, 1.0, 1.0])
+    rec = msgspec.json.decode(old, type=Rec)
+    assert (rec.chars, rec.max_gap_ms, rec.failed_attempts) == (0, 0.0, 0)
+
+
+def test_request_keeps_text_across_a_resume_and_drops_it_on_a_reset() -> None:
+    req = _Request()
+    for _ in range(4):
+        req.chunk(1, 5)
+    req.notice(Notice(kind="failover", attempt=1, resume=True, offset=20))
+    req.notice(Notice(kind="resumed", attempt=1025, resume=True, offset=20))
+    for _ in range(4):
+        req.chunk(1025, 3)
+    assert (req.chunks, req.chars, req.attempt) == (8, 32, 1025)
+    rec = req.record(0.0, 0.0, 0.0)
+    assert rec.chars == 32 and rec.max_gap_ms >= 0
+    req.notice(Notice(kind="failover", attempt=1025, reset=True))
+    assert (req.chunks, req.chars) == (0, 0)
+    req.chunk(2049, 7)  # a newer attempt with no resume before it starts over
+    assert (req.chunks, req.chars) == (1, 7)
+
+
+def test_request_max_gap_is_the_longest_wait_between_chunks() -> None:
+    req = _Request()
+    req.chunk(1, 1)
+    time.sleep(0.03)
+    req.chunk(1, 1)
+    req.chunk(1, 1)
+    rec = req.record(0.0, 0.0, 0.0)
+    assert 25 <= rec.max_gap_ms < 1000
+
+
+def _baseline() -> list[Rec]:
+    return [
+        _rec(i, 2.0 + i / 100, 20.0 + i / 100, pool="primary", failed_attempts=0)
+        for i in range(100)
+    ]
+
+
+def test_requeue_figures_from_the_503s_in_each_requests_window() -> None:
+    records = [_rec(10.0 * i, 8.0, 30.0, failed_at_ms=int(10_000 * i + 2)) for i in range(1, 4)]
+    # two 503s per request (the immediate retry), 1 ms and 3 ms after the send; a warm-up one
+    log = [0.5] + [t for i in range(1, 4) for t in (10.0 * i + 0.001, 10.0 * i + 0.003)]
+    figures = requeue_figures(records, log, _baseline(), expected_chars=40)
+    assert figures["method"] == "provider log"
+    assert figures["samples"] == 3 and figures["served_by_backup"] == 3
+    assert figures["p50_ms"] == pytest.approx(7.0, abs=1e-3)  # from the first 503
+    assert figures["from_last_503_ms"]["p50"] == pytest.approx(5.0, abs=1e-3)
+    assert figures["primary_calls_per_request"] == {"2": 3}
+    assert figures["cross_check_from_worker_record_ms"]["p50"] == pytest.approx(6.0, abs=0.01)
+    assert figures["ttft_minus_baseline_ms"]["p50"] == pytest.approx(8.0 - 2.49, abs=1e-3)
+    assert figures["total_minus_baseline_ms"]["p99"] == pytest.approx(30.0 - 20.98, abs=1e-3)
+    assert (figures["complete"], figures["lost"]) == (3, 0)
+    unpaired = requeue_figures(records, [], _baseline(), expected_chars=40)
+    assert unpaired["method"].startswith("Done.attempts")
+
+
+def test_cut_figures_compare_with_the_baseline() -> None:
+    records = [_rec(i, 3.0, 25.0 + i, max_gap_ms=6.0 + i / 10) for i in range(10)]
+    records.append(_rec(11, 3.0, 30.0, chars=20))  # an answer that came back short
+    records.append(_rec(12, -1.0, 120_000.0, code="unfinished", chars=0))
+    figures = cut_figures(records, _baseline(), expected_chars=40, cut=4)
+    assert figures["cut_after_tokens"] == 4
+    assert (figures["complete"], figures["lost"], figures["continued_by_backup"]) == (10, 1, 11)
+    assert figures["ttft_minus_baseline_ms"]["p50"] == pytest.approx(3.0 - 2.49, abs=1e-3)
+    assert figures["total_minus_baseline_ms"]["p50"] == pytest.approx(30.0 - 20.49, abs=1e-3)
+    assert figures["max_gap_ms"]["p99"] == pytest.approx(6.9)
+    assert figures["baseline_max_gap_ms"]["p50"] == 2.0
+    assert figures["max_gap_minus_baseline_ms"]["p99"] == pytest.approx(4.9)
+    empty = cut_figures([], _baseline(), expected_chars=40, cut=4)
+    assert empty["ttft_minus_baseline_ms"] == {"p50": None, "p99": None}
+    assert cut_tokens(PRESETS["failover"]) == PRESETS["failover"].provider.tokens // 2
+
+
+def test_sigkill_figures_time_each_kill_to_the_backups_next_answer() -> None:
+    records = [_rec(0.5, 1.0, 10.0, pool="primary", failed_attempts=0)]
+    records += [_rec(1.0 + k + 0.005, 3.0, 10.0) for k in range(3)]
+    records.append(_rec(2.1, 1.0, 2_500.0, pool="primary"))  # held by a killed worker
+    figures = sigkill_figures(records, [1.0, 2.0, 3.0], PRESETS["failover"])
+    assert figures["trials"] == figures["trials_with_backup_answer"] == 3
+    assert figures["p50_ms"] == pytest.approx(8.0, abs=1e-3)
+    assert figures["backup_share_before_first_kill"] == 0.0
+    assert (figures["stranded_then_redelivered"], figures["lost"]) == (1, 0)

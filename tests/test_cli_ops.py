@@ -9,9 +9,11 @@ from typing import Any
 
 import anyio
 import msgspec
+import pytest
 from nats.aio.client import Client as NATS
 
 from broker import RelayClient, ensure_topology
+from broker._protocol import Heartbeat, encode, now_ms
 from broker._server import free_port
 from devstack import MockProvider, expected_answer
 from tests._harness import StartStack, mock_pool, relay_config, running_workers, upstream
@@ -155,6 +157,43 @@ async def test_workers_lists_live_workers(relay_stack: StartStack, client_url: s
     assert row.split()[-1] == f":{stack.workers[0].metrics_port}"
     [worker] = msgspec.json.decode(as_json.stdout)
     assert (worker["pool"], worker["slots"], worker["busy"]) == ("a", 2, 0)
+
+
+async def test_status_and_workers_show_each_models_circuit(
+    nc: NATS, client_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers of pool a: one sees model gpt open; the other its pool-level circuit
+    open, gpt open and gpt-mini half-open (the heartbeats as workers write them)."""
+    monkeypatch.setenv("COLUMNS", "200")  # rich would wrap the table at 80
+    await ensure_topology(nc, relay_config({"a": mock_pool("http://127.0.0.1:9")}, ROUTES))
+    kv = await nc.jetstream().key_value("llm_workers")
+    beats = [
+        Heartbeat(pool="a", worker_id="w1", slots=2, busy=0, circuits={"gpt": "open"}),
+        Heartbeat(
+            pool="a",
+            worker_id="w2",
+            slots=2,
+            busy=1,
+            circuit="open",
+            circuits={"gpt": "open", "gpt-mini": "half_open"},
+        ),
+    ]
+    for hb in beats:
+        hb.at_ms = now_ms()
+        await kv.put(f"a.{hb.worker_id}", encode(hb))
+    snapshot = await status_json("--nats-url", client_url)
+    table = await invoke("status", "--nats-url", client_url)
+    listed = await invoke("workers", "--nats-url", client_url)
+    pool = by_name(snapshot["pools"], "a")
+    assert pool["circuit"] == {"closed": 1, "open": 1}
+    assert pool["model_circuits"] == {"gpt": {"open": 2}, "gpt-mini": {"half_open": 1}}
+    workers = {w["worker_id"]: w for w in snapshot["workers"]}
+    assert (workers["w1"]["circuit"], workers["w1"]["circuits"]) == ("closed", {"gpt": "open"})
+    row = next(line for line in table.stdout.splitlines() if line.startswith("a "))
+    assert "closed 1, open 1; gpt open 2/2, gpt-mini half_open 1/2" in row
+    rows = {line.split()[1]: line for line in listed.stdout.splitlines() if line.startswith("a ")}
+    assert "open (gpt)" in rows["w1"] and "closed" not in rows["w1"]
+    assert "open (pool), open (gpt), half_open (gpt-mini)" in rows["w2"]
 
 
 async def test_dlq_list_show_and_replay(

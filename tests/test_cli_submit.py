@@ -311,11 +311,12 @@ async def test_a_mid_answer_failover_is_marked_and_no_stream_prints_only_the_cle
         ask = ("submit", "Hello", "-r", "chat", "-c", str(cfg_file), "--nats-url", client_url)
         streamed = await invoke(*ask)
         clean = await invoke(*ask, "--no-stream")
-    partial = expected_answer("mock-a", 3)  # the first three of its six tokens
-    answer = expected_answer("mock-b", 4)
+    # b continues a's first three tokens (an assistant prefill) up to its own four.
+    answer = expected_answer("mock-a", 4)
     assert streamed.code == clean.code == 0
-    assert streamed.stdout == f"{partial}\n{answer}\n"
+    assert streamed.stdout == f"{answer}\n"  # one line: the answer went on, never restarted
     notes = streamed.stderr.splitlines()
     assert notes[1].startswith("failover a -> b (attempt 1): stream_interrupted")
-    assert notes[2] == "[the answer restarts: the text above is void]"
+    assert notes[2].startswith("resumed (attempt 1025): continuing after 29 characters")
+    assert notes[3].startswith("done: b/gpt")
     assert clean.stdout == answer + "\n"

@@ -20,11 +20,11 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
-from broker import Chunk, Done, Error, Notice, RelayClient, RequestFailed
+from broker import Done, Error, Notice, RelayClient, RequestFailed
 from broker._jsapi import api_request
 from broker._protocol import decode_dead_letter, decode_lifecycle
 from devstack import MockProvider, expected_answer
-from tests._harness import StartStack, upstream
+from tests._harness import StartStack, folded, upstream
 
 TOKENS = 6
 PRIMARY_DEFAULTS: dict[str, Any] = {"max_retries": 2, "backoff_base_s": 0.05, "backoff_max_s": 0.2}
@@ -45,10 +45,9 @@ class Pair:
 
 
 def _final_text(events: list[Any]) -> str:
-    """What a reset-aware client shows: chunks of the attempt that finished."""
-    last = events[-1]
-    attempt = last.attempt if isinstance(last, Done) else None
-    return "".join(e.delta for e in events if isinstance(e, Chunk) and e.attempt == attempt)
+    """What a client shows: the answer's text, "" if it did not finish."""
+    answer = folded(events)
+    return answer.text if answer.done is not None else ""
 
 
 @asynccontextmanager
@@ -89,7 +88,9 @@ def _requests(mock: MockProvider) -> list[dict[str, Any]]:
 BACKUP_ANSWER = expected_answer("mock-b", TOKENS)
 
 
-async def test_5xx_is_retried_then_fails_over_to_the_backup(pair: StartPair) -> None:
+async def test_5xx_is_retried_once_at_once_then_fails_over_to_the_healthy_backup(
+    pair: StartPair,
+) -> None:
     async with pair(a_model="gpt+status=503") as p:
         events, text = await p.ask()
         a_log, b_log = _requests(p.a), _requests(p.b)
@@ -98,17 +99,34 @@ async def test_5xx_is_retried_then_fails_over_to_the_backup(pair: StartPair) -> 
     assert isinstance(done, Done) and (done.pool, done.model) == ("b", "claude")
     assert done.usage.completion_tokens == TOKENS  # billed: the backup's answer only
     assert [(x.pool, x.code, x.deliveries) for x in done.attempts] == [
-        ("a", "upstream_unavailable", 3)
+        ("a", "upstream_unavailable", 1)
     ]
-    assert len(a_log) == 3 and len(b_log) == 1  # max_retries=2: three tries on a
-    gaps = [y["t"] - x["t"] for x, y in itertools.pairwise(a_log)]
+    # retry_before_failover: 1: one more try on a, in the same run (no redelivery,
+    # no backoff), then the healthy backup; the caller never waits for a to recover.
+    assert len(a_log) == 2 and len(b_log) == 1
+    notices = [e for e in events if isinstance(e, Notice)]
+    assert [n.kind for n in notices] == ["retry", "failover"]
+    assert notices[0].delay_ms == 0
+    assert (notices[-1].from_pool, notices[-1].to_pool) == ("a", "b")
+
+
+async def test_5xx_without_a_healthy_backup_is_retried_with_backoff(
+    relay_stack: StartStack,
+) -> None:
+    """No healthy target left: the backoff chain runs on the same pool."""
+    solo = {"s": upstream(MockProvider(name="solo", tokens=TOKENS), **PRIMARY_DEFAULTS)}
+    async with relay_stack(solo, {"one": [("s", "gpt+status=503+fail_first=2")]}) as stack:
+        handle = await stack.relay.submit("hi", route="one")
+        text = await handle.text()
+        log = _requests(stack.providers["s"])
+    assert text == expected_answer("solo", TOKENS)  # the third try succeeded
+    assert len(log) == 3
+    gaps = [y["t"] - x["t"] for x, y in itertools.pairwise(log)]
     assert all(g >= 0.02 for g in gaps), gaps  # backoff, never a tight loop
     # Each redelivery says so (reset=True): a redelivered job cannot tell a planned
     # retry from a worker that died mid-stream.
-    notices = [e for e in events if isinstance(e, Notice)]
-    kinds = [n.kind for n in notices]
-    assert kinds == ["retry", "redelivered", "retry", "redelivered", "failover"]
-    assert (notices[-1].from_pool, notices[-1].to_pool) == ("a", "b")
+    kinds = [n.kind for n in handle.notices]
+    assert kinds == ["retry", "redelivered", "retry", "redelivered"]
 
 
 async def test_retry_after_is_honoured(pair: StartPair) -> None:
@@ -185,17 +203,31 @@ async def test_reset_before_headers_is_retried_then_fails_over(pair: StartPair) 
 
 
 @pytest.mark.parametrize("fault", ["cut=3", "stall=3"])
-async def test_mid_stream_failure_resets_and_backup_answers_in_full(
-    fault: str, pair: StartPair
-) -> None:
+async def test_mid_stream_failure_is_continued_by_the_backup(fault: str, pair: StartPair) -> None:
     timeouts = {"ttft_s": 2.0, "idle_s": 0.5}
     async with pair(a_model=f"gpt+{fault}", a={"timeouts": timeouts}) as p:
         handle = await p.relay.submit("tell me", route="chat")
         text = await handle.text()
         a_n, b_n = len(_requests(p.a)), len(_requests(p.b))
+    assert text == expected_answer("mock-a", TOKENS)  # a's text, finished by b
+    assert [n.kind for n in handle.notices] == ["failover", "resumed"]
+    assert not any(n.reset for n in handle.notices)
+    assert (a_n, b_n) == (1, 1)  # mid-stream: no retry on the pool that broke
+
+
+@pytest.mark.parametrize("fault", ["cut=3", "stall=3"])
+async def test_mid_stream_failure_with_midstream_restart_resets_and_the_backup_starts_over(
+    fault: str, pair: StartPair
+) -> None:
+    timeouts = {"ttft_s": 2.0, "idle_s": 0.5}
+    route = {"midstream": "restart"}
+    async with pair(a_model=f"gpt+{fault}", a={"timeouts": timeouts}, route=route) as p:
+        handle = await p.relay.submit("tell me", route="chat")
+        text = await handle.text()
+        a_n, b_n = len(_requests(p.a)), len(_requests(p.b))
     assert text == BACKUP_ANSWER  # the partial text of mock-a was dropped
     assert [n.kind for n in handle.notices] == ["failover"] and handle.notices[0].reset
-    assert (a_n, b_n) == (1, 1)  # mid-stream: no retry on the pool that broke
+    assert (a_n, b_n) == (1, 1)
 
 
 async def test_silent_provider_is_abandoned_after_one_ttft_timeout(pair: StartPair) -> None:
@@ -213,7 +245,7 @@ async def test_silent_provider_is_abandoned_after_one_ttft_timeout(pair: StartPa
 async def test_malformed_event_fails_over_when_a_backup_exists(pair: StartPair) -> None:
     async with pair(a_model="gpt+malformed=3") as p:
         events, text = await p.ask()
-    assert text == BACKUP_ANSWER
+    assert text == expected_answer("mock-a", TOKENS)  # continued: nothing lost or repeated
     assert events[-1].attempts[0].code == "bad_upstream_event"
 
 
@@ -244,7 +276,7 @@ async def test_stream_without_done_is_finalised_at_once(pair: StartPair) -> None
 async def test_auth_failure_fails_over_and_opens_the_circuit(pair: StartPair) -> None:
     async with pair(a_model="gpt+status=401") as p:
         events, text = await p.ask()
-        state = p.workers[0].breaker.state
+        state = p.workers[0].circuits.state()  # a rejected key: the pool-level circuit
         a_n = len(_requests(p.a))
     assert text == BACKUP_ANSWER and a_n == 1
     assert events[-1].attempts[0].code == "auth_failed"
@@ -287,7 +319,8 @@ async def test_events_are_published_for_retry_failover_circuit_and_dead_letter(
     kinds = {e.kind for e in seen}
     assert {"retry", "failover", "circuit", "dead"} <= kinds, kinds
     circuit_events = [e for e in seen if e.kind == "circuit"]
-    assert circuit_events[0].pool == "a" and circuit_events[0].detail == "closed -> open"
+    assert circuit_events[0].pool == "a"
+    assert circuit_events[0].detail == "model gpt+status=503: closed -> open"
 
 
 async def test_open_circuit_forwards_without_calling_upstream(pair: StartPair) -> None:
@@ -422,6 +455,6 @@ async def test_nothing_lost_under_a_mixed_outage(nc: NATS, pair: StartPair) -> N
             p.a.set_fault(fault)
             answers.append((await p.ask(f"q{i}"))[1])
         info = await api_request(nc, "$JS.API.STREAM.INFO.LLM_JOBS", {})
-    assert all(a in (BACKUP_ANSWER, expected_answer("mock-a", TOKENS)) for a in answers)
+    assert all(a in (BACKUP_ANSWER, expected_answer("mock-a", TOKENS)) for a in answers), answers
     assert len(answers) == 12
     assert info["state"]["messages"] == 0  # nothing left behind in the queue

@@ -53,12 +53,14 @@ def gateway_config(
     a_model: str = "gpt-a",
     b_model: str = "gpt-b",
     streams: dict[str, Any] | None = None,
+    midstream: str = "continue",
     **gateway: Any,
 ) -> Config:
     """Route `chat`: pool a (a_model) then pool b (b_model); route `solo`: pool a only."""
+    chat = {"targets": [("a", a_model), ("b", b_model)], "midstream": midstream}
     cfg = relay_config(
         {"a": mock_pool(a.url, **FAST_FAILOVER), "b": mock_pool(b.url, **FAST_FAILOVER)},
-        {"chat": [("a", a_model), ("b", b_model)], "solo": [("a", a_model)]},
+        {"chat": chat, "solo": [("a", a_model)]},
         streams=streams,
     )
     return msgspec.structs.replace(cfg, gateway=GatewaySettings(**gateway))
@@ -220,10 +222,12 @@ async def test_failover_mid_answer_is_invisible_in_a_non_streamed_completion(
     cfg = gateway_config(a, b, a_model="x+cut=3")
     async with gateway(cfg) as client:
         completion = await client.chat.completions.create(model="chat", messages=MESSAGES)
-    assert completion.choices[0].message.content == expected_answer("b", 4)
+    # b continues a's three tokens (a prefill) up to its own length of 4.
+    assert completion.choices[0].message.content == expected_answer("a", 4)
     assert completion.model == "gpt-b"
     assert completion.usage is not None and completion.usage.completion_tokens == 4
     assert a.stats()["requests"] == 1 and b.stats()["requests"] == 1
+    assert b.stats()["prefills"] == 1
 
 
 # --- the reset policy ----------------------------------------------------------------------
@@ -232,8 +236,8 @@ async def test_failover_mid_answer_is_invisible_in_a_non_streamed_completion(
 async def test_reset_after_text_was_sent_ends_the_stream_with_an_error(
     gateway: StartGateway, mocks: tuple[MockProvider, MockProvider]
 ) -> None:
-    """Default policy: text flows at once; a reset after it is an error, never a mix."""
-    cfg = gateway_config(*mocks, a_model="x+cut=3")
+    """`midstream: restart`: text flows at once; a reset after it is an error, never a mix."""
+    cfg = gateway_config(*mocks, a_model="x+cut=3", midstream="restart")
     seen: list[str] = []
     async with gateway(cfg) as client:
         stream = await client.chat.completions.create(model="chat", messages=MESSAGES, stream=True)
@@ -285,7 +289,7 @@ async def test_holdback_hides_a_reset_within_the_window(
     gateway: StartGateway, mocks: tuple[MockProvider, MockProvider]
 ) -> None:
     """With stream_holdback_ms, an early mid-stream failover is invisible."""
-    cfg = gateway_config(*mocks, a_model="x+cut=3", stream_holdback_ms=5000)
+    cfg = gateway_config(*mocks, a_model="x+cut=3", midstream="restart", stream_holdback_ms=5000)
     async with gateway(cfg) as client:
         stream = await client.chat.completions.create(model="chat", messages=MESSAGES, stream=True)
         text, chunks = await read_stream(stream)

@@ -33,6 +33,7 @@ FIXED = {
     "other",
     "_unknown",
     "_invalid",
+    "_pool",  # llmrelay_circuit_state's pool-level series
     "ok",
     "error",
     "true",

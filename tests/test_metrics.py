@@ -88,7 +88,7 @@ async def test_worker_metrics_after_known_traffic(relay_stack: StartStack) -> No
     # Gauges: slots and circuit.
     assert after["llmrelay_slots", labels(pool="a")] == 4
     assert after["llmrelay_slots_busy", labels(pool="a")] == 0
-    assert after["llmrelay_circuit_state", labels(pool="a")] == 0
+    assert after["llmrelay_circuit_state", labels(pool="a", model="_pool")] == 0
     # Never a request id in a label.
     values = {v for _, lbls in after for _, v in lbls}
     assert not values & {*ids, flaky.id}

@@ -297,6 +297,7 @@ def test_fault_specs_parse_from_text_json_and_mappings() -> None:
     assert text == parse_fault('{"status": 429, "retry_after": "2", "nodone": true}')
     assert text == parse_fault({"status": "429", "retry_after": 2, "nodone": "1"})
     assert text.as_dict() == {"status": 429, "retry_after": "2", "nodone": True}
+    assert parse_fault("noprefill").as_dict() == {"noprefill": True}
     with pytest.raises(ValueError, match="unknown fault key"):
         parse_fault("cutt=1")
 

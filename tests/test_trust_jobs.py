@@ -334,14 +334,14 @@ async def test_a_traceparent_with_a_newline_is_refused_and_never_opens_a_circuit
                     job = raw_job(f"tp{i}", traceparent=f"{TRACE}\r\nx-injected: {i}")
                     await evil.jetstream().publish("llm.jobs.chat", msgspec.json.encode(job))
                 refusals = [await final_event(s) for s in subs]
-            states = [w.breaker.state for w in workers]
+            states = [(w.circuits.state(), w.circuits.snapshot()) for w in workers]
             async with RelayClient(client_url, config=cfg) as relay:
                 handle = await relay.submit("good", route="chat", timeout_s=10)
                 text = await handle.text()
     assert {(e.code, e.message.split(":")[0]) for e in refusals if isinstance(e, Error)} == {
         ("invalid_job", "traceparent")
     }
-    assert states == ["closed", "closed"]
+    assert states == [("closed", {}), ("closed", {})]
     assert (ma.stats()["requests"], mb.stats()["requests"]) == (1, 0)
     assert text == expected_answer("mock-a", 2)
     assert handle.done is not None and handle.done.pool == "a"

@@ -3,9 +3,10 @@
 A ``JobRun`` (``_job.py``) and the checks on a delivered job (``_intake.py``)
 see the worker only through a ``PoolContext``, never the ``Worker`` itself, the
 way an arq job gets its ``ctx``. The worker builds one after it has connected
-(``_worker.py``); the breaker, budget and metrics in it are the worker's own
-objects, shared by every job of the pool. ``circuit_changed`` is the worker's
-hook (``_peers.Peers.circuit_changed``), called after every breaker update.
+(``_worker.py``); the circuits, budget and metrics in it are the worker's own
+objects, shared by every job of the pool. ``Circuits`` tells the worker about
+its own changes (``_peers.Peers.circuit_changed``); ``target_healthy`` reads the
+other workers' circuits from their heartbeats (``peers``).
 
 The pool-wide actions a job can take live here too: answer a job (only on a
 plain ``llm.reply.`` subject, ``broker/_validate.is_reply_subject``), dead-letter
@@ -18,8 +19,7 @@ worker's task group (the caller decides what becomes of the message).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import msgspec
@@ -32,16 +32,23 @@ from broker._nats import nats_errors
 from broker._protocol import DeadLetter, Event, Job, LifecycleEvent, PoolPause, encode, now_ms
 from broker._subjects import dlq_subject, events_subject, pause_subject
 from broker._validate import is_reply_subject, preview
-from workers._circuit import CircuitBreaker
+from workers._circuit import Circuits, target_healthy
 from workers._http import HttpShards
 from workers._metrics import WorkerMetrics
 from workers._ratelimit import RateBudget
+from workers._scheduler import PeerView
 
 log = logging.getLogger("llmrelay.worker")
 
 DLQ_TIMEOUT_S = 5.0
 # Room for the headers of a DLQ publish below the server's max payload.
 _HEADER_ROOM_BYTES = 4096
+
+
+def known_models(config: Config, pool_name: str) -> frozenset[str]:
+    """The upstream models a pool may be asked for: its own list and its route targets."""
+    routed = {t.model for _, _, t in config.routes_of_pool(pool_name)}
+    return frozenset(config.pools[pool_name].models) | routed
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -54,9 +61,12 @@ class PoolContext:
     nc: NATS
     http: HttpShards
     metrics: WorkerMetrics
-    breaker: CircuitBreaker
+    circuits: Circuits
     budget: RateBudget
-    circuit_changed: Callable[[str], None]
+    peers: PeerView
+    # Models that refused a prefilled continuation (``_continuation.Continuation``):
+    # this worker stops sending them prefills.
+    prefill_refused: set[str] = field(default_factory=set)
 
     @property
     def pool(self) -> PoolConfig:
@@ -68,8 +78,7 @@ class PoolContext:
 
     @cached_property
     def _known_models(self) -> frozenset[str]:
-        routed = {t.model for _, _, t in self.config.routes_of_pool(self.pool_name)}
-        return frozenset(self.pool.models) | routed
+        return known_models(self.config, self.pool_name)
 
     def model_for(self, job: Job) -> str | None:
         """Upstream model for a job: its route's target for this pool, or a pinned model."""
@@ -83,6 +92,13 @@ class PoolContext:
     def model_label(self, model: str) -> str:
         """A bounded metric label: configured models by name, anything else as "other"."""
         return model if model in self._known_models else "other"
+
+    def target_healthy(self, pool: str, model: str) -> bool:
+        """Is ``pool`` worth sending ``model`` requests to? True until the peers'
+        heartbeats are known; this worker's own circuits for its own pool."""
+        if not self.peers.known:
+            return True
+        return target_healthy(self.circuits, self.pool_name, self.peers.peers, pool, model)
 
     async def answer(self, reply_to: str, event: Event) -> bool:
         """Publish ``event`` to a job's reply subject; False if it is not a plain

@@ -2,11 +2,11 @@
 still holds it, and the ways it ends (ack, nak, re-queue).
 
 **Trust.** A job's routing state is the workers'. On a subject clients publish
-to (``llm.jobs.<route>``, ``llm.pool.<pool>``) a job's ``attempts`` and
-``rank`` are dropped and the subject decides its route, or the pool it is
-pinned to (``trusted``); only a re-queue, on ``llm.requeue.<pool>`` (workers only,
-nats.conf), keeps them, and names its job and attempt base in the
-``Llmrelay-Job-Seq`` and ``Llmrelay-Attempt-Base`` headers.
+to (``llm.jobs.<route>``, ``llm.pool.<pool>``) a job's ``attempts``, ``rank``
+and ``resume`` (the answer so far) are dropped and the subject decides its
+route, or the pool it is pinned to (``trusted``); only a re-queue, on
+``llm.requeue.<pool>`` (workers only, nats.conf), keeps them, and names its job
+and attempt base in the ``Llmrelay-Job-Seq`` and ``Llmrelay-Attempt-Base`` headers.
 
 **Tenant.** A job on ``llm.jobs.<route>.<tenant>`` (or ``llm.pool.<pool>.<tenant>``)
 is that tenant's: it may be answered only on ``llm.reply.<tenant>.<id>``, and a
@@ -114,10 +114,12 @@ class Delivery:
         if kind == "requeue":
             return job
         if kind == "route":
-            return msgspec.structs.replace(job, route=name, pool=None, attempts=[], rank=0)
+            return msgspec.structs.replace(
+                job, route=name, pool=None, attempts=[], rank=0, resume=None
+            )
         if kind == "pool":
-            return msgspec.structs.replace(job, pool=name, attempts=[], rank=0)
-        return msgspec.structs.replace(job, attempts=[], rank=0)
+            return msgspec.structs.replace(job, pool=name, attempts=[], rank=0, resume=None)
+        return msgspec.structs.replace(job, attempts=[], rank=0, resume=None)
 
     async def requeue(
         self, js: JetStreamContext, pool: str, moved: Job, remaining_s: float

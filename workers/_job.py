@@ -18,13 +18,18 @@ What a run may trust of its job, which attempt it is, and whether the worker
 still holds it are its ``_delivery.Delivery``'s: a run whose lease lapsed
 (``LeaseLost``) ends without publishing, acking or re-queueing anything. Every
 event it publishes carries its attempt id and the job's ``job_seq``.
+
+A job that carries the text its caller already has (a mid-stream failover)
+continues that answer (``_continuation.Continuation``). A retry in place (a
+short Retry-After, or the one quick retry before a failover) calls the
+provider again within the run, under the same attempt id: nothing of the
+failed call was published.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
 
 import anyio
 import msgspec
@@ -32,17 +37,15 @@ from nats.aio.msg import Msg
 
 from broker._errors import (
     AllProvidersFailed,
-    AuthFailed,
     BadUpstreamEvent,
     Cancelled,
+    CannotContinue,
     CircuitOpen,
     DeadlineExceeded,
     LeaseLost,
     ProviderError,
-    ProviderTimeout,
     RateLimited,
     RelayError,
-    StreamInterrupted,
 )
 from broker._protocol import (
     Attempt,
@@ -61,10 +64,12 @@ from broker._protocol import (
 )
 from broker._subjects import events_subject
 from workers._context import PoolContext
+from workers._continuation import Continuation
 from workers._decide import Decision, Fail, FailureContext, Requeue, Retry, decide, next_target
 from workers._delivery import Delivery
 from workers._intake import DLQ_RETRY_S, read_job, resolve_model
 from workers._ratelimit import estimate_tokens
+from workers._upstream import RunCancel, UpstreamCall
 from workers.providers._base import Finish, Malformed, StreamItem, TextDelta
 
 log = logging.getLogger("llmrelay.worker")
@@ -86,10 +91,11 @@ class JobRun:
         self.started = time.monotonic()
         self.first_token_at: float | None = None
         self.degraded = False
-        self.cancel_scope = anyio.CancelScope()
+        self.cancel_scope = RunCancel()
         self.cancelled_by_client = False
-        self._items: AsyncIterator[StreamItem] | None = None
-        self._shard: int | None = None
+        self.retries_here = 0  # in-place retries of this run
+        self.cont: Continuation | None = None
+        self._call: UpstreamCall | None = None
 
     @property
     def deliveries(self) -> int:
@@ -114,6 +120,7 @@ class JobRun:
         if model is None:
             return
         self.model, self.model_label = model, self.ctx.model_label(model)
+        self.cont = Continuation(job, self.ctx.pool, model, self.ctx.prefill_refused)
         self.ctx.metrics.job_started((now_ms() - job.created_ms) / 1000 if job.created_ms else 0.0)
         if self._remaining_s() <= 0:
             await self._finish_error(
@@ -121,65 +128,78 @@ class JobRun:
             )
             return
         if self.deliveries > 1:
-            await self._publish(
-                Notice(
-                    kind="redelivered",
-                    attempt=self.attempt,
-                    reset=True,
-                    message="the job was delivered again; earlier text is void",
-                )
-            )
-        await self._attempt(job)
+            await self._publish(self.cont.redelivered(self.attempt))
+        while await self._attempt(job):
+            self.retries_here += 1
 
-    async def _attempt(self, job: Job) -> None:
-        if not await self._wait_pause_over():
-            await self._finish_error(
-                DeadlineExceeded.code, "the pool was paused (429) past the deadline"
-            )
-            return
-        if not self.ctx.breaker.allow():
-            await self._failed(job, CircuitOpen(f"circuit of pool {self.ctx.pool_name} is open"))
-            return
+    async def _attempt(self, job: Job) -> bool:
+        """One upstream call and its outcome; True: call again, in place."""
+        paused = await self._paused(job)
+        if paused is not None:
+            return paused
+        if not self.ctx.circuits.allow(self.model):
+            circuit = CircuitOpen(f"circuit of {self.ctx.pool_name}/{self.model} is open")
+            return await self._failed(job, circuit)
         estimate = estimate_tokens(sum(len(m.content) for m in job.messages), job.max_tokens)
         self.ctx.budget.charge_tokens(estimate)
         try:
-            with self.cancel_scope:
+            with self.cancel_scope.scope() as scope:
                 finish = await self._stream(job)
         except ProviderError as err:
             self.ctx.budget.charge_tokens(-estimate)
             await self._close_upstream()
-            await self._failed(job, err)
-            return
+            assert self.cont is not None
+            if self.cont.prefill_refused(err, self.seq):
+                log.info("%s/%s refused an assistant prefill (%s); restarting the answer",
+                         self.ctx.pool_name, self.model, err.message)  # fmt: skip
+                return True
+            return await self._failed(job, err)
         except DeadlineExceeded:
             self.ctx.budget.charge_tokens(-estimate)
             await self._finish_error(DeadlineExceeded.code, "the job's deadline passed mid-answer")
-            return
-        if self.cancel_scope.cancelled_caught:
+            return False
+        if scope.cancelled_caught or self.cancel_scope.requested:
             await self._cancelled()
-            return
+            return False
         assert finish is not None
         await self._succeeded(job, finish, estimate)
+        return False
 
-    async def _wait_pause_over(self) -> bool:
-        """A job pulled before a 429 paused the pool waits out the pause, within its deadline."""
+    async def _paused(self, job: Job) -> bool | None:
+        """None: the pool is not paused (a 429). Else what the pause makes of this run,
+        as ``_attempt`` answers: a short one is waited out here (within the deadline),
+        a longer one is a 429 of the run's own (to a healthy backup, if there is one)."""
         pause_s = self.ctx.budget.pause_remaining_s()
         if pause_s <= 0:
-            return True
-        if pause_s >= self._remaining_s():
+            return None
+        if pause_s > self.ctx.pool.retry_after_wait_max_s or pause_s >= self._remaining_s():
+            message = f"pool {self.ctx.pool_name} is paused for {pause_s:.1f}s (429)"
+            return await self._failed(job, RateLimited(message, retry_after_s=pause_s))
+        return await self._wait(pause_s)
+
+    async def _wait(self, seconds: float) -> bool:
+        """Wait before calling again in place; False once the run was cancelled meanwhile."""
+        with self.cancel_scope.scope():
+            await anyio.sleep(seconds)
+        if self.cancel_scope.requested:
+            await self._cancelled()
             return False
-        await anyio.sleep(pause_s)
         return True
 
     # --- streaming ---------------------------------------------------------------
 
     async def _stream(self, job: Job) -> Finish | None:
         self.ctx.metrics.upstream_request()
-        self._shard, provider = self.ctx.http.acquire()
-        self._items = provider.stream(job, self.model).__aiter__()
+        assert self.cont is not None
+        prefill = self.cont.have if self.cont.prefill else None
+        self._call = call = UpstreamCall(
+            self.ctx.http, self.ctx.pool.timeouts, job.deadline_ms / 1000
+        )
+        call.open(job, self.model, prefill)
         while True:
-            item = await self._next(self._items)
-            finish = await self._handle_item(item)
+            finish = await self._handle_item(await call.next())
             if finish is not None:
+                self.cont.finish()
                 return finish
 
     async def _close_upstream(self) -> None:
@@ -189,44 +209,23 @@ class JobRun:
         the connection goes back to the pool; before one, closing aborts the
         upstream call (cancel, failover).
         """
-        items, self._items = self._items, None
-        if items is not None:
-            await _close(items)
-        if self._shard is not None:
-            self.ctx.http.release(self._shard)
-            self._shard = None
-
-    async def _next(self, items: AsyncIterator[StreamItem]) -> StreamItem:
-        """The next item, within the time-to-first-token or idle limit and the deadline."""
-        timeouts = self.ctx.pool.timeouts
-        limit = timeouts.ttft_s if self.first_token_at is None else timeouts.idle_s
-        remaining = self._remaining_s()
-        with anyio.move_on_after(min(limit, remaining)) as scope:
-            try:
-                return await items.__anext__()
-            except StopAsyncIteration:
-                raise StreamInterrupted("the provider's stream ended without a finish") from None
-        assert scope.cancelled_caught
-        if remaining <= limit:
-            raise DeadlineExceeded("the job's deadline passed mid-answer")
-        if self.first_token_at is None:
-            raise ProviderTimeout(f"no first token within {limit:g}s")
-        raise StreamInterrupted(f"the stream stalled for {limit:g}s mid-answer")
+        call, self._call = self._call, None
+        if call is not None:
+            await call.close()
 
     async def _handle_item(self, item: StreamItem) -> Finish | None:
         if isinstance(item, TextDelta):
             if not item.text:
                 return None
+            if self._call is not None:
+                self._call.texts += 1
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
                 self.ctx.metrics.first_token(self.model_label, self.first_token_at - self.started)
-            if self.seq == 0:
-                chunk = Chunk(seq=0, attempt=self.attempt, delta=item.text,
-                              pool=self.ctx.pool_name, model=self.model)  # fmt: skip
-            else:
-                chunk = Chunk(seq=self.seq, attempt=self.attempt, delta=item.text)
-            await self._publish(chunk)
-            self.seq += 1
+            assert self.cont is not None
+            text = self.cont.feed(item.text)
+            if text:
+                await self._chunk(text)
             return None
         if isinstance(item, Malformed):
             self.ctx.metrics.malformed_event()
@@ -236,6 +235,23 @@ class JobRun:
             return None
         return item
 
+    async def _chunk(self, text: str) -> None:
+        await self._announce_resume()
+        if self.seq == 0:
+            chunk = Chunk(seq=0, attempt=self.attempt, delta=text,
+                          pool=self.ctx.pool_name, model=self.model)  # fmt: skip
+        else:
+            chunk = Chunk(seq=self.seq, attempt=self.attempt, delta=text)
+        await self._publish(chunk)
+        self.seq += 1
+
+    async def _announce_resume(self) -> None:
+        """Before a continuing attempt's first event: the caller's text stands."""
+        assert self.cont is not None
+        notice = self.cont.announcement(self.attempt, self.ctx.pool_name)
+        if notice is not None:
+            await self._publish(notice)
+
     def _has_other_target(self) -> bool:
         assert self.job is not None
         return next_target(self._failure_context(self.job), self.ctx.config) is not None
@@ -243,19 +259,24 @@ class JobRun:
     # --- outcomes ----------------------------------------------------------------
 
     async def _succeeded(self, job: Job, finish: Finish, estimate: int) -> None:
+        assert self.cont is not None
         usage = finish.usage or Usage(
             prompt_tokens=max(1, sum(len(m.content) for m in job.messages) // 4),
             completion_tokens=self.seq,
         )
         self.ctx.budget.charge_tokens(usage.prompt_tokens + usage.completion_tokens - estimate)
-        state = self.ctx.breaker.record_success()
-        self.ctx.circuit_changed(state)
+        self.ctx.circuits.record_success(self.model)
+        await self._announce_resume()  # a continuation with nothing to add still keeps the text
         total_s = time.monotonic() - self.started
+        answer_usage = Usage(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens + self.cont.prior_tokens,
+        )
         await self._publish(
             Done(
                 attempt=self.attempt,
                 finish_reason=finish.reason,
-                usage=usage,
+                usage=answer_usage,
                 pool=self.ctx.pool_name,
                 model=self.model,
                 timings=self._timings(job, total_s),
@@ -263,7 +284,7 @@ class JobRun:
                 attempts=job.attempts,
             )
         )
-        await self._ack()
+        await self.delivery.ack()
         await self._close_upstream()
         self.ctx.metrics.job_done(
             self.model_label, total_s, usage.prompt_tokens, usage.completion_tokens
@@ -275,15 +296,17 @@ class JobRun:
         ttft = (self.first_token_at - self.started) * 1000 if self.first_token_at else None
         return Timings(queued_ms=max(0.0, queued_ms), ttft_ms=ttft, total_ms=total_s * 1000)
 
-    async def _failed(self, job: Job, err: ProviderError) -> None:
+    async def _failed(self, job: Job, err: ProviderError) -> bool:
+        """Record a failed call and act on the decision; True: call again, in place."""
         self.ctx.metrics.attempt_failed(self.model_label, err.code)
-        if err.health:
-            if isinstance(err, AuthFailed):
-                self.ctx.breaker.trip()
-            self.ctx.circuit_changed(self.ctx.breaker.record_failure())
-        if isinstance(err, RateLimited):
-            # The whole pool backs off: Retry-After if given, else the base backoff.
-            await self.ctx.pause_pool(err.retry_after_s or self.ctx.pool.backoff_base_s)
+        self.ctx.circuits.record_failure(self.model, err)
+        if isinstance(err, RateLimited) and not self.ctx.budget.pause_remaining_s():
+            # The whole pool backs off: Retry-After if given (within the pool's ceiling),
+            # else the base backoff.
+            pause_s = min(
+                err.retry_after_s or self.ctx.pool.backoff_base_s, self.ctx.pool.pause_max_s
+            )
+            await self.ctx.pause_pool(pause_s)
         log.info(
             "job %s attempt %d on %s failed: %s",
             job.id,
@@ -292,7 +315,10 @@ class JobRun:
             err,
             extra=self._log_fields(job),
         )
-        await self._apply(decide(err, self._failure_context(job), self.ctx.config), job, err)
+        decision = decide(
+            err, self._failure_context(job), self.ctx.config, healthy=self.ctx.target_healthy
+        )
+        return await self._apply(decision, job, err)
 
     def _log_fields(self, job: Job) -> dict[str, object]:
         """What JSON log lines carry (cli/_common.JsonFormatter); never message content."""
@@ -305,6 +331,7 @@ class JobRun:
         }
 
     def _failure_context(self, job: Job) -> FailureContext:
+        assert self.cont is not None
         return FailureContext(
             job=job,
             pool_name=self.ctx.pool_name,
@@ -312,33 +339,42 @@ class JobRun:
             chunks_sent=self.seq,
             remaining_s=self._remaining_s(),
             pinned=job.pool is not None,
+            has_text=bool(self.cont.text),
+            tries=self.deliveries + self.retries_here,
         )
 
-    async def _apply(self, decision: Decision, job: Job, err: ProviderError) -> None:
+    async def _apply(self, decision: Decision, job: Job, err: ProviderError) -> bool:
         if isinstance(decision, Retry):
-            await self._retry(decision, err)
-        elif isinstance(decision, Requeue):
+            return await self._retry(decision, err)
+        if isinstance(decision, Requeue):
             await self._requeue(decision, job, err)
         else:
             await self._fail(decision, job, err)
+        return False
 
-    async def _retry(self, decision: Retry, err: ProviderError) -> None:
+    async def _retry(self, decision: Retry, err: ProviderError) -> bool:
+        """Try again on this pool: now or after a wait in this run, or by a delayed redelivery."""
         self.ctx.metrics.retried()
+        where = "here" if decision.in_place else "redelivered"
         await self._publish(
             Notice(
                 kind="retry",
                 attempt=self.attempt,
                 from_pool=self.ctx.pool_name,
                 to_pool=self.ctx.pool_name,
-                reset=self.seq > 0,
                 delay_ms=int(decision.delay_s * 1000),
                 message=f"{err.code}: {err.message}",
             )
         )
-        await self._nak(decision.delay_s)
-        await self._lifecycle("retry", f"{err.code}; again in {decision.delay_s:.2f}s")
+        await self._lifecycle("retry", f"{err.code}; again {where} in {decision.delay_s:.2f}s")
+        if not decision.in_place:
+            await self.delivery.nak(decision.delay_s)
+            return False
+        return await self._wait(decision.delay_s)
 
     async def _requeue(self, decision: Requeue, job: Job, err: ProviderError) -> None:
+        assert self.cont is not None
+        resume = self.cont.carried(self.seq) if decision.resume else None
         # Tell the client first: the backup may start streaming within a millisecond.
         await self._publish(
             Notice(
@@ -347,12 +383,17 @@ class JobRun:
                 from_pool=self.ctx.pool_name,
                 to_pool=decision.pool,
                 reset=decision.reset,
+                resume=resume is not None,
+                offset=len(resume.text) if resume is not None else None,
                 message=f"{err.code}: {err.message}",
             )
         )
         await self._lifecycle("failover", f"{self.ctx.pool_name} -> {decision.pool}: {err.code}")
         moved = msgspec.structs.replace(
-            job, attempts=[*job.attempts, self._attempt_record(err)], rank=decision.rank
+            job,
+            attempts=[*job.attempts, self._attempt_record(err)],
+            rank=decision.rank,
+            resume=resume,
         )
         try:
             await self.delivery.requeue(self.ctx.js, decision.pool, moved, self._remaining_s())
@@ -364,10 +405,10 @@ class JobRun:
                 exc,
                 extra=self._log_fields(job),
             )
-            await self._nak(1.0)
+            await self.delivery.nak(1.0)
             return
         self.ctx.metrics.failed_over(decision.pool)
-        await self._ack()
+        await self.delivery.ack()
 
     async def _fail(self, decision: Fail, job: Job, err: ProviderError) -> None:
         attempts = [*job.attempts, self._attempt_record(err)]
@@ -375,9 +416,9 @@ class JobRun:
             # The DLQ did not take it: hand the job back rather than ack it unparked.
             # It comes back (a new attempt, or deadline_exceeded) or, after
             # max_deliver tries, the max-deliveries advisory parks it.
-            await self._nak(DLQ_RETRY_S)
+            await self.delivery.nak(DLQ_RETRY_S)
             return
-        retryable = decision.code == AllProvidersFailed.code
+        retryable = decision.code in (AllProvidersFailed.code, CannotContinue.code)
         await self._publish(
             Error(
                 code=decision.code,
@@ -387,7 +428,7 @@ class JobRun:
                 attempts=attempts,
             )
         )
-        await self._ack()
+        await self.delivery.ack()
         self.ctx.metrics.job_outcome(self.model_label, "error")
         if not decision.dead_letter:  # PoolContext.dead_letter announced "dead" already
             await self._lifecycle("failed", decision.code)
@@ -413,12 +454,14 @@ class JobRun:
             deliveries=self.deliveries,
             chunks_sent=self.seq,
             at_ms=now_ms(),
+            chars=self.cont.sent_chars if self.cont is not None else 0,
+            completion_tokens=self.seq,
         )
 
     async def _cancelled(self) -> None:
         if not self.cancelled_by_client:
             # Shutdown: hand the job back to the queue for another worker.
-            await self._nak()
+            await self.delivery.nak()
             return
         await self._finish_error(Cancelled.code, "the client cancelled the request")
 
@@ -427,7 +470,7 @@ class JobRun:
         await self._publish(
             Error(code=code, message=message, attempt=self.attempt, attempts=self.job.attempts)
         )
-        await self._ack()
+        await self.delivery.ack()
         self.ctx.metrics.job_outcome(self.model_label, code)
         await self._lifecycle("failed", code)
 
@@ -444,12 +487,6 @@ class JobRun:
         event.job_seq = self.job_seq
         await self.ctx.nc.publish(self.job.reply_to, encode(event))
 
-    async def _ack(self) -> None:
-        await self.delivery.ack()
-
-    async def _nak(self, delay_s: float | None = None) -> None:
-        await self.delivery.nak(delay_s)
-
     async def _lifecycle(self, kind: str, detail: str) -> None:
         assert self.job is not None
         event = LifecycleEvent(
@@ -461,10 +498,3 @@ class JobRun:
             detail=detail,
         )
         await self.ctx.nc.publish(events_subject(kind), encode(event))
-
-
-async def _close(items: AsyncIterator[StreamItem]) -> None:
-    aclose = getattr(items, "aclose", None)
-    if aclose is not None:
-        with anyio.CancelScope(shield=True):
-            await aclose()

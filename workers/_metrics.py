@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 # The route of a dead letter that names none (workers/_intake.py INVALID_ROUTE_TOKEN).
 INVALID_ROUTE_LABEL = "_invalid"
+# The ``model`` of the pool-level circuit's series (one model's circuit: the model's name).
+POOL_CIRCUIT_LABEL = "_pool"
 CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 
 
@@ -26,6 +28,10 @@ class WorkerMetrics:
     ``routes``: the configured route names. A dead letter's route may come from a
     client's payload (one that is no job but names a route), so any other name is
     labelled ``other``, as unknown models are (``_invalid`` stays); ``None``: no bound.
+
+    ``models``: the pool's configured models (``_context.known_models``), which bound
+    the ``model`` label of ``llmrelay_circuit_state`` the same way; its pool-level
+    series has ``model="_pool"``.
     """
 
     def __init__(
@@ -35,10 +41,12 @@ class WorkerMetrics:
         *,
         host: str = "127.0.0.1",
         routes: Iterable[str] | None = None,
+        models: Iterable[str] | None = None,
     ) -> None:
         self.pool = pool
         self.host = host
         self.known_routes = None if routes is None else {*routes, INVALID_ROUTE_LABEL}
+        self.known_models = None if models is None else set(models)
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -117,8 +125,8 @@ class WorkerMetrics:
         self.slots_total = Gauge("llmrelay_slots", "Slots of this worker", ["pool"], registry=r)
         self.circuit = Gauge(
             "llmrelay_circuit_state",
-            "Circuit breaker: 0 closed, 1 half-open, 2 open",
-            ["pool"],
+            'Circuit breaker: 0 closed, 1 half-open, 2 open (model="_pool": pool-level)',
+            ["pool", "model"],
             registry=r,
         )
 
@@ -171,8 +179,14 @@ class WorkerMetrics:
         self.slots_busy.labels(self.pool).set(busy)
         self.slots_total.labels(self.pool).set(total)
 
-    def circuit_state(self, state: str) -> None:
-        self.circuit.labels(self.pool).set(CIRCUIT_VALUES.get(state, 0))
+    def circuit_state(self, model: str | None, state: str) -> None:
+        """``model`` None: the pool-level circuit."""
+        known = self.known_models
+        if model is None:
+            label = POOL_CIRCUIT_LABEL
+        else:
+            label = model if known is None or model in known else "other"
+        self.circuit.labels(self.pool, label).set(CIRCUIT_VALUES.get(state, 0))
 
     def serve(self, port: int, addr: str | None = None) -> Any:
         """Serve /metrics on ``addr`` (default: ``host``) in a thread; returns the server

@@ -6,8 +6,11 @@ marker make a dead worker's key vanish with a ``PURGE`` that the others see
 (NATS-NOTES.md). Watching the whole bucket tells a worker how many workers
 share its pool's rate limits (``RateBudget.set_share``) and which pools are
 healthy, which the pull scheduler (``_scheduler.py``) reads to decide whether a
-backup may pull. A change of this worker's circuit is told at once, on
-``llm.events.circuit`` and with a fresh heartbeat, not at the next beat.
+backup may pull. A change of one of this worker's circuits (a model's, or the
+pool-level one, ``_circuit.Circuits``) is told at once, on ``llm.events.circuit``
+and with a fresh heartbeat, not at the next beat; the heartbeat carries the
+pool-level state (``circuit``) and every model circuit that is not closed
+(``circuits``).
 
 A NATS outage never ends these loops: a missed beat waits for the next one, a
 broken watch starts again a second later.
@@ -29,7 +32,7 @@ from broker._errors import RelayError
 from broker._nats import nats_errors
 from broker._protocol import Heartbeat, LifecycleEvent, decode_heartbeat, encode, now_ms
 from broker._subjects import WORKERS_BUCKET, events_subject
-from workers._circuit import CircuitBreaker
+from workers._circuit import Circuits, State
 from workers._metrics import WorkerMetrics
 from workers._ratelimit import RateBudget
 
@@ -49,7 +52,7 @@ class Peers:
         pool_name: str,
         worker_id: str,
         interval_s: float,
-        breaker: CircuitBreaker,
+        circuits: Circuits,
         budget: RateBudget,
         metrics: WorkerMetrics,
         beat: Callable[[], Heartbeat],
@@ -61,13 +64,12 @@ class Peers:
         self.peers: dict[str, Heartbeat] = {}  # by KV key, this worker included
         self.known = False  # the first full snapshot of the bucket was read
         self._interval_s = interval_s
-        self._breaker = breaker
+        self._circuits = circuits
         self._budget = budget
         self._metrics = metrics
         self._beat = beat
         self._poke = poke
         self._spawn = spawn
-        self._circuit_seen = "closed"
         self._nc: NATS | None = None
         self._kv: KeyValue | None = None
 
@@ -83,10 +85,8 @@ class Peers:
 
     async def heartbeat_loop(self) -> None:
         while True:
+            self._circuits.poll()  # open -> half_open happens by the clock
             await self._put_or_skip()
-            state = self._breaker.state  # open -> half_open happens by the clock
-            if state != self._circuit_seen:
-                self.circuit_changed(state)
             await anyio.sleep(self._interval_s)
 
     async def _put_or_skip(self) -> None:
@@ -110,28 +110,25 @@ class Peers:
         except RelayError as exc:
             log.info("heartbeat not deleted (%r); it will expire", exc)
 
-    def circuit_changed(self, state: str) -> None:
-        """Called after every breaker update; publishes real changes."""
-        self._metrics.circuit_state(state)
+    def circuit_changed(self, model: str | None, previous: State, state: State) -> None:
+        """``Circuits.on_change``: a real change of a model's circuit (None: the pool's)."""
+        self._metrics.circuit_state(model, state)
         self._poke()
-        if state != self._circuit_seen:
-            previous, self._circuit_seen = self._circuit_seen, state
-            self._spawn(partial(self._announce_circuit, previous, state))
+        what = "pool" if model is None else f"model {model}"
+        self._spawn(partial(self._announce_circuit, f"{what}: {previous} -> {state}"))
 
-    async def _announce_circuit(self, previous: str, state: str) -> None:
+    async def _announce_circuit(self, detail: str) -> None:
         """Tell `llm.events.circuit` and the heartbeat KV at once, not at the next beat."""
-        log.warning(
-            "pool %s circuit %s -> %s (worker %s)", self.pool_name, previous, state, self.worker_id
-        )
+        log.warning("pool %s circuit %s (worker %s)", self.pool_name, detail, self.worker_id)
         event = LifecycleEvent(
-            kind="circuit",
-            request_id="",
-            pool=self.pool_name,
-            at_ms=now_ms(),
-            detail=f"{previous} -> {state}",
+            kind="circuit", request_id="", pool=self.pool_name, at_ms=now_ms(), detail=detail
         )
         assert self._nc is not None
-        await self._nc.publish(events_subject("circuit"), encode(event))
+        try:
+            with nats_errors("the circuit event"):
+                await self._nc.publish(events_subject("circuit"), encode(event))
+        except RelayError as exc:  # the heartbeat still tells the other workers
+            log.info("circuit event not sent: %r", exc)
         await self._put_or_skip()
 
     # --- every worker's heartbeat -------------------------------------------------------

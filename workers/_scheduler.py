@@ -4,11 +4,16 @@ A worker reads one ``Puller`` per consumer (``_puller.py``): its pool's own
 ``llm.pool.<pool>`` subject and every route it serves, at the priority of its
 rank. One pump (``PullScheduler.pump``) keeps ``busy + outstanding pulls <=
 slots``: a pull is issued only for a free slot and only when the rate budget
-and the circuit breaker allow a request, so the pool never takes work it
-cannot start. Which consumer gets a slot follows the route config: primaries
-weigh more than backups, a failover-only backup pulls only while no better
-pool is healthy (the peers' heartbeats, ``_peers.py``), and a backlog-only
-backup asks for a minimum backlog.
+allows a request, and a route's pull only when the circuits of the model the
+pool serves it with allow one (``_circuit.Circuits.route_pulls``), so the pool
+never takes work it cannot start. The pool's own subject keeps pulling whatever
+the circuits say: a job there that cannot go upstream is failed over at once.
+The pump sleeps no longer than the next circuit cooldown, so the half-open
+probe is pulled the moment it may go. Which consumer gets a slot follows the
+route config: primaries weigh more than backups, a failover-only backup pulls
+only while no better target is healthy (the peers' heartbeats, ``_peers.py``,
+with the circuits of the target's model), and a backlog-only backup asks for a
+minimum backlog.
 
 The scheduler counts busy slots; the worker (``_worker.py``) gets each pulled
 job through ``dispatch`` and reports its end with ``job_finished``.
@@ -16,6 +21,7 @@ job through ``dispatch`` and reports its end with ``job_finished``.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
@@ -26,7 +32,7 @@ from nats.aio.msg import Msg
 from broker._config import Config
 from broker._protocol import Heartbeat
 from broker._subjects import pool_consumer, route_consumer
-from workers._circuit import CircuitBreaker
+from workers._circuit import Circuits, target_healthy
 from workers._metrics import WorkerMetrics
 from workers._puller import Puller
 from workers._ratelimit import RateBudget
@@ -98,8 +104,9 @@ class PullScheduler:
         pullers: list[Puller],
         *,
         config: Config,
+        pool_name: str,
         slots: int,
-        breaker: CircuitBreaker,
+        circuits: Circuits,
         budget: RateBudget,
         metrics: WorkerMetrics,
         peers: PeerView,
@@ -108,11 +115,12 @@ class PullScheduler:
         dispatch: Dispatch,
     ) -> None:
         self.config = config
+        self.pool_name = pool_name
         self.slots = slots
         self.busy = 0
         self.pullers = pullers  # the pool's own subject first (``make_pullers``)
         self._nc = nc
-        self._breaker = breaker
+        self._circuits = circuits
         self._budget = budget
         self._metrics = metrics
         self._peers = peers
@@ -140,7 +148,7 @@ class PullScheduler:
         """The one place pulls are issued."""
         while not self._stopping.is_set():
             wait_s = await self._issue_pulls()
-            await self._wake.wait(wait_s)
+            await self._wake.wait(_sooner(wait_s, self._circuits.wake_in_s()))
 
     def job_finished(self) -> None:
         self.busy -= 1
@@ -154,23 +162,45 @@ class PullScheduler:
             return _DISCONNECTED_WAIT_S
         outstanding = sum(p.outstanding for p in self.pullers)
         free = self.slots - self.busy - outstanding
-        route_out = sum(p.outstanding for p in self.pullers if p.is_route)
-        route_room = self._breaker.pulls_allowed(self.slots - self.busy) - route_out
+        room = self._route_room()
         while free > 0:
             wait_s = self._budget.wait_s()
             if wait_s > 0:
                 self._metrics.rate_limited_wait()
                 return wait_s
-            puller = self._pick(route_room)
+            puller = self._pick(room)
             if puller is None:
                 return None
             self._budget.try_acquire()
             await puller.pull(min_pending=self._min_pending(puller), expires_s=self._expiry(puller))
             free -= 1
-            route_room -= 1 if puller.is_route else 0
+            if puller.is_route:
+                room[self._model(puller)] -= 1
+                room[None] -= 1
         return None
 
-    def _pick(self, route_room: int) -> Puller | None:
+    def _route_room(self) -> Counter[str | None]:
+        """Route pulls that may still be issued, by the upstream model the route is served
+        with (the circuits share that model's breaker), and in all (key None: while the
+        pool-level circuit is half-open, one probe for every model together)."""
+        serving = self.slots - self.busy
+        out: Counter[str | None] = Counter()
+        for p in self.pullers[1:]:
+            out[self._model(p)] += p.outstanding
+        room: Counter[str | None] = Counter()
+        for model in {self._model(p) for p in self.pullers[1:]}:
+            room[model] = self._circuits.route_pulls(model, serving) - out[model]
+        pool_state = self._circuits.state()
+        total = serving if pool_state == "closed" else (1 if pool_state == "half_open" else 0)
+        room[None] = total - sum(out.values())
+        return room
+
+    def _model(self, p: Puller) -> str:
+        """The upstream model this pool serves the puller's route with."""
+        assert p.route is not None
+        return self.config.model_for(p.route, self.pool_name) or p.route
+
+    def _pick(self, room: Counter[str | None]) -> Puller | None:
         """Which consumer gets the next free slot.
 
         The pool's own subject (failovers from other pools, pinned jobs) keeps
@@ -184,8 +214,10 @@ class PullScheduler:
             return own
         best: Puller | None = None
         best_key = (float("inf"), float("inf"))
+        if room[None] <= 0:
+            return None
         for p in self.pullers[1:]:
-            if route_room <= 0 or not self._may_pull_route(p):
+            if room[self._model(p)] <= 0 or not self._may_pull_route(p):
                 continue
             # Ties go to the route pulled least recently, so no route starves
             # when there are fewer slots than routes.
@@ -220,8 +252,12 @@ class PullScheduler:
         return p.min_pending if self._better_pool_healthy(p.route, p.rank) else None
 
     def _better_pool_healthy(self, route: str, rank: int) -> bool:
-        better = {t.pool for r, t in self.config.routes[route].ranks() if r < rank}
-        return any(hb.pool in better and hb.circuit != "open" for hb in self._peers.peers.values())
+        """Is a better target of the route healthy: its pool live, with neither the
+        pool-level circuit nor the target model's open?"""
+        better = {(t.pool, t.model) for r, t in self.config.routes[route].ranks() if r < rank}
+        peers = self._peers.peers
+        own = self.pool_name
+        return any(target_healthy(self._circuits, own, peers, *t) for t in better)
 
     # --- pull results --------------------------------------------------------------------
 
@@ -237,3 +273,8 @@ class PullScheduler:
         if puller.is_route:
             self._own_turn = True
         self._wake.set()
+
+
+def _sooner(a_s: float | None, b_s: float | None) -> float | None:
+    waits = [w for w in (a_s, b_s) if w is not None]
+    return min(waits) if waits else None

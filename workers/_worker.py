@@ -4,12 +4,14 @@
 its loops in one anyio task group until ``stop()`` (SIGTERM). The parts:
 
 - ``_scheduler.PullScheduler``: one ``Puller`` per consumer the pool reads, and
-  the pump that hands free slots to them within the rate budget and breaker;
+  the pump that hands free slots to them within the rate budget and circuits;
 - ``_peers.Peers``: this worker's heartbeat and circuit announcements in the
   ``llm_workers`` KV, and the view of every worker's (budget share, healthy pools);
 - ``_control.Control``: the cancel, pause and max-deliveries subscriptions;
 - ``_job.JobRun``: one delivery of one job, given a ``_context.PoolContext``
-  (config, connection, HTTP shards, breaker, budget, metrics), never the worker.
+  (config, connection, HTTP shards, circuits, budget, metrics, peers), never the worker;
+- ``_circuit.Circuits``: the pool's circuit breakers, one per upstream model and
+  one pool-level, as this worker sees them.
 
 The worker itself starts a ``JobRun`` for each pulled job (``_run_job``, the
 one place a bug in a job is caught: the job is dead-lettered, the worker goes
@@ -43,8 +45,8 @@ from broker._nats import connect, nats_errors
 from broker._protocol import Heartbeat, now_ms
 from broker._subjects import WORKER_INBOX_PREFIX
 from broker._topology import ensure_topology
-from workers._circuit import CircuitBreaker
-from workers._context import PoolContext
+from workers._circuit import Circuits, State
+from workers._context import PoolContext, known_models
 from workers._control import Control, dead_letter_bug
 from workers._http import HttpShards
 from workers._job import JobRun
@@ -89,8 +91,13 @@ class Worker:
         self.metrics_port = metrics_port
         self.drain_s = drain_s
         self._transport = transport
-        self.metrics = WorkerMetrics(pool_name, host=metrics_host, routes=config.routes)
-        self.breaker = CircuitBreaker(self.pool.circuit)
+        self.metrics = WorkerMetrics(
+            pool_name,
+            host=metrics_host,
+            routes=config.routes,
+            models=known_models(config, pool_name),
+        )
+        self.circuits = Circuits(self.pool.circuit, on_change=self._circuit_changed)
         self.budget = RateBudget(self.pool.rpm, self.pool.tpm)
         self.running: dict[str, JobRun] = {}
         self._wake = Wakeup()
@@ -100,7 +107,7 @@ class Worker:
             pool_name=pool_name,
             worker_id=self.worker_id,
             interval_s=config.streams.heartbeat_ttl_s / 3,
-            breaker=self.breaker,
+            circuits=self.circuits,
             budget=self.budget,
             metrics=self.metrics,
             beat=self.heartbeat,
@@ -163,13 +170,17 @@ class Worker:
             worker_id=self.worker_id,
             slots=self.slots,
             busy=self.busy,
-            circuit=self.breaker.state,
+            circuit=self.circuits.state(),
+            circuits={model: state for model, state in self.circuits.snapshot().items()},
             version=VERSION,
             at_ms=now_ms(),
             metrics_port=self.metrics_port,
             rpm_used=self.budget.requests_used.total(),
             tpm_used=self.budget.tokens_used.total(),
         )
+
+    def _circuit_changed(self, model: str | None, previous: State, state: State) -> None:
+        self._peers.circuit_changed(model, previous, state)
 
     # --- start / stop ------------------------------------------------------------------
 
@@ -200,7 +211,7 @@ class Worker:
         if self.metrics_port is not None:
             self._metrics_server = self.metrics.serve(self.metrics_port)
         self.metrics.slots(0, self.slots)
-        self.metrics.circuit_state("closed")
+        self.metrics.circuit_state(None, "closed")
         log.info(
             "worker %s serving pool %s with %d slots", self.worker_id, self.pool_name, self.slots
         )
@@ -216,9 +227,9 @@ class Worker:
             nc=nc,
             http=http,
             metrics=self.metrics,
-            breaker=self.breaker,
+            circuits=self.circuits,
             budget=self.budget,
-            circuit_changed=self._peers.circuit_changed,
+            peers=self._peers,
         )
 
     def _pull_scheduler(self, nc: NATS) -> PullScheduler:
@@ -226,8 +237,9 @@ class Worker:
             nc,
             make_pullers(nc, self.config, self.pool_name),
             config=self.config,
+            pool_name=self.pool_name,
             slots=self.slots,
-            breaker=self.breaker,
+            circuits=self.circuits,
             budget=self.budget,
             metrics=self.metrics,
             peers=self._peers,

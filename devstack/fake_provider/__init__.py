@@ -18,6 +18,20 @@ then deterministic words, one token per streamed delta. ``tokens`` is the
 server's ``--tokens``, lowered by the request's max_tokens (``num_predict`` for
 Ollama); ``finish_reason`` is ``length`` when the request's limit cut it short.
 
+**Prefill (continuation):** a request may end with an assistant message that
+the answer continues. OpenAI paths: only with ``"continue_final_message": true``
+(vLLM's; ``"add_generation_prompt": false`` optional, ``true`` is a 400), else a
+trailing assistant message is a new turn. Anthropic and Ollama: whenever the
+last message is the assistant's (Anthropic refuses one ending in whitespace,
+400, as the real API does). If the prefill is some mock's greeting and then its
+words 1..k-1, the answer goes on at token k, so a backup completes another
+mock's answer exactly (``continuation(name, prefill, tokens)``,
+``MockProvider.continuation``); foreign text goes on at token 1, an empty
+prefill at 0. ``tokens`` is the whole answer's length, so a continuation adds
+``tokens - k`` tokens; max_tokens (``num_predict``) limits the tokens it adds, and
+faults count them too. Usage: completion tokens are those sent; prompt tokens
+include the prefill.
+
 **Faults** are ``key=value`` pairs joined by ``+`` (or a JSON object). They can
 be the server default (``--fault``, ``POST /control/faults``, ``set_fault``) and
 per request as suffixes of the model name, which win over the default, e.g.
@@ -36,15 +50,18 @@ per request as suffixes of the model name, which win over the default, e.g.
     nodone            omit [DONE] / message_stop / the end of the body; keep the socket open
     error_after=N     stream N tokens, then an in-stream error event of kind ``error``
                       (default overloaded), and end the body
+    noprefill         refuse a request that carries a prefill with 400, in the provider's
+                      words; requests without one are answered normally
     ttft_ms=N  token_delay_ms=N  tokens=N   timing and length overrides
     fail_first=K      only the first K requests with this exact model string get the
                       failure faults (503 if none is given); later ones succeed
                       (timing keys still apply). ``set_fault`` and /control/reset
                       restart the count.
 
-``/stats`` counts requests, TCP connections, in-flight and peak concurrency, and
-logs the last 10,000 chat requests with their arrival time and the status they
-were given (0 for ``reset``/``noresponse``).
+``/stats`` counts requests, TCP connections, in-flight and peak concurrency,
+prefills continued (``prefills``) and refused (``prefills_refused``), and logs
+the last 10,000 chat requests with their arrival time and the status they were
+given (0 for ``reset``/``noresponse``).
 
 **Running it:** ``async with MockProvider(name="mock-a") as mock:`` serves from
 the current event loop (tests); ``MockProviderProcess`` runs ``llmrelay
@@ -58,7 +75,12 @@ of its answer), ``_openai``/``_anthropic``/``_ollama`` (one wire format each),
 ``MockProviderProcess``).
 """
 
-from devstack.fake_provider._answer import DEFAULT_TOKENS, answer_tokens, expected_answer
+from devstack.fake_provider._answer import (
+    DEFAULT_TOKENS,
+    answer_tokens,
+    continuation,
+    expected_answer,
+)
 from devstack.fake_provider._faults import (
     ERROR_KINDS,
     FAULT_KEYS,
@@ -84,6 +106,7 @@ __all__ = [
     "MockProviderProcess",
     "Stats",
     "answer_tokens",
+    "continuation",
     "expected_answer",
     "listening_line",
     "parse_fault",

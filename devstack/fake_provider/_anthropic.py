@@ -1,4 +1,8 @@
-"""The Anthropic Messages format: named SSE events from ``message_start`` to ``message_stop``."""
+"""The Anthropic Messages format: named SSE events from ``message_start`` to ``message_stop``.
+
+A conversation that ends with an assistant message is a prefill, and the answer
+continues it; like the real API, a prefill ending in whitespace is refused.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,18 @@ from typing import Any
 
 import msgspec
 
-from devstack.fake_provider._answer import json_tokens
 from devstack.fake_provider._faults import ErrorKind
 from devstack.fake_provider._http import SSE
-from devstack.fake_provider._plan import ChatRequest, Plan
+from devstack.fake_provider._plan import ChatRequest, Plan, Prefill, trailing_assistant
 
 __all__ = ["AnthropicFormat"]
+
+_TRAILING_WHITESPACE = "messages: final assistant content cannot end with trailing whitespace"
+_NOPREFILL = ErrorKind(
+    400, "invalid_request_error", None, "invalid_request_error",
+    "This model does not support assistant message prefill. "
+    "The conversation must end with a user message.",
+)  # fmt: skip
 
 
 def _sse(event: bytes, data: bytes) -> bytes:
@@ -29,6 +39,15 @@ class AnthropicFormat:
     def limit(self, request: ChatRequest) -> int | None:
         return request.max_tokens
 
+    def prefill(self, request: ChatRequest) -> Prefill | None:
+        text = trailing_assistant(request)
+        if text is None:
+            return None
+        return Prefill(text, _TRAILING_WHITESPACE if text != text.rstrip() else None)
+
+    def noprefill_body(self) -> Any:
+        return self.error_body(_NOPREFILL)
+
     def opening(self, plan: Plan) -> list[bytes]:
         message = {**self._message(plan, []), "stop_reason": None}
         message["usage"] = {"input_tokens": plan.prompt_tokens, "output_tokens": 1}
@@ -45,7 +64,7 @@ class AnthropicFormat:
     def token_events(self, plan: Plan) -> list[bytes]:
         prefix = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
         prefix += b'"delta":{"type":"text_delta","text":'
-        return [prefix + text + b"}}\n\n" for text in json_tokens(plan.name, plan.tokens)]
+        return [prefix + text + b"}}\n\n" for text in plan.deltas()]
 
     def closing(self, plan: Plan) -> list[bytes]:
         delta = {

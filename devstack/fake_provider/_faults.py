@@ -73,6 +73,7 @@ FAULT_KEYS: dict[str, Callable[[str], Any]] = {
     "malformed": _count,
     "nodone": _flag,
     "error_after": _count,
+    "noprefill": _flag,
     "ttft_ms": _millis,
     "token_delay_ms": _millis,
     "tokens": _count,
@@ -96,6 +97,7 @@ class Fault:
     malformed: int | None = None
     nodone: bool = False
     error_after: int | None = None
+    noprefill: bool = False
     ttft_ms: float | None = None
     token_delay_ms: float | None = None
     tokens: int | None = None

@@ -1,4 +1,8 @@
-"""The Ollama ``/api/chat`` format: one JSON object per line, the last with ``done: true``."""
+"""The Ollama ``/api/chat`` format: one JSON object per line, the last with ``done: true``.
+
+A conversation that ends with an assistant message is a prefill, and the answer
+continues it, as Ollama does.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,13 @@ from typing import Any
 
 import msgspec
 
-from devstack.fake_provider._answer import json_tokens
 from devstack.fake_provider._faults import ErrorKind
 from devstack.fake_provider._http import NDJSON
-from devstack.fake_provider._plan import ChatRequest, Plan
+from devstack.fake_provider._plan import ChatRequest, Plan, Prefill, trailing_assistant
 
 __all__ = ["OllamaFormat"]
+
+_NOPREFILL = "this model does not support continuing an assistant message"
 
 
 class OllamaFormat:
@@ -26,6 +31,13 @@ class OllamaFormat:
     def limit(self, request: ChatRequest) -> int | None:
         return request.options.num_predict if request.options else None
 
+    def prefill(self, request: ChatRequest) -> Prefill | None:
+        text = trailing_assistant(request)
+        return None if text is None else Prefill(text)
+
+    def noprefill_body(self) -> Any:
+        return {"error": _NOPREFILL}
+
     def opening(self, plan: Plan) -> list[bytes]:
         return []
 
@@ -34,9 +46,7 @@ class OllamaFormat:
             msgspec.json.encode(plan.model),
             _iso(plan.created).encode(),
         )
-        return [
-            prefix + text + b'},"done":false}\n' for text in json_tokens(plan.name, plan.tokens)
-        ]
+        return [prefix + text + b'},"done":false}\n' for text in plan.deltas()]
 
     def closing(self, plan: Plan) -> list[bytes]:
         return [msgspec.json.encode(self._final(plan, "")) + b"\n"]

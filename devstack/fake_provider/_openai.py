@@ -2,6 +2,10 @@
 
 Token events are built from byte templates, not encoded per token: the
 benchmark measures the broker against this server, so it must cost little.
+
+A prefill is vLLM's: ``"continue_final_message": true`` and a last message from
+the assistant (``"add_generation_prompt": false`` may come with it; ``true``
+is refused, as vLLM does). A trailing assistant message alone is a new turn.
 """
 
 from __future__ import annotations
@@ -10,12 +14,17 @@ from typing import Any
 
 import msgspec
 
-from devstack.fake_provider._answer import json_tokens
 from devstack.fake_provider._faults import ErrorKind
 from devstack.fake_provider._http import SSE
-from devstack.fake_provider._plan import ChatRequest, Plan
+from devstack.fake_provider._plan import ChatRequest, Plan, Prefill, trailing_assistant
 
 __all__ = ["OpenAIFormat"]
+
+_NOPREFILL = ErrorKind(
+    400, "invalid_request_error", None, "invalid_request_error",
+    "Unrecognized request argument supplied: continue_final_message",
+)  # fmt: skip
+_BOTH = "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
 
 
 class OpenAIFormat:
@@ -28,6 +37,17 @@ class OpenAIFormat:
 
     def limit(self, request: ChatRequest) -> int | None:
         return request.max_completion_tokens or request.max_tokens
+
+    def prefill(self, request: ChatRequest) -> Prefill | None:
+        if not request.continue_final_message:
+            return None
+        if request.add_generation_prompt:
+            raise ValueError(_BOTH)
+        text = trailing_assistant(request)
+        return None if text is None else Prefill(text)
+
+    def noprefill_body(self) -> Any:
+        return self.error_body(_NOPREFILL)
 
     def _prefix(self, plan: Plan) -> bytes:
         return b'data: {"id":"chatcmpl-mock%d","object":"chat.completion.chunk","created":%d,' % (
@@ -42,7 +62,7 @@ class OpenAIFormat:
     def token_events(self, plan: Plan) -> list[bytes]:
         prefix = self._prefix(plan) + b'{"index":0,"delta":{"content":'
         suffix = b'},"finish_reason":null}]}\n\n'
-        return [prefix + text + suffix for text in json_tokens(plan.name, plan.tokens)]
+        return [prefix + text + suffix for text in plan.deltas()]
 
     def closing(self, plan: Plan) -> list[bytes]:
         reason = b"length" if plan.length_limited else b"stop"

@@ -5,19 +5,33 @@ Anthropic, Ollama) that the fake provider looks at; the server turns it and
 the fault in force into a ``Plan`` before writing the first byte, and a
 ``WireFormat`` renders that plan in one provider's words. The formats hold no
 state, so the three of them are built once and shared by every request.
+
+A request whose conversation ends in an assistant message may ask to continue
+it (a prefill); each format says when (``WireFormat.prefill``), and the plan
+then starts at the first token the prefill does not hold yet (``Plan.start``).
+Only the last message's role is looked at, so ordinary requests cost no more.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
-from devstack.fake_provider._answer import expected_answer
+from devstack.fake_provider._answer import answer_tokens, json_tokens
 from devstack.fake_provider._faults import ErrorKind, Fault
 
-__all__ = ["ChatRequest", "Plan", "WireFormat", "decode_request", "estimate_prompt_tokens"]
+__all__ = [
+    "ChatRequest",
+    "Plan",
+    "Prefill",
+    "WireFormat",
+    "content_text",
+    "decode_request",
+    "estimate_prompt_tokens",
+    "trailing_assistant",
+]
 
 
 class _Block(msgspec.Struct):
@@ -25,6 +39,7 @@ class _Block(msgspec.Struct):
 
 
 class _Msg(msgspec.Struct):
+    role: str = ""
     content: str | list[_Block] | None = None
 
 
@@ -47,6 +62,8 @@ class ChatRequest(msgspec.Struct):
     stream: bool | None = None
     stream_options: _StreamOptions | None = None
     options: _OllamaOptions | None = None
+    continue_final_message: bool | None = None  # vLLM's prefill switch (OpenAI format)
+    add_generation_prompt: bool | None = None
 
 
 _decoder = msgspec.json.Decoder(ChatRequest)
@@ -56,6 +73,21 @@ def _chars(content: str | list[_Block] | None) -> int:
     if content is None:
         return 0
     return len(content) if isinstance(content, str) else sum(len(b.text) for b in content)
+
+
+def content_text(content: str | list[_Block] | None) -> str:
+    """A message's text: the string, or its text blocks joined."""
+    if content is None:
+        return ""
+    return content if isinstance(content, str) else "".join(b.text for b in content)
+
+
+def trailing_assistant(request: ChatRequest) -> str | None:
+    """The text of the conversation's last message if an assistant wrote it, else None."""
+    messages = request.messages
+    if not messages or messages[-1].role != "assistant":
+        return None
+    return content_text(messages[-1].content)
 
 
 def estimate_prompt_tokens(request: ChatRequest) -> int:
@@ -69,6 +101,13 @@ def decode_request(body: bytes) -> ChatRequest:
     return _decoder.decode(body)
 
 
+class Prefill(NamedTuple):
+    """The assistant text a request asks to continue, and why the provider refuses it (if so)."""
+
+    text: str
+    refusal: str | None = None
+
+
 @dataclasses.dataclass(slots=True)
 class Plan:
     """Everything decided about one chat request before the first byte is written."""
@@ -77,7 +116,7 @@ class Plan:
     model: str
     full_model: str
     fault: Fault
-    tokens: int
+    tokens: int  # the tokens this answer carries (after the prefill's, if any)
     length_limited: bool
     prompt_tokens: int
     stream: bool
@@ -85,10 +124,20 @@ class Plan:
     status: int
     request_no: int
     created: int
+    start: int = 0  # index of the first token sent: how many of them the prefill holds
+    prefilled: bool = False
+    refusal: Any = None  # the 400 body that refuses the request's prefill, if it is refused
 
     @property
     def answer(self) -> str:
-        return expected_answer(self.name, self.tokens)
+        """The text this answer carries (a continuation's own text, without the prefill)."""
+        return "".join(answer_tokens(self.name, self.start + self.tokens)[self.start :])
+
+    def deltas(self) -> tuple[bytes, ...]:
+        """The tokens to send, JSON-encoded (cached per answer length)."""
+        if not self.start:
+            return json_tokens(self.name, self.tokens)
+        return json_tokens(self.name, self.start + self.tokens)[self.start :]
 
     @property
     def ending(self) -> tuple[str, int]:
@@ -106,12 +155,16 @@ class WireFormat(Protocol):
 
     ``opening``, ``token_events``, ``closing`` and ``terminator`` are the parts of a
     stream in order, so a fault can cut, stall or corrupt it between any two.
+    ``prefill`` finds the assistant text a request asks to continue (None: a new
+    turn); ``noprefill_body`` is how a model without prefill support refuses it.
     """
 
     content_type: bytes
 
     def wants_stream(self, request: ChatRequest) -> bool: ...
     def limit(self, request: ChatRequest) -> int | None: ...
+    def prefill(self, request: ChatRequest) -> Prefill | None: ...
+    def noprefill_body(self) -> Any: ...
     def opening(self, plan: Plan) -> list[bytes]: ...
     def token_events(self, plan: Plan) -> list[bytes]: ...
     def closing(self, plan: Plan) -> list[bytes]: ...

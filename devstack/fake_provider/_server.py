@@ -6,6 +6,12 @@ a task that reads requests with keep-alive, sends chat paths to their
 ``/healthz``, ``/control/reset``, ``/control/faults``). An answer is planned
 in full (``Plan``) before the first byte, then written in named steps: the
 opening, the tokens, and an ending chosen by the fault in force.
+
+A request with an assistant prefill is planned as the rest of the answer
+(``_prefill``): the whole answer keeps its length, the prefill's tokens are
+skipped, and ``max_tokens`` limits the tokens this answer adds. A refused
+prefill (``noprefill``, or the provider's own rule) is a 400 that wins over
+every fault but ``reset`` and ``noresponse``.
 """
 
 from __future__ import annotations
@@ -19,7 +25,12 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from devstack.fake_provider._answer import DEFAULT_TOKENS, expected_answer
+from devstack.fake_provider._answer import (
+    DEFAULT_TOKENS,
+    continuation,
+    expected_answer,
+    prefilled_tokens,
+)
 from devstack.fake_provider._anthropic import AnthropicFormat
 from devstack.fake_provider._faults import (
     ERROR_KINDS,
@@ -46,7 +57,13 @@ from devstack.fake_provider._http import (
 )
 from devstack.fake_provider._ollama import OllamaFormat
 from devstack.fake_provider._openai import OpenAIFormat
-from devstack.fake_provider._plan import Plan, WireFormat, decode_request, estimate_prompt_tokens
+from devstack.fake_provider._plan import (
+    Plan,
+    Prefill,
+    WireFormat,
+    decode_request,
+    estimate_prompt_tokens,
+)
 from devstack.fake_provider._stats import Stats
 
 __all__ = ["CHAT_PATHS", "MockProvider"]
@@ -114,6 +131,10 @@ class MockProvider:
 
     def expected_answer(self, tokens: int | None = None) -> str:
         return expected_answer(self.name, self.tokens if tokens is None else tokens)
+
+    def continuation(self, prefill: str, tokens: int | None = None) -> str:
+        """The text this mock streams after the assistant prefill ``prefill`` (no max_tokens)."""
+        return continuation(self.name, prefill, self.tokens if tokens is None else tokens)
 
     def stats(self) -> dict[str, Any]:
         return self._stats.snapshot()
@@ -197,6 +218,8 @@ class MockProvider:
             exchange.writer.write(json_response(400, fmt.error_body(kind)))
             return exchange.request.keep_alive
         self._stats.begin(exchange.request.path.decode(), plan.full_model, plan.status)
+        if plan.prefilled:
+            self._stats.prefill(refused=plan.refusal is not None)
         try:
             return await self._answer(exchange, fmt, plan) and exchange.request.keep_alive
         finally:
@@ -205,23 +228,30 @@ class MockProvider:
     def _plan(self, body: bytes, fmt: WireFormat) -> Plan:
         request = decode_request(body)
         base, overrides = split_model(request.model)
+        prefill = fmt.prefill(request)
         fault = self._fault_for(request.model, overrides)
+        start, refusal = (0, None) if prefill is None else _prefill(fmt, fault, prefill)
         configured = self.tokens if fault.tokens is None else fault.tokens
+        remaining = max(configured - start, 0)
         limit = fmt.limit(request)
-        limited = limit is not None and 0 < limit < configured
+        limited = limit is not None and 0 < limit < remaining
+        status = planned_status(fault)
         return Plan(
             name=self.name,
             model=base,
             full_model=request.model,
             fault=fault,
-            tokens=limit if limited and limit is not None else configured,
+            tokens=limit if limited and limit is not None else remaining,
             length_limited=limited,
             prompt_tokens=estimate_prompt_tokens(request),
             stream=fmt.wants_stream(request),
             include_usage=bool(request.stream_options and request.stream_options.include_usage),
-            status=planned_status(fault),
+            status=400 if refusal is not None and status else status,
             request_no=self._stats.requests + 1,
             created=int(time.time()),
+            start=start,
+            prefilled=prefill is not None,
+            refusal=refusal,
         )
 
     def _fault_for(self, model: str, overrides: tuple[tuple[str, Any], ...]) -> Fault:
@@ -241,6 +271,9 @@ class MockProvider:
         if fault.noresponse:
             await until_eof(exchange.reader)
             return False
+        if plan.refusal is not None:
+            exchange.writer.write(json_response(400, plan.refusal))
+            return True
         if plan.status >= 400:
             await self._sleep_ms(fault.ttft_ms, self.ttft_ms)
             exchange.writer.write(_error_response(fmt, fault, plan.status))
@@ -343,6 +376,16 @@ class MockProvider:
 
 def _pick(override: float | None, default: float) -> float:
     return default if override is None else override
+
+
+def _prefill(fmt: WireFormat, fault: Fault, prefill: Prefill) -> tuple[int, Any]:
+    """Where the answer starts after ``prefill``, or the 400 body that refuses it."""
+    if fault.noprefill:
+        return 0, fmt.noprefill_body()
+    if prefill.refusal is not None:
+        kind = ERROR_KINDS["bad_request"]._replace(message=prefill.refusal)
+        return 0, fmt.error_body(kind)
+    return prefilled_tokens(prefill.text), None
 
 
 def _error_response(fmt: WireFormat, fault: Fault, status: int) -> bytes:

@@ -19,7 +19,17 @@ LOG_SIZE = 10_000
 class Stats:
     """Counters a test reads to see how many attempts arrived, when, and on how many sockets."""
 
-    __slots__ = ("active", "by_model", "by_path", "connections", "log", "peak", "requests")
+    __slots__ = (
+        "active",
+        "by_model",
+        "by_path",
+        "connections",
+        "log",
+        "peak",
+        "prefills",
+        "prefills_refused",
+        "requests",
+    )
 
     def __init__(self) -> None:
         self.active = 0
@@ -29,6 +39,8 @@ class Stats:
         self.requests = 0
         self.connections = 0
         self.peak = self.active
+        self.prefills = 0
+        self.prefills_refused = 0
         self.by_path: Counter[str] = Counter()
         self.by_model: Counter[str] = Counter()
         self.log: deque[tuple[float, str, str, int]] = deque(maxlen=LOG_SIZE)
@@ -41,6 +53,13 @@ class Stats:
         self.by_model[model] += 1
         self.log.append((time.time(), model, path, status))
 
+    def prefill(self, *, refused: bool) -> None:
+        """A request carried an assistant prefill, which was continued or refused."""
+        if refused:
+            self.prefills_refused += 1
+        else:
+            self.prefills += 1
+
     def end(self) -> None:
         self.active -= 1
 
@@ -50,6 +69,8 @@ class Stats:
             "connections": self.connections,
             "active": self.active,
             "peak_concurrency": self.peak,
+            "prefills": self.prefills,
+            "prefills_refused": self.prefills_refused,
             "by_path": dict(self.by_path),
             "by_model": dict(self.by_model),
             "log": [{"t": t, "model": m, "path": p, "status": s} for t, m, p, s in self.log],

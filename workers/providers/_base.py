@@ -45,6 +45,12 @@ class Provider(Protocol):
 
     def __init__(self, pool: PoolConfig, client: httpx.AsyncClient) -> None: ...
 
-    def stream(self, job: Job, model: str) -> AsyncIterator[StreamItem]:
-        """Call the provider for ``job`` with upstream ``model``; yield items as they arrive."""
+    def stream(
+        self, job: Job, model: str, *, prefill: str | None = None
+    ) -> AsyncIterator[StreamItem]:
+        """Call the provider for ``job`` with upstream ``model``; yield items as they arrive.
+
+        ``prefill``: the start of the answer, which the provider is to continue (an
+        assistant prefill); the items are then only what follows it.
+        """
         ...

@@ -86,12 +86,14 @@ class AnthropicProvider:
         extra = {"accept": "text/event-stream", "anthropic-version": API_VERSION}
         self._headers = static_headers(pool, {**extra, **auth})
 
-    async def stream(self, job: Job, model: str) -> AsyncIterator[StreamItem]:
+    async def stream(
+        self, job: Job, model: str, *, prefill: str | None = None
+    ) -> AsyncIterator[StreamItem]:
         headers = job_headers(self._headers, job)
-        async with open_stream(
-            self._client, self._url, headers=headers, body=request_body(job, model)
-        ) as body:
-            state = _StreamState()
+        sent = prefill.rstrip() if prefill else ""
+        body_bytes = request_body(job, model, sent)
+        async with open_stream(self._client, self._url, headers=headers, body=body_bytes) as body:
+            state = _StreamState(trailing=(prefill or "")[len(sent) :])
             async for event in body.items(SSEParser()):
                 item = state.on_event(event)
                 if item is not None:
@@ -102,11 +104,16 @@ class AnthropicProvider:
             yield state.at_end_of_body()
 
 
-def request_body(job: Job, model: str) -> bytes:
+def request_body(job: Job, model: str, prefill: str = "") -> bytes:
+    """The request; a ``prefill`` (without trailing whitespace, which the API refuses)
+    is the last assistant turn, which the model continues."""
     system = "\n\n".join(m.content for m in job.messages if m.role == "system")
+    turns = [_turn(m) for m in job.messages if m.role != "system"]
+    if prefill:
+        turns.append({"role": "assistant", "content": prefill})
     body: dict[str, Any] = {
         "model": model,
-        "messages": [_turn(m) for m in job.messages if m.role != "system"],
+        "messages": turns,
         "max_tokens": job.max_tokens or DEFAULT_MAX_TOKENS,
         "stream": True,
         **job_params(job, _PARAMS),
@@ -123,9 +130,14 @@ def _turn(message: Message) -> dict[str, str]:
 
 
 class _StreamState:
-    """Usage and stop reason gathered across events; one handler per event type."""
+    """Usage and stop reason gathered across events; one handler per event type.
 
-    def __init__(self) -> None:
+    ``trailing``: the whitespace cut off the end of a prefill; the caller has it
+    already, so it is dropped from the start of the continuation.
+    """
+
+    def __init__(self, trailing: str = "") -> None:
+        self._trailing = trailing
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.reason: str | None = None
@@ -155,8 +167,19 @@ class _StreamState:
     def _content_delta(self, event: _Event) -> StreamItem | None:
         delta = event.delta
         if delta is not None and delta.type == "text_delta" and delta.text:
-            return TextDelta(delta.text)
+            text = self._skip_trailing(delta.text)
+            return TextDelta(text) if text else None
         return None
+
+    def _skip_trailing(self, text: str) -> str:
+        if not self._trailing:
+            return text
+        if self._trailing.startswith(text):
+            self._trailing = self._trailing[len(text) :]
+            return ""
+        kept = text[len(self._trailing) :] if text.startswith(self._trailing) else text
+        self._trailing = ""
+        return kept
 
     def _message_delta(self, event: _Event) -> Finish | None:
         # The stop reason and final usage are all message_stop would confirm, so the

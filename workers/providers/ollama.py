@@ -59,11 +59,12 @@ class OllamaProvider:
         auth = {"authorization": f"Bearer {pool.api_key.reveal()}"} if pool.api_key else {}
         self._headers = static_headers(pool, {"accept": "application/x-ndjson", **auth})
 
-    async def stream(self, job: Job, model: str) -> AsyncIterator[StreamItem]:
+    async def stream(
+        self, job: Job, model: str, *, prefill: str | None = None
+    ) -> AsyncIterator[StreamItem]:
         headers = job_headers(self._headers, job)
-        async with open_stream(
-            self._client, self._url, headers=headers, body=request_body(job, model)
-        ) as body:
+        body_bytes = request_body(job, model, prefill)
+        async with open_stream(self._client, self._url, headers=headers, body=body_bytes) as body:
             async for line in body.items(NDJSONParser()):
                 for item in _items(line):
                     body.complete = isinstance(item, Finish)
@@ -73,8 +74,11 @@ class OllamaProvider:
         raise StreamInterrupted("the stream ended before done: true: answer truncated")
 
 
-def request_body(job: Job, model: str) -> bytes:
+def request_body(job: Job, model: str, prefill: str | None = None) -> bytes:
+    """The request; a ``prefill`` is a last assistant message, which Ollama continues."""
     messages = [{"role": m.role, "content": m.content} for m in job.messages]
+    if prefill:
+        messages.append({"role": "assistant", "content": prefill})
     body: dict[str, Any] = {"model": model, "messages": messages, "stream": True}
     options = job_params(job, _OPTIONS)
     if options:

@@ -20,7 +20,7 @@ import msgspec
 
 from broker._config import PoolConfig
 from broker._errors import StreamInterrupted
-from broker._protocol import Job, Usage
+from broker._protocol import Job, Message, Usage
 from workers.providers._base import Finish, Malformed, StreamItem, TextDelta
 from workers.providers._errors_map import error_for_payload
 from workers.providers._http import job_headers, job_params, join_url, open_stream, static_headers
@@ -68,11 +68,12 @@ class OpenAIProvider:
         auth = {"authorization": f"Bearer {pool.api_key.reveal()}"} if pool.api_key else {}
         self._headers = static_headers(pool, {"accept": "text/event-stream", **auth})
 
-    async def stream(self, job: Job, model: str) -> AsyncIterator[StreamItem]:
+    async def stream(
+        self, job: Job, model: str, *, prefill: str | None = None
+    ) -> AsyncIterator[StreamItem]:
         headers = job_headers(self._headers, job)
-        async with open_stream(
-            self._client, self._url, headers=headers, body=request_body(job, model)
-        ) as body:
+        body_bytes = request_body(job, model, prefill)
+        async with open_stream(self._client, self._url, headers=headers, body=body_bytes) as body:
             state = _StreamState()
             async for event in body.items(SSEParser()):
                 for item in state.on_event(event):
@@ -83,7 +84,10 @@ class OpenAIProvider:
             yield state.at_end_of_body()
 
 
-def request_body(job: Job, model: str) -> bytes:
+def request_body(job: Job, model: str, prefill: str | None = None) -> bytes:
+    """The request; a ``prefill`` is the last assistant message, continued
+    (``continue_final_message``, as vLLM and other OpenAI-compatible servers take it;
+    OpenAI's own API refuses it with a 400, and the worker then restarts instead)."""
     body: dict[str, Any] = {
         "model": model,
         "messages": job.messages,
@@ -91,6 +95,10 @@ def request_body(job: Job, model: str) -> bytes:
         "stream_options": {"include_usage": True},
         **job_params(job, _PARAMS),
     }
+    if prefill:
+        body["messages"] = [*job.messages, Message(role="assistant", content=prefill)]
+        body["continue_final_message"] = True
+        body["add_generation_prompt"] = False
     return _encoder.encode(body)
 
 
