@@ -224,6 +224,7 @@ class Burst:
             "elapsed_s": round(self.elapsed_s, 3),
             "ttft_ms_p50": round(_pct(ttfts, 50), 1),
             "ttft_ms_p99": round(_pct(ttfts, 99), 1),
+            "ttft_ms_by": _ttft_groups(ok),
             "served_by": served,
             "failovers": sum(o.failovers for o in self.outcomes),
             "upstream_requests": upstream,
@@ -231,6 +232,24 @@ class Burst:
             "connection_reuse": round(1 - connections / upstream, 4) if upstream else 0.0,
             "outage": self.outage,
         }
+
+
+def _ttft_groups(ok: list[Outcome]) -> dict[str, dict[str, float]]:
+    """Time to first token of the answers each pool gave at once, and of the failed-over
+    ones: what a failover costs a caller beyond the backup's own time."""
+    groups: dict[str, list[float]] = {}
+    for o in ok:
+        if o.ttft_ms is not None:
+            key = "failed over" if o.failovers else o.pool
+            groups.setdefault(key, []).append(o.ttft_ms)
+    return {
+        key: {
+            "n": len(v),
+            "p50": round(_pct(sorted(v), 50), 1),
+            "p99": round(_pct(sorted(v), 99), 1),
+        }
+        for key, v in sorted(groups.items())
+    }
 
 
 def _pct(values: list[float], p: float) -> float:
@@ -249,6 +268,9 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
         "failed", f"[red]{s['failed']}[/] {' '.join(s['errors'])}" if s["failed"] else "0"
     )
     table.add_row("time to first token", f"p50 {s['ttft_ms_p50']} ms, p99 {s['ttft_ms_p99']} ms")
+    for key, g in s["ttft_ms_by"].items():
+        label = f"  {key}" if key == "failed over" else f"  answered by {key}"
+        table.add_row(label, f"p50 {g['p50']} ms, p99 {g['p99']} ms ({g['n']} requests)")
     table.add_row("served by", ", ".join(f"{k}: {v}" for k, v in sorted(s["served_by"].items())))
     table.add_row("failovers", str(s["failovers"]))
     table.add_row(

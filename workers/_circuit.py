@@ -87,6 +87,10 @@ class CircuitBreaker:
         return max(0.0, self._opened_at + self.settings.cooldown_s - self._clock())
 
     def record_success(self) -> State:
+        """A call succeeded. An open circuit stays open: the call started before it
+        opened (a probe succeeds only in half-open, which closes it)."""
+        if self.state == "open":
+            return self._state
         self._consecutive = 0
         self._observe(ok=True)
         self._probe_in_flight = False
@@ -112,6 +116,11 @@ class CircuitBreaker:
         self._state = "open"
         self._opened_at = self._clock()
         self._probe_in_flight = False
+
+    @property
+    def failures_in_a_row(self) -> int:
+        """Health failures since the last success."""
+        return self._consecutive
 
     def _probe_claimed(self) -> bool:
         return self._probe_in_flight and self._clock() - self._probe_at < self.settings.cooldown_s
@@ -204,6 +213,11 @@ class Circuits:
     def state(self, model: str | None = None) -> State:
         """The model's own circuit (closed if never seen); None: the pool-level one."""
         return self._sync(model)
+
+    def failures_in_a_row(self, model: str) -> int:
+        """Health failures of ``model`` (or of the pool) since the last success: more than
+        one request's own means the provider is failing for others too."""
+        return max(self._pool.failures_in_a_row, self._breaker(model).failures_in_a_row)
 
     def healthy(self, model: str) -> bool:
         """Neither the pool-level circuit nor the model's is open."""

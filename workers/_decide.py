@@ -21,8 +21,9 @@ of its pool is live and neither its pool's nor its model's circuit is open:
 - a 429 whose Retry-After is at most the pool's ``retry_after_wait_max_s`` is
   waited out in place when the deadline allows, up to ``max_retries`` times;
 - other retryable failures before any text, while a healthy target is left:
-  retried in place at once, ``retry_before_failover`` times, then ``Requeue``
-  to that target. Only when no healthy target is left does the backoff chain run
+  retried in place at once, ``retry_before_failover`` times (none when the
+  model is failing for other requests too: an outage, not a blip), then
+  ``Requeue`` to that target. Only when no healthy target is left does the backoff chain run
   on the same pool (exponential, full jitter, never sooner than Retry-After)
   until ``max_retries``, then ``Requeue`` to any untried target;
 - no target left: ``Fail(all_providers_failed)`` and dead-letter.
@@ -86,7 +87,9 @@ class FailureContext(msgspec.Struct, frozen=True, kw_only=True):
     ``chunks_sent``: chunks this attempt published; ``has_text``: the caller has
     text of the answer (this attempt's, or the text it continued); ``tries``:
     failed upstream calls of this job on this pool in this delivery's line
-    (deliveries plus in-place retries).
+    (deliveries plus in-place retries); ``failing_elsewhere``: the same model
+    failed for other requests just before (more health failures in a row than
+    this job's own), so the failure is no blip worth a retry.
     """
 
     job: Job
@@ -97,6 +100,7 @@ class FailureContext(msgspec.Struct, frozen=True, kw_only=True):
     pinned: bool
     has_text: bool = False
     tries: int = 1
+    failing_elsewhere: bool = False
 
     @property
     def text_kept(self) -> bool:
@@ -139,7 +143,8 @@ def decide(
         return Retry(wait_s, in_place=True)  # what the provider asked for, and cheaper
     target = next_target(ctx, config, healthy)
     if target is not None:
-        if ctx.tries <= _retries_before_failover(ctx, config) and not isinstance(err, RateLimited):
+        blip = not ctx.failing_elsewhere and not isinstance(err, RateLimited)
+        if blip and ctx.tries <= _retries_before_failover(ctx, config):
             return Retry(0.0, in_place=True)
         return target
     return _retry_or_requeue(err, ctx, config, rand)

@@ -307,14 +307,8 @@ class JobRun:
                 err.retry_after_s or self.ctx.pool.backoff_base_s, self.ctx.pool.pause_max_s
             )
             await self.ctx.pause_pool(pause_s)
-        log.info(
-            "job %s attempt %d on %s failed: %s",
-            job.id,
-            self.attempt,
-            self.ctx.pool_name,
-            err,
-            extra=self._log_fields(job),
-        )
+        log.info("job %s attempt %d on %s failed: %s", job.id, self.attempt,
+                 self.ctx.pool_name, err, extra=self._log_fields(job))  # fmt: skip
         decision = decide(
             err, self._failure_context(job), self.ctx.config, healthy=self.ctx.target_healthy
         )
@@ -341,6 +335,8 @@ class JobRun:
             pinned=job.pool is not None,
             has_text=bool(self.cont.text),
             tries=self.deliveries + self.retries_here,
+            failing_elsewhere=self.ctx.circuits.failures_in_a_row(self.model)
+            > self.retries_here + 1,
         )
 
     async def _apply(self, decision: Decision, job: Job, err: ProviderError) -> bool:

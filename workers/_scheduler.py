@@ -162,6 +162,12 @@ class PullScheduler:
             return _DISCONNECTED_WAIT_S
         outstanding = sum(p.outstanding for p in self.pullers)
         free = self.slots - self.busy - outstanding
+        if self.pullers[0].outstanding == 0 and self.busy < self.slots and self.slots > 1:
+            # Waiting route pulls may hold every slot that is not busy; the own subject
+            # (failovers, pinned jobs) still gets its pull, or its jobs would wait in
+            # line behind idle route pulls, one at a time. A route job that then
+            # arrives too waits for a connection (``_pick``).
+            free = max(free, 1)
         room = self._route_room()
         while free > 0:
             wait_s = self._budget.wait_s()
@@ -207,6 +213,13 @@ class PullScheduler:
         exactly one pull, so a failover starts in milliseconds even while the
         routes are busy; every other free slot goes to the routes, rank-0 routes
         weighted above backup routes. A one-slot worker alternates.
+
+        That own pull is re-issued as soon as a slot is not busy, even when
+        waiting route pulls hold every free slot: a pull cannot be taken back,
+        and failovers must not queue behind idle pulls (a backup during an
+        outage of its primary gets both at once). So for a moment a worker may
+        hold a few more jobs than ``concurrency``: the extra ones wait for one
+        of its ``concurrency`` connections, within their time-to-first-token limit.
         """
         own = self.pullers[0]
         if own.outstanding == 0 and (self.slots > 1 or self._own_turn):
@@ -267,6 +280,8 @@ class PullScheduler:
         self._budget.note_request()
         self._metrics.slots(self.busy, self.slots)
         self._dispatch(msg, puller.route)
+        if not puller.is_route:
+            self._wake.set()  # the own subject's pull again, now (``_issue_pulls``)
 
     def _on_idle(self, puller: Puller) -> None:
         self._budget.release_unused()
