@@ -22,14 +22,17 @@ read ``LLM_REPLIES`` (``can_replay=False``): it reads live only.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
+import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 from nats.errors import BadSubscriptionError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from broker._errors import DeadlineExceeded, RelayError
 from broker._nats import nats_errors
@@ -123,6 +126,33 @@ class ReplyReader:
         except RelayError as exc:
             if not isinstance(exc.__cause__, BadSubscriptionError):  # already gone: fine
                 raise
+
+
+async def stored_events(nc: NATS, reply_to: str, *, timeout_s: float) -> list[Event]:
+    """Every event ``LLM_REPLIES`` holds for ``reply_to``, in order (a worker reading what a
+    lost attempt sent its caller). Raises ``RelayError`` if they cannot be read in time."""
+    what = f"the stored replies on {reply_to}"
+    js = nc.jetstream()
+    with nats_errors(what):
+        try:
+            await js.get_last_msg(REPLIES_STREAM, reply_to)
+        except NotFoundError:
+            return []  # nothing was ever sent
+        sub = await js.subscribe(
+            reply_to, stream=REPLIES_STREAM, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        )
+    events: list[Event] = []
+    try:
+        with nats_errors(what):
+            while True:
+                msg = await sub.next_msg(timeout=timeout_s)
+                with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
+                    events.append(decode_event(msg.data))
+                if msg.metadata.num_pending == 0:
+                    return events
+    finally:
+        with nats_errors(f"{what}: unsubscribing"):
+            await sub.unsubscribe()
 
 
 def _key(event: Event, data: bytes) -> object:

@@ -235,9 +235,10 @@ def _check_traceparent(value: str | None) -> None:
 
 
 def _check_size(job: Job, max_job_bytes: int) -> None:
-    """The client's part of the job, as it is encoded again on failover, must leave room."""
+    """The client's part of the job, as it is encoded again on failover, must leave room
+    (for the attempts; a re-queue whose answer so far does not fit starts over)."""
     limit = max_job_bytes - max_job_bytes // ROUTING_RESERVE_FRACTION
-    size = len(encode(msgspec.structs.replace(job, attempts=[])))
+    size = len(encode(msgspec.structs.replace(job, attempts=[], resume=None)))
     if size > limit:
         raise PayloadTooLarge(f"job: {size} bytes once encoded; at most {limit}")
 

@@ -16,17 +16,22 @@ from __future__ import annotations
 import functools
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+import yaml
+from nats.aio.client import Client as NATS
 
 from broker import Chunk, Done, Job, Message, Notice, RelayClient, RequestFailed
+from broker._config import parse_config
 from broker._protocol import Resume, new_request_id, now_ms
-from devstack import MockProvider, expected_answer
+from broker._topology import ensure_topology
+from devstack import MockProvider, WorkerProcess, expected_answer, wait_for_workers
 from gateway import serve_gateway
-from tests._harness import RelayStack, StartStack, folded, upstream
+from tests._harness import RelayStack, StartStack, folded, mock_pool, running_workers, upstream
 
 TOKENS = 8
 FULL_A = expected_answer("mock-a", TOKENS)
@@ -229,3 +234,78 @@ async def test_an_openai_stream_that_cannot_be_continued_ends_in_an_error_not_do
     assert "cannot_continue" in str(caught.value.body) or "cannot be continued" in str(caught.value)
     assert "cannot_continue" in wire and "[DONE]" not in wire  # never closed as complete
     assert "Hello from mock-a." in wire  # the caller had text: the error came after it
+
+
+async def test_an_answer_too_long_to_carry_starts_over_and_says_so(
+    relay_stack: StartStack,
+) -> None:
+    """A re-queued job must fit ``streams.max_job_bytes``: an answer so far that does
+    not is voided (``notice{reset}``), never a job the backup cannot take."""
+    tokens = 300
+    pools = {
+        "a": upstream(MockProvider(name="mock-a", tokens=tokens), **FAST),
+        "b": upstream(MockProvider(name="mock-b", tokens=tokens), **FAST),
+    }
+    routes = {"chat": [("a", "gpt+cut=250"), ("b", "mb")]}
+    async with relay_stack(pools, routes, streams={"max_job_bytes": 1500}) as s:
+        handle = await s.relay.submit("hi", route="chat")
+        text = await handle.text()
+    assert text == expected_answer("mock-b", tokens)
+    [failover] = [n for n in handle.notices if n.kind == "failover"]
+    assert failover.reset and not failover.resume
+
+
+async def test_an_openai_stream_goes_on_through_a_spliced_restart(
+    continuing: StartContinuing, client_url: str
+) -> None:
+    """The backup refuses prefill; its restart begins with the caller's text (the same
+    deterministic model elsewhere), so the stream goes on."""
+    async with (
+        continuing(fault="stall=3", b_name="mock-a", b_model="mb+noprefill") as s,
+        serve_gateway(s.config, nats_url=client_url) as base_url,
+    ):
+        text, chunks = await _sdk_stream(base_url)
+    assert text == FULL_A
+    assert chunks[-1].model == "mb+noprefill"
+
+
+async def test_an_openai_stream_goes_on_when_its_worker_is_killed_mid_answer(
+    nc: NATS, worker_url: str, client_url: str, tmp_path: Path
+) -> None:
+    """SIGKILL of the worker streaming the answer: after ``ack_wait_s`` JetStream hands
+    the job to the backup, which reads back what the dead worker had sent
+    (``LLM_REPLIES``) and continues it; the SDK's stream never notices."""
+    async with (
+        MockProvider(name="mock-a", tokens=TOKENS, token_delay_ms=150) as ma,
+        MockProvider(name="mock-b", tokens=TOKENS) as mb,
+    ):
+        lease = {"ack_wait_s": 1.0, "concurrency": 2}
+        doc = {
+            "pools": {"a": mock_pool(ma.url, **lease), "b": mock_pool(mb.url, **lease)},
+            "routes": {"chat": {"targets": [{"pool": "a", "model": "gpt"},
+                                            {"pool": "b", "model": "mb"}]}},
+        }  # fmt: skip
+        (tmp_path / "relay.yaml").write_text(yaml.safe_dump(doc))
+        cfg = parse_config(yaml.safe_dump(doc))
+        await ensure_topology(nc, cfg)
+        primary = WorkerProcess("a", tmp_path / "relay.yaml", worker_url, tmp_path)
+        try:
+            await wait_for_workers(nc, [primary])
+            async with (
+                running_workers(cfg, ["b"], worker_url),
+                serve_gateway(cfg, nats_url=client_url) as base_url,
+                openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
+            ):
+                stream = await client.chat.completions.create(
+                    model="chat", messages=[{"role": "user", "content": "hi"}], stream=True
+                )
+                parts: list[str] = []
+                async for chunk in stream:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        parts.append(chunk.choices[0].delta.content)
+                        if len(parts) == 2:
+                            primary.kill()  # SIGKILL, mid-answer
+        finally:
+            primary.stop()
+    assert "".join(parts) == FULL_A
+    assert mb.stats()["prefills"] == 1

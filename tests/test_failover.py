@@ -139,6 +139,24 @@ async def test_retry_after_is_honoured(pair: StartPair) -> None:
     assert a_log[1]["t"] - a_log[0]["t"] >= 1.8
 
 
+async def test_a_long_retry_after_moves_the_job_at_once_and_the_pause_is_capped(
+    pair: StartPair,
+) -> None:
+    """Retry-After 30 s, above retry_after_wait_max_s: the job goes to the healthy
+    backup at once; the pool pauses only for its pause_max_s, then serves again."""
+    model = "gpt+status=429+retry_after=30+fail_first=1"
+    async with pair(a_model=model, a={"pause_max_s": 0.5}) as p:
+        events, text = await p.ask()
+        kinds = [e.kind for e in events if isinstance(e, Notice)]
+        primary = p.workers[0]
+        paused_for = primary.budget.pause_remaining_s()
+        await _wait_until(lambda: primary.budget.pause_remaining_s() <= 0, timeout_s=5.0)
+        _, again = await p.ask()
+    assert text == BACKUP_ANSWER and kinds == ["failover"]
+    assert 0 < paused_for <= 0.5
+    assert again == expected_answer("mock-a", TOKENS)  # the primary serves again
+
+
 async def test_persistent_429_is_not_hammered(pair: StartPair) -> None:
     model = "gpt+status=429+retry_after=1"
     async with pair(a_model=model, a={"max_retries": 2}) as p:

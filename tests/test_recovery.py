@@ -17,7 +17,7 @@ import yaml
 from broker import Chunk, Config, Done, Notice, RelayClient
 from broker._server import CLIENT_USER, WORKER_USER, NatsServer, free_port
 from devstack import MockProvider, expected_answer
-from tests._harness import mock_pool, relay_config, running_workers
+from tests._harness import folded, mock_pool, relay_config, running_workers
 
 
 @pytest.mark.slow
@@ -46,9 +46,9 @@ class StreamingWorker:
     """A `llmrelay worker` process of pool `a` that is mid-way through streaming one answer."""
 
     def __init__(
-        self, proc: subprocess.Popen[bytes], cfg: Config, events: AsyncIterator[Any]
+        self, proc: subprocess.Popen[bytes], cfg: Config, events: AsyncIterator[Any], first: Chunk
     ) -> None:
-        self.proc, self.cfg, self.events = proc, cfg, events
+        self.proc, self.cfg, self.events, self.first = proc, cfg, events, first
 
 
 @asynccontextmanager
@@ -73,8 +73,9 @@ async def streaming_worker(
         cfg = relay_config({"a": pool}, {"chat": [("a", "m")]})
         async with RelayClient(client_url, config=cfg) as relay:
             events = (await relay.submit("story", route="chat")).events()
-            assert isinstance(await anext(events), Chunk)
-            yield StreamingWorker(proc, cfg, events)
+            first = await anext(events)
+            assert isinstance(first, Chunk)
+            yield StreamingWorker(proc, cfg, events, first)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -104,8 +105,11 @@ async def test_drain_timeout_hands_the_job_to_another_worker(
         async with running_workers(w.cfg, ["a"], worker_url):
             rest = [e async for e in w.events]
     assert code == 0
-    resets = [e for e in rest if isinstance(e, Notice) and e.reset]
-    assert resets, "the second worker must announce the restart"
-    final = [e.delta for e in rest if isinstance(e, Chunk) and e.attempt == resets[-1].attempt]
-    assert "".join(final) == expected_answer("p", 20)
+    # The second worker reads back what the first one sent (LLM_REPLIES) and
+    # continues the answer from there: the caller's text stands.
+    redelivered, resumed = [e for e in rest if isinstance(e, Notice)]
+    assert redelivered.kind == "redelivered" and redelivered.resume and not redelivered.reset
+    assert resumed.kind == "resumed" and resumed.offset == redelivered.offset
+    assert redelivered.offset and redelivered.offset > 0
+    assert folded([w.first, *rest]).text == expected_answer("p", 20)
     assert isinstance(rest[-1], Done)

@@ -273,7 +273,9 @@ async def test_a_worker_stopped_past_ack_wait_never_mixes_into_the_answer(
         finally:
             primary.proc.send_signal(signal.SIGCONT)
             primary.stop()
-    assert text == expected_answer("mock-b", 20)
+    # The redelivery read back what the stopped primary had sent (LLM_REPLIES) and
+    # continued it: mock-a's text, finished by mock-b, nothing of the woken primary.
+    assert text == expected_answer("mock-a", 20)
     assert handle.done is not None and handle.done.pool == "b"
     assert not [e for e in late if isinstance(e, Done) and e.pool == "a"], late
 

@@ -125,20 +125,25 @@ class PoolContext:
             log.error("could not dead-letter %s (%s): %s", rid, letter.code, exc)
             return False
         self.metrics.dead_lettered(letter.route, letter.code)
+        rid = letter.job.id if letter.job else ""
+        await self.announce("dead", rid, letter.route, f"{letter.code}: {letter.message}")
+        return True
+
+    async def announce(self, kind: str, request_id: str, route: str, detail: str) -> None:
+        """One line on ``llm.events.<kind>`` (``llmrelay tail``); NATS trouble is logged."""
         event = LifecycleEvent(
-            kind="dead",
-            request_id=letter.job.id if letter.job else "",
-            route=letter.route,
+            kind=kind,
+            request_id=request_id,
+            route=route,
             pool=self.pool_name,
-            at_ms=letter.at_ms,
-            detail=f"{letter.code}: {letter.message}",
+            at_ms=now_ms(),
+            detail=detail,
         )
         try:
-            with nats_errors("the dead event"):
-                await self.nc.publish(events_subject("dead"), encode(event))
+            with nats_errors(f"the {kind} event"):
+                await self.nc.publish(events_subject(kind), encode(event))
         except RelayError as exc:
-            log.warning("dead-lettered, but the dead event was not sent: %s", exc)
-        return True
+            log.warning("the %s event of %s was not sent: %s", kind, request_id or "-", exc)
 
     def _fitting(self, letter: DeadLetter) -> bytes:
         """The letter, encoded within the server's max payload: a job too large to

@@ -18,13 +18,36 @@ restarting it:
 The continuing attempt's first event is ``notice{kind: resumed, resume: true,
 offset: len(text)}``, so that every fold keeps the caller's text
 (``broker/_fold.py``); its chunks then carry only what is new.
+
+A job delivered again after its worker was lost mid-answer (killed, stalled
+past its lease, or stopped before it could finish) carries no text, but its
+caller has some: ``lost_answer`` reads it back from ``LLM_REPLIES`` (every
+event a worker published), folded as the caller folds it, and the redelivery
+continues from there (``notice{redelivered, resume: true, offset}``). If the
+lost attempt had ended the answer (only its ack was lost), nothing is called
+again.
 """
 
 from __future__ import annotations
 
+import logging
+
+import msgspec
+from nats.aio.client import Client as NATS
+
 from broker._config import PoolConfig
-from broker._errors import CannotContinue, ProviderError, UpstreamRejected
+from broker._errors import CannotContinue, ProviderError, RelayError, UpstreamRejected
+from broker._fold import Answer
 from broker._protocol import Job, Notice, Resume
+from broker._replay import stored_events
+
+log = logging.getLogger("llmrelay.worker")
+
+# How long a redelivery may spend reading back what a lost attempt sent.
+RECOVER_TIMEOUT_S = 2.0
+
+# Models a worker remembers as refusing prefills (a pinned job may name any model).
+MAX_REMEMBERED_REFUSALS = 256
 
 
 class Splice:
@@ -102,7 +125,8 @@ class Continuation:
             delta = self._splice.feed(delta)
         if self._refusal_pending:
             self._refusal_pending = False
-            self._refused.add(self._model)  # the restart works: no prefill for it again
+            if len(self._refused) < MAX_REMEMBERED_REFUSALS:
+                self._refused.add(self._model)  # the restart works: no prefill for it again
         if delta:
             self._sent.append(delta)
         return delta
@@ -143,3 +167,24 @@ class Continuation:
     def carried(self, tokens: int) -> Resume:
         """What the next attempt continues: all the text so far, and what it cost."""
         return Resume(text=self.text, completion_tokens=self.prior_tokens + tokens)
+
+
+async def lost_answer(nc: NATS, job: Job, job_seq: int) -> Answer | None:
+    """What the caller already has of ``job`` from deliveries that were lost: its
+    replies in ``LLM_REPLIES``, folded as the caller folds them (only this job's
+    events count). None when they cannot be read: the redelivery then starts over."""
+    try:
+        events = await stored_events(nc, job.reply_to, timeout_s=RECOVER_TIMEOUT_S)
+    except RelayError as exc:
+        log.warning("job %s: could not read back its replies (%s); starting over", job.id, exc)
+        return None
+    answer = Answer(job_seq)
+    for event in events:
+        answer.add(event)
+    return answer
+
+
+def resumed_job(job: Job, answer: Answer) -> Job:
+    """``job`` carrying the text its caller has (a redelivery's); tokens estimated."""
+    resume = Resume(text=answer.text, completion_tokens=max(1, len(answer.text) // 4))
+    return msgspec.structs.replace(job, resume=resume)

@@ -2,28 +2,23 @@
 
 ``JobRun.run`` reads as its steps::
 
-    decode -> resolve model -> check deadline -> check circuit
-           -> stream from the provider (time limits, cancel) -> done | failure
+    decode -> resolve model -> check deadline -> (a redelivery: read back the lost text)
+           -> check circuit -> stream from the provider (time limits, cancel)
+           -> done | failure (retry here, re-queue, or error)
 
-The input checks (decode, model) are ``_intake.py``'s: bad input never raises
-out of here, it is answered and parked in the dead-letter queue. A failure
-becomes a ``Decision`` (``_decide.decide``), and ``_apply`` is the one place
-that turns it into a delayed redelivery, a re-queue to a backup pool, or an
-error event (plus a dead letter when no target is left).
-
-A run sees its worker only through a ``PoolContext`` (``_context.py``): the
-pool's config, connection, HTTP shards, breaker, budget and metrics.
+The input checks are ``_intake.py``'s: bad input never raises out of here, it
+is answered and parked in the dead-letter queue. A failure becomes a
+``Decision`` (``_decide.decide``), and ``_apply`` is the one place that turns
+it into a retry (in place, under the same attempt id: nothing of the failed
+call was published; or a delayed redelivery), a re-queue to a backup pool, or
+an error event (plus a dead letter when no target is left). A run sees its
+worker only through a ``PoolContext`` (``_context.py``).
 
 What a run may trust of its job, which attempt it is, and whether the worker
 still holds it are its ``_delivery.Delivery``'s: a run whose lease lapsed
 (``LeaseLost``) ends without publishing, acking or re-queueing anything. Every
-event it publishes carries its attempt id and the job's ``job_seq``.
-
-A job that carries the text its caller already has (a mid-stream failover)
-continues that answer (``_continuation.Continuation``). A retry in place (a
-short Retry-After, or the one quick retry before a failover) calls the
-provider again within the run, under the same attempt id: nothing of the
-failed call was published.
+event it publishes carries its attempt id and the job's ``job_seq``. A job
+whose caller already has text continues that answer (``_continuation.py``).
 """
 
 from __future__ import annotations
@@ -55,16 +50,14 @@ from broker._protocol import (
     Error,
     Event,
     Job,
-    LifecycleEvent,
     Notice,
     Timings,
     Usage,
     encode,
     now_ms,
 )
-from broker._subjects import events_subject
 from workers._context import PoolContext
-from workers._continuation import Continuation
+from workers._continuation import Continuation, lost_answer, resumed_job
 from workers._decide import Decision, Fail, FailureContext, Requeue, Retry, decide, next_target
 from workers._delivery import Delivery
 from workers._intake import DLQ_RETRY_S, read_job, resolve_model
@@ -128,9 +121,25 @@ class JobRun:
             )
             return
         if self.deliveries > 1:
+            if not await self._recover(job):
+                return
             await self._publish(self.cont.redelivered(self.attempt))
         while await self._attempt(job):
             self.retries_here += 1
+
+    async def _recover(self, job: Job) -> bool:
+        """A redelivery: continue from what a lost delivery sent (``lost_answer``);
+        False when that had ended the answer already (only its ack was lost)."""
+        assert self.cont is not None
+        answer = None if self.cont.active else await lost_answer(self.ctx.nc, job, self.job_seq)
+        if answer is not None and answer.finished:
+            log.info("job %s: a lost delivery had answered it; acked", job.id)
+            await self.delivery.ack()
+            return False
+        if answer is not None and answer.text:
+            self.cont = Continuation(resumed_job(job, answer), self.ctx.pool, self.model,
+                                     self.ctx.prefill_refused)  # fmt: skip
+        return True
 
     async def _attempt(self, job: Job) -> bool:
         """One upstream call and its outcome; True: call again, in place."""
@@ -289,7 +298,7 @@ class JobRun:
         self.ctx.metrics.job_done(
             self.model_label, total_s, usage.prompt_tokens, usage.completion_tokens
         )
-        await self._lifecycle("done", f"{self.ctx.pool_name}/{self.model} {total_s * 1000:.0f}ms")
+        await self._announce("done", f"{self.ctx.pool_name}/{self.model} {total_s * 1000:.0f}ms")
 
     def _timings(self, job: Job, total_s: float) -> Timings:
         queued_ms = float(now_ms() - job.created_ms) - total_s * 1000 if job.created_ms else 0.0
@@ -362,7 +371,7 @@ class JobRun:
                 message=f"{err.code}: {err.message}",
             )
         )
-        await self._lifecycle("retry", f"{err.code}; again {where} in {decision.delay_s:.2f}s")
+        await self._announce("retry", f"{err.code}; again {where} in {decision.delay_s:.2f}s")
         if not decision.in_place:
             await self.delivery.nak(decision.delay_s)
             return False
@@ -371,6 +380,14 @@ class JobRun:
     async def _requeue(self, decision: Requeue, job: Job, err: ProviderError) -> None:
         assert self.cont is not None
         resume = self.cont.carried(self.seq) if decision.resume else None
+        moved = msgspec.structs.replace(
+            job, attempts=[*job.attempts, self._attempt_record(err)], rank=decision.rank,
+            resume=resume,
+        )  # fmt: skip
+        if resume is not None and len(encode(moved)) > self.ctx.config.streams.max_job_bytes:
+            # An answer too long to carry in a job: the next attempt starts over.
+            resume, decision = None, msgspec.structs.replace(decision, reset=True)
+            moved = msgspec.structs.replace(moved, resume=None)
         # Tell the client first: the backup may start streaming within a millisecond.
         await self._publish(
             Notice(
@@ -384,13 +401,7 @@ class JobRun:
                 message=f"{err.code}: {err.message}",
             )
         )
-        await self._lifecycle("failover", f"{self.ctx.pool_name} -> {decision.pool}: {err.code}")
-        moved = msgspec.structs.replace(
-            job,
-            attempts=[*job.attempts, self._attempt_record(err)],
-            rank=decision.rank,
-            resume=resume,
-        )
+        await self._announce("failover", f"{self.ctx.pool_name} -> {decision.pool}: {err.code}")
         try:
             await self.delivery.requeue(self.ctx.js, decision.pool, moved, self._remaining_s())
         except RelayError as exc:  # full backup queue, timeout, id taken: hand the job back
@@ -427,7 +438,7 @@ class JobRun:
         await self.delivery.ack()
         self.ctx.metrics.job_outcome(self.model_label, "error")
         if not decision.dead_letter:  # PoolContext.dead_letter announced "dead" already
-            await self._lifecycle("failed", decision.code)
+            await self._announce("failed", decision.code)
 
     async def _park(self, decision: Fail, job: Job, attempts: list[Attempt]) -> bool:
         letter = DeadLetter(
@@ -468,9 +479,13 @@ class JobRun:
         )
         await self.delivery.ack()
         self.ctx.metrics.job_outcome(self.model_label, code)
-        await self._lifecycle("failed", code)
+        await self._announce("failed", code)
 
     # --- helpers -----------------------------------------------------------------
+
+    async def _announce(self, kind: str, detail: str) -> None:
+        assert self.job is not None
+        await self.ctx.announce(kind, self.job.id, self.job.route, detail)
 
     def _remaining_s(self) -> float:
         assert self.job is not None
@@ -482,15 +497,3 @@ class JobRun:
         self.delivery.hold()
         event.job_seq = self.job_seq
         await self.ctx.nc.publish(self.job.reply_to, encode(event))
-
-    async def _lifecycle(self, kind: str, detail: str) -> None:
-        assert self.job is not None
-        event = LifecycleEvent(
-            kind=kind,
-            request_id=self.job.id,
-            route=self.job.route,
-            pool=self.ctx.pool_name,
-            at_ms=now_ms(),
-            detail=detail,
-        )
-        await self.ctx.nc.publish(events_subject(kind), encode(event))
