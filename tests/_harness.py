@@ -16,14 +16,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import anyio
+import yaml
+from nats.aio.client import Client as NATS
 
-from broker import Answer, Config, Event, RelayClient
+from broker import Answer, Config, Event, RelayClient, ensure_topology
+from broker._config import parse_config
 from broker._server import CLIENT_USER
 from broker._subjects import inbox_prefix
-from devstack import MockProvider
+from devstack import MockProvider, WorkerProcess, wait_for_workers
 from tests._builders import make_config
 from workers._worker import Worker
 
@@ -157,3 +161,25 @@ def folded(events: Sequence[Event]) -> Answer:
     for event in events:
         answer.add(event)
     return answer
+
+
+@asynccontextmanager
+async def process_primary(
+    nc: NATS, worker_url: str, tmp_path: Path, a: MockProvider, b: MockProvider, **pool: Any
+) -> AsyncIterator[tuple[Config, WorkerProcess]]:
+    """Route ``chat``: pool a (``gpt``) served by a ``llmrelay worker`` process (to kill or
+    stop), then pool b (``mb``); ``pool`` settings go to both. The caller runs b's workers."""
+    doc = {
+        "pools": {"a": mock_pool(a.url, **pool), "b": mock_pool(b.url, **pool)},
+        "routes": {"chat": {"targets": [{"pool": "a", "model": "gpt"},
+                                        {"pool": "b", "model": "mb"}]}},
+    }  # fmt: skip
+    (tmp_path / "relay.yaml").write_text(yaml.safe_dump(doc))
+    config = parse_config(yaml.safe_dump(doc))
+    await ensure_topology(nc, config)
+    primary = WorkerProcess("a", tmp_path / "relay.yaml", worker_url, tmp_path)
+    try:
+        await wait_for_workers(nc, [primary])
+        yield config, primary
+    finally:
+        primary.stop()

@@ -22,16 +22,20 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import yaml
 from nats.aio.client import Client as NATS
 
-from broker import Chunk, Done, Job, Message, Notice, RelayClient, RequestFailed
-from broker._config import parse_config
+from broker import Chunk, Config, Done, Job, Message, Notice, RelayClient, RequestFailed
 from broker._protocol import Resume, new_request_id, now_ms
-from broker._topology import ensure_topology
-from devstack import MockProvider, WorkerProcess, expected_answer, wait_for_workers
+from devstack import MockProvider, WorkerProcess, expected_answer
 from gateway import serve_gateway
-from tests._harness import RelayStack, StartStack, folded, mock_pool, running_workers, upstream
+from tests._harness import (
+    RelayStack,
+    StartStack,
+    folded,
+    process_primary,
+    running_workers,
+    upstream,
+)
 
 TOKENS = 8
 FULL_A = expected_answer("mock-a", TOKENS)
@@ -280,32 +284,29 @@ async def test_an_openai_stream_goes_on_when_its_worker_is_killed_mid_answer(
         MockProvider(name="mock-b", tokens=TOKENS) as mb,
     ):
         lease = {"ack_wait_s": 1.0, "concurrency": 2}
-        doc = {
-            "pools": {"a": mock_pool(ma.url, **lease), "b": mock_pool(mb.url, **lease)},
-            "routes": {"chat": {"targets": [{"pool": "a", "model": "gpt"},
-                                            {"pool": "b", "model": "mb"}]}},
-        }  # fmt: skip
-        (tmp_path / "relay.yaml").write_text(yaml.safe_dump(doc))
-        cfg = parse_config(yaml.safe_dump(doc))
-        await ensure_topology(nc, cfg)
-        primary = WorkerProcess("a", tmp_path / "relay.yaml", worker_url, tmp_path)
-        try:
-            await wait_for_workers(nc, [primary])
-            async with (
-                running_workers(cfg, ["b"], worker_url),
-                serve_gateway(cfg, nats_url=client_url) as base_url,
-                openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
-            ):
-                stream = await client.chat.completions.create(
-                    model="chat", messages=[{"role": "user", "content": "hi"}], stream=True
-                )
-                parts: list[str] = []
-                async for chunk in stream:
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        parts.append(chunk.choices[0].delta.content)
-                        if len(parts) == 2:
-                            primary.kill()  # SIGKILL, mid-answer
-        finally:
-            primary.stop()
+        async with process_primary(nc, worker_url, tmp_path, ma, mb, **lease) as (cfg, primary):
+            parts = await _stream_killing(cfg, primary, worker_url, client_url, after=2)
     assert "".join(parts) == FULL_A
     assert mb.stats()["prefills"] == 1
+
+
+async def _stream_killing(
+    cfg: Config, primary: WorkerProcess, worker_url: str, client_url: str, *, after: int
+) -> list[str]:
+    """An SDK stream through a gateway, with pool b's workers; the primary process is
+    SIGKILLed once ``after`` pieces of text arrived. The pieces the SDK got."""
+    async with (
+        running_workers(cfg, ["b"], worker_url),
+        serve_gateway(cfg, nats_url=client_url) as base_url,
+        openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
+    ):
+        stream = await client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        parts: list[str] = []
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+                if len(parts) == after:
+                    primary.kill()  # SIGKILL, mid-answer
+    return parts

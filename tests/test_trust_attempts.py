@@ -26,13 +26,12 @@ import anyio
 import msgspec
 import nats
 import pytest
-import yaml
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.js.errors import NoStreamResponseError
 
 from broker import Chunk, Done, Error, Notice, RelayClient
-from broker._config import Config, parse_config
+from broker._config import Config
 from broker._dlq import find_dead_letter, replay
 from broker._errors import AllProvidersFailed, DuplicateRequest, StreamReset
 from broker._fold import Answer, attempt_id, requeue_base
@@ -40,9 +39,15 @@ from broker._jsapi import next_subject, pull_request_body
 from broker._protocol import Job, Message, Timings, Usage, decode_event
 from broker._subjects import PRIORITY_GROUP
 from broker._topology import ensure_topology, stream_configs
-from devstack import MockProvider, WorkerProcess, expected_answer, wait_for_workers
+from devstack import MockProvider, expected_answer
 from gateway import ReplyFold
-from tests._harness import CLIENT_INBOX, mock_pool, relay_config, running_workers
+from tests._harness import (
+    CLIENT_INBOX,
+    mock_pool,
+    process_primary,
+    relay_config,
+    running_workers,
+)
 from workers._delivery import Delivery
 
 TIMEOUT_S = 10.0
@@ -237,42 +242,32 @@ async def test_a_worker_stopped_past_ack_wait_never_mixes_into_the_answer(
         MockProvider(name="mock-b", tokens=20, token_delay_ms=60) as mb,
     ):
         lease = {"ack_wait_s": 1.0, "concurrency": 2}
-        doc = {
-            "pools": {"a": mock_pool(ma.url, **lease), "b": mock_pool(mb.url, **lease)},
-            "routes": {"chat": {"targets": [{"pool": "a", "model": "gpt"},
-                                            {"pool": "b", "model": "gpt"}]}},
-        }  # fmt: skip
-        (tmp_path / "relay.yaml").write_text(yaml.safe_dump(doc))
-        cfg = parse_config(yaml.safe_dump(doc))
-        await ensure_topology(nc, cfg)
-        primary = WorkerProcess("a", tmp_path / "relay.yaml", worker_url, tmp_path)
-        try:
-            await wait_for_workers(nc, [primary])
-            async with (
-                running_workers(cfg, ["b"], worker_url),
-                RelayClient(client_url, config=cfg) as relay,
-            ):
-                await anyio.sleep(0.3)  # the primary's route pull is in place
-                raw = await nc.subscribe("llm.reply.>")
-                handle = await relay.submit("story", route="chat", timeout_s=30)
-                late: list[Any] = []
+        async with process_primary(nc, worker_url, tmp_path, ma, mb, **lease) as (cfg, primary):
+            try:
+                async with (
+                    running_workers(cfg, ["b"], worker_url),
+                    RelayClient(client_url, config=cfg) as relay,
+                ):
+                    await anyio.sleep(0.3)  # the primary's route pull is in place
+                    raw = await nc.subscribe("llm.reply.>")
+                    handle = await relay.submit("story", route="chat", timeout_s=30)
+                    late: list[Any] = []
 
-                async def stop_and_resume() -> None:
-                    await _until_chunk_from(raw, "a")
-                    primary.proc.send_signal(signal.SIGSTOP)
-                    await _until_chunk_from(raw, "b")  # the redelivery, after ack_wait
-                    primary.proc.send_signal(signal.SIGCONT)
-                    with anyio.move_on_after(2.5):  # the primary's stream had all arrived
-                        while True:
-                            late.append(decode_event((await raw.next_msg(timeout=5)).data))
+                    async def stop_and_resume() -> None:
+                        await _until_chunk_from(raw, "a")
+                        primary.proc.send_signal(signal.SIGSTOP)
+                        await _until_chunk_from(raw, "b")  # the redelivery, after ack_wait
+                        primary.proc.send_signal(signal.SIGCONT)
+                        with anyio.move_on_after(2.5):  # the primary's stream had all arrived
+                            while True:
+                                late.append(decode_event((await raw.next_msg(timeout=5)).data))
 
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(stop_and_resume)
-                    with anyio.fail_after(30):
-                        text = await handle.text()
-        finally:
-            primary.proc.send_signal(signal.SIGCONT)
-            primary.stop()
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(stop_and_resume)
+                        with anyio.fail_after(30):
+                            text = await handle.text()
+            finally:
+                primary.proc.send_signal(signal.SIGCONT)
     # The redelivery read back what the stopped primary had sent (LLM_REPLIES) and
     # continued it: mock-a's text, finished by mock-b, nothing of the woken primary.
     assert text == expected_answer("mock-a", 20)
