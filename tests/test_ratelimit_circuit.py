@@ -92,12 +92,12 @@ def test_circuit_opens_on_consecutive_failures_and_probes_once() -> None:
     for _ in range(3):
         assert cb.allow()
         cb.record_failure()
-    assert cb.state == "open" and not cb.allow() and cb.pulls_allowed(8) == 0
+    assert cb.state == "open" and not cb.ready() and not cb.allow()
     clock.now += 5.0
-    assert cb.state == "half_open" and cb.pulls_allowed(8) == 1
+    assert cb.state == "half_open" and cb.ready()
     assert cb.allow() and not cb.allow()  # exactly one probe
     cb.record_success()
-    assert cb.state == "closed" and cb.pulls_allowed(8) == 8
+    assert cb.state == "closed" and cb.ready()
 
 
 def test_failed_probe_reopens() -> None:

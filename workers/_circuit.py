@@ -74,12 +74,6 @@ class CircuitBreaker:
             self._probe_in_flight, self._probe_at = True, self._clock()
         return True
 
-    def pulls_allowed(self, free_slots: int) -> int:
-        """How many route pulls the worker may keep outstanding."""
-        if self.state == "closed":
-            return free_slots
-        return min(1, free_slots) if self.ready() else 0
-
     def cooldown_left_s(self) -> float | None:
         """Seconds until an open circuit becomes half-open; None if it is not open."""
         if self.state != "open":

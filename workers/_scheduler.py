@@ -119,6 +119,12 @@ class PullScheduler:
         self.slots = slots
         self.busy = 0
         self.pullers = pullers  # the pool's own subject first (``make_pullers``)
+        # route -> the upstream model this pool serves it with (looked up on every pull)
+        self._route_models = {
+            p.route: config.model_for(p.route, pool_name) or p.route
+            for p in pullers
+            if p.route is not None
+        }
         self._nc = nc
         self._circuits = circuits
         self._budget = budget
@@ -204,7 +210,7 @@ class PullScheduler:
     def _model(self, p: Puller) -> str:
         """The upstream model this pool serves the puller's route with."""
         assert p.route is not None
-        return self.config.model_for(p.route, self.pool_name) or p.route
+        return self._route_models[p.route]
 
     def _pick(self, room: Counter[str | None]) -> Puller | None:
         """Which consumer gets the next free slot.
