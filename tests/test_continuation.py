@@ -24,7 +24,17 @@ import openai
 import pytest
 from nats.aio.client import Client as NATS
 
-from broker import Chunk, Config, Done, Job, Message, Notice, RelayClient, RequestFailed
+from broker import (
+    Chunk,
+    Config,
+    Done,
+    Job,
+    JobOptions,
+    Message,
+    Notice,
+    RelayClient,
+    RequestFailed,
+)
 from broker._protocol import Resume, new_request_id, now_ms
 from devstack import MockProvider, WorkerProcess, expected_answer
 from gateway import serve_gateway
@@ -310,3 +320,15 @@ async def _stream_killing(
                 if len(parts) == after:
                     primary.kill()  # SIGKILL, mid-answer
     return parts
+
+
+async def test_a_continued_answer_keeps_to_the_callers_max_tokens(
+    continuing: StartContinuing,
+) -> None:
+    """The prefilled call writes only the rest, within what the earlier attempt left."""
+    async with continuing(fault="cut=3") as s:
+        handle = await s.relay.submit("hi", route="chat", options=JobOptions(max_tokens=6))
+        text = await handle.text()
+    assert text == expected_answer("mock-a", 6)  # six tokens, not the primary's eight
+    assert handle.done is not None and handle.done.finish_reason == "length"
+    assert handle.done.usage.completion_tokens == 6

@@ -109,6 +109,19 @@ class Continuation:
     def sent_chars(self) -> int:
         return sum(len(part) for part in self._sent)
 
+    def request(self, job: Job) -> tuple[Job, str | None]:
+        """What to ask the provider: the job, and the prefill to continue (None: none).
+
+        A prefilled call writes only the rest of the answer, so its ``max_tokens``
+        is what the earlier attempts left of the caller's (a restart writes the
+        whole answer again, within the caller's own limit)."""
+        if not self.prefill:
+            return job, None
+        if job.max_tokens is not None:
+            left = max(1, job.max_tokens - self.prior_tokens)
+            job = msgspec.structs.replace(job, max_tokens=left)
+        return job, self.have
+
     def prefill_refused(self, err: ProviderError, chunks_sent: int) -> bool:
         """Was ``err`` the provider refusing the prefill? Then restart without one."""
         if not self.prefill or chunks_sent or type(err) is not UpstreamRejected:

@@ -200,11 +200,10 @@ class JobRun:
     async def _stream(self, job: Job) -> Finish | None:
         self.ctx.metrics.upstream_request()
         assert self.cont is not None
-        prefill = self.cont.have if self.cont.prefill else None
         self._call = call = UpstreamCall(
             self.ctx.http, self.ctx.pool.timeouts, job.deadline_ms / 1000
         )
-        call.open(job, self.model, prefill)
+        call.open(*self.cont.request(job), model=self.model)
         while True:
             finish = await self._handle_item(await call.next())
             if finish is not None:

@@ -58,7 +58,7 @@ class UpstreamCall:
         self._shard: int | None = None
         self.texts = 0  # text items seen: the first one ends the time-to-first-token wait
 
-    def open(self, job: Job, model: str, prefill: str | None) -> None:
+    def open(self, job: Job, prefill: str | None, *, model: str) -> None:
         self._shard, provider = self._http.acquire()
         self._items = provider.stream(job, model, prefill=prefill).__aiter__()
 
