@@ -134,7 +134,9 @@ class CircuitSettings(_Strict, frozen=True):
     cooldown_s: PositiveFloat = 10.0
 
 
-ProviderKind = Literal["openai", "anthropic", "ollama"]
+ProviderKind = Literal["openai", "anthropic", "ollama", "azure"]
+# Azure OpenAI's GA API version with streamed usage (``stream_options.include_usage``).
+AZURE_API_VERSION = "2024-10-21"
 
 
 class PoolConfig(_Strict, frozen=True):
@@ -145,7 +147,9 @@ class PoolConfig(_Strict, frozen=True):
     Ollama, and OpenAI-compatible servers with ``continue_final_message`` such as
     vLLM). A pool that refuses it (OpenAI's own API does, with a 400) is asked
     again at once without, and the worker stops sending it to that model;
-    ``false`` never sends one. ``retry_after_wait_max_s``: a 429 whose Retry-After
+    ``false`` never sends one. ``api_version``: Azure OpenAI's ``api-version`` query
+    parameter (``kind: azure`` only; default ``AZURE_API_VERSION``); an Azure
+    target's ``model`` is its deployment name. ``retry_after_wait_max_s``: a 429 whose Retry-After
     is at most this is waited out on this pool (when the deadline allows); a
     longer one moves the job to a backup. ``pause_max_s``: the ceiling on how long
     a provider's 429 may pause the whole pool.
@@ -164,6 +168,7 @@ class PoolConfig(_Strict, frozen=True):
     ack_wait_s: PositiveFloat = 30.0
     context_window: PositiveInt | None = None
     prefill: bool = True
+    api_version: str | None = None
     retry_after_wait_max_s: NonNegFloat = 3.0
     pause_max_s: PositiveFloat = 60.0
     # Extra headers on every request (e.g. Azure's `api-key`): secrets, as keys often are.
@@ -344,13 +349,7 @@ def _check_references(cfg: Config) -> None:
         if not is_valid_name(name):
             raise ConfigError(f"{name!r}: pool and route names must match [a-z0-9_-]+")
     for name, pool in cfg.pools.items():
-        if pool.max_retries + 1 >= cfg.streams.max_deliver:
-            raise ConfigError(
-                f"pools.{name}.max_retries: must be below streams.max_deliver - 1 "
-                f"({cfg.streams.max_deliver - 1})"
-            )
-        if not pool.base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"pools.{name}.base_url: must start with http:// or https://")
+        _check_pool(name, pool, cfg.streams)
     for rname, route in cfg.routes.items():
         seen: set[str] = set()
         for i, target in enumerate(route.targets):
@@ -365,6 +364,18 @@ def _check_references(cfg: Config) -> None:
                     f"routes.{rname}.targets[{i}].pool: pool {target.pool!r} appears twice"
                 )
             seen.add(target.pool)
+
+
+def _check_pool(name: str, pool: PoolConfig, streams: StreamSettings) -> None:
+    if pool.max_retries + 1 >= streams.max_deliver:
+        raise ConfigError(
+            f"pools.{name}.max_retries: must be below streams.max_deliver - 1 "
+            f"({streams.max_deliver - 1})"
+        )
+    if not pool.base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"pools.{name}.base_url: must start with http:// or https://")
+    if pool.api_version is not None and pool.kind != "azure":
+        raise ConfigError(f"pools.{name}.api_version: only kind azure takes an api-version")
 
 
 def parse_config(

@@ -281,7 +281,7 @@ async def test_error_event_mid_stream_keeps_its_kind(
 
 
 def test_make_provider_picks_the_adapter_by_kind() -> None:
-    assert set(PROVIDERS) == {"openai", "anthropic", "ollama"}
+    assert set(PROVIDERS) == {"openai", "anthropic", "ollama", "azure"}
     http = httpx.AsyncClient()
     for kind, cls in PROVIDERS.items():
         assert type(make_provider(make_pool(kind, "http://x"), http)) is cls

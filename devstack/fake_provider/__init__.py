@@ -2,11 +2,13 @@
 
 Tests, the demo and the benchmark need upstreams that answer predictably, fast,
 and fail in exactly the ways real providers do. This server speaks the three
-wire formats llmrelay's adapters speak, chosen by path:
+wire formats llmrelay's adapters speak (and Azure's paths), chosen by path:
 
     POST /v1/chat/completions, /chat/completions   OpenAI (SSE, or JSON with stream=false)
     POST /v1/messages                              Anthropic Messages (SSE event stream)
     POST /api/chat                                 Ollama (NDJSON)
+    POST /openai/deployments/<d>/chat/completions  Azure OpenAI (OpenAI's format; needs an
+                                                   ``api-key`` header and ``?api-version=``)
     GET  /stats   POST /control/reset   POST|GET /control/faults   GET /healthz
 
 It is written on raw asyncio streams (no framework) with keep-alive and chunked

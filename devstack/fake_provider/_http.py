@@ -47,6 +47,8 @@ class HttpRequest(NamedTuple):
     path: bytes
     body: bytes
     keep_alive: bool
+    query: bytes = b""
+    api_key: bool = False  # an ``api-key`` header came (Azure's)
 
 
 class BadRequest(NamedTuple):
@@ -66,15 +68,16 @@ async def read_request(reader: asyncio.StreamReader) -> HttpRequest | BadRequest
     if len(parts) != 3:
         return BadRequest("bad request line")
     try:
-        length, chunked, keep_alive = _parse_headers(lines[1:], parts[2] == b"HTTP/1.1")
+        length, chunked, keep_alive, api_key = _parse_headers(lines[1:], parts[2] == b"HTTP/1.1")
         body = await _read_chunked(reader) if chunked else await reader.readexactly(length)
     except ValueError as exc:  # a length that is not a number
         return BadRequest(f"bad framing: {exc}")
-    return HttpRequest(parts[0], parts[1].partition(b"?")[0], body, keep_alive)
+    path, _, query = parts[1].partition(b"?")
+    return HttpRequest(parts[0], path, body, keep_alive, query, api_key)
 
 
-def _parse_headers(lines: list[bytes], keep_alive: bool) -> tuple[int, bool, bool]:
-    length, chunked = 0, False
+def _parse_headers(lines: list[bytes], keep_alive: bool) -> tuple[int, bool, bool, bool]:
+    length, chunked, api_key = 0, False, False
     for line in lines:
         name, _, value = line.partition(b":")
         name = name.strip().lower()
@@ -84,7 +87,9 @@ def _parse_headers(lines: list[bytes], keep_alive: bool) -> tuple[int, bool, boo
             chunked = b"chunked" in value.lower()
         elif name == b"connection":
             keep_alive = value.strip().lower() != b"close"
-    return length, chunked, keep_alive
+        elif name == b"api-key":
+            api_key = bool(value.strip())
+    return length, chunked, keep_alive, api_key
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:

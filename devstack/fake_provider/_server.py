@@ -69,6 +69,12 @@ from devstack.fake_provider._stats import Stats
 __all__ = ["CHAT_PATHS", "MockProvider"]
 
 _OPENAI, _ANTHROPIC, _OLLAMA = OpenAIFormat(), AnthropicFormat(), OllamaFormat()
+AZURE_PREFIX = b"/openai/deployments/"
+AZURE_NO_KEY = (
+    "Access denied due to invalid subscription key or wrong API endpoint. Make sure to "
+    "provide a valid key for an active subscription and use a correct regional API "
+    "endpoint for your resource."
+)
 CHAT_PATHS: dict[bytes, WireFormat] = {
     b"/v1/chat/completions": _OPENAI,
     b"/chat/completions": _OPENAI,
@@ -202,6 +208,12 @@ class MockProvider:
         fmt = CHAT_PATHS.get(request.path) if request.method == b"POST" else None
         if fmt is not None:
             return await self._chat(exchange, fmt)
+        if request.method == b"POST" and _is_azure(request.path):
+            refusal = _azure_refusal(request)
+            if refusal is None:
+                return await self._chat(exchange, _OPENAI)
+            writer.write(refusal)
+            return request.keep_alive
         handler = self._routes.get((request.method, request.path))
         if handler is None:
             writer.write(json_response(404, {"error": "not found"}))
@@ -217,7 +229,9 @@ class MockProvider:
             kind = ERROR_KINDS["bad_request"]._replace(message=str(exc))
             exchange.writer.write(json_response(400, fmt.error_body(kind)))
             return exchange.request.keep_alive
-        self._stats.begin(exchange.request.path.decode(), plan.full_model, plan.status)
+        request = exchange.request
+        target = request.path + b"?" + request.query if request.query else request.path
+        self._stats.begin(target.decode(), plan.full_model, plan.status)
         if plan.prefilled:
             self._stats.prefill(refused=plan.refusal is not None)
         try:
@@ -372,6 +386,20 @@ class MockProvider:
         else:
             exchange.writer.write(json_response(200, {"fault": self.fault.as_dict()}))
         return exchange.request.keep_alive
+
+
+def _is_azure(path: bytes) -> bool:
+    """Azure OpenAI's ``/openai/deployments/<deployment>/chat/completions``."""
+    return path.startswith(AZURE_PREFIX) and path.endswith(b"/chat/completions")
+
+
+def _azure_refusal(request: HttpRequest) -> bytes | None:
+    """What Azure answers a request without its key or ``api-version`` (None: neither)."""
+    if not request.api_key:
+        return json_response(401, {"error": {"code": "401", "message": AZURE_NO_KEY}})
+    if b"api-version=" not in request.query:
+        return json_response(404, {"error": {"code": "404", "message": "Resource not found"}})
+    return None
 
 
 def _pick(override: float | None, default: float) -> float:

@@ -19,6 +19,7 @@ from broker._errors import (
 from workers.providers._base import Finish, Malformed, Provider, StreamItem, TextDelta
 from workers.providers._registry import PROVIDERS, make_provider
 from workers.providers.anthropic import AnthropicProvider
+from workers.providers.azure import AzureOpenAIProvider
 from workers.providers.ollama import OllamaProvider
 from workers.providers.openai import OpenAIProvider
 
@@ -26,6 +27,7 @@ __all__ = [
     "PROVIDERS",
     "AnthropicProvider",
     "AuthFailed",
+    "AzureOpenAIProvider",
     "ContentFiltered",
     "ContextLengthExceeded",
     "Finish",

@@ -8,6 +8,7 @@ from broker._config import PoolConfig
 from broker._errors import ConfigError
 from workers.providers._base import Provider
 from workers.providers.anthropic import AnthropicProvider
+from workers.providers.azure import AzureOpenAIProvider
 from workers.providers.ollama import OllamaProvider
 from workers.providers.openai import OpenAIProvider
 
@@ -15,6 +16,7 @@ PROVIDERS: dict[str, type[Provider]] = {
     "openai": OpenAIProvider,
     "anthropic": AnthropicProvider,
     "ollama": OllamaProvider,
+    "azure": AzureOpenAIProvider,
 }
 
 

@@ -64,16 +64,22 @@ class OpenAIProvider:
 
     def __init__(self, pool: PoolConfig, client: httpx.AsyncClient) -> None:
         self._client = client
-        self._url = join_url(pool.base_url, "/chat/completions")
-        auth = {"authorization": f"Bearer {pool.api_key.reveal()}"} if pool.api_key else {}
-        self._headers = static_headers(pool, {"accept": "text/event-stream", **auth})
+        self._base_url = pool.base_url
+        self._headers = static_headers(pool, {"accept": "text/event-stream", **self._auth(pool)})
+
+    def _auth(self, pool: PoolConfig) -> dict[str, str]:
+        return {"authorization": f"Bearer {pool.api_key.reveal()}"} if pool.api_key else {}
+
+    def _url(self, model: str) -> str:
+        return join_url(self._base_url, "/chat/completions")
 
     async def stream(
         self, job: Job, model: str, *, prefill: str | None = None
     ) -> AsyncIterator[StreamItem]:
         headers = job_headers(self._headers, job)
         body_bytes = request_body(job, model, prefill)
-        async with open_stream(self._client, self._url, headers=headers, body=body_bytes) as body:
+        url = self._url(model)
+        async with open_stream(self._client, url, headers=headers, body=body_bytes) as body:
             state = _StreamState()
             async for event in body.items(SSEParser()):
                 for item in state.on_event(event):
