@@ -134,7 +134,7 @@ class CircuitSettings(_Strict, frozen=True):
     cooldown_s: PositiveFloat = 10.0
 
 
-ProviderKind = Literal["openai", "anthropic", "ollama", "azure"]
+ProviderKind = Literal["openai", "anthropic", "ollama", "azure", "bedrock", "gemini"]
 # Azure OpenAI's GA API version with streamed usage (``stream_options.include_usage``).
 AZURE_API_VERSION = "2024-10-21"
 
@@ -149,7 +149,9 @@ class PoolConfig(_Strict, frozen=True):
     again at once without, and the worker stops sending it to that model;
     ``false`` never sends one. ``api_version``: Azure OpenAI's ``api-version`` query
     parameter (``kind: azure`` only; default ``AZURE_API_VERSION``); an Azure
-    target's ``model`` is its deployment name. ``retry_after_wait_max_s``: a 429 whose Retry-After
+    target's ``model`` is its deployment name. ``region`` and the ``aws_*`` keys:
+    the SigV4 credentials of a ``kind: bedrock`` pool (only that kind takes them);
+    a Bedrock target's ``model`` is the model id. ``retry_after_wait_max_s``: a 429 whose Retry-After
     is at most this is waited out on this pool (when the deadline allows); a
     longer one moves the job to a backup. ``pause_max_s``: the ceiling on how long
     a provider's 429 may pause the whole pool.
@@ -169,6 +171,11 @@ class PoolConfig(_Strict, frozen=True):
     context_window: PositiveInt | None = None
     prefill: bool = True
     api_version: str | None = None
+    # AWS Bedrock (kind: bedrock) signs each request with SigV4 for this region and key.
+    region: str | None = None
+    aws_access_key_id: Secret | None = None
+    aws_secret_access_key: Secret | None = None
+    aws_session_token: Secret | None = None
     retry_after_wait_max_s: NonNegFloat = 3.0
     pause_max_s: PositiveFloat = 60.0
     # Extra headers on every request (e.g. Azure's `api-key`): secrets, as keys often are.
@@ -376,6 +383,16 @@ def _check_pool(name: str, pool: PoolConfig, streams: StreamSettings) -> None:
         raise ConfigError(f"pools.{name}.base_url: must start with http:// or https://")
     if pool.api_version is not None and pool.kind != "azure":
         raise ConfigError(f"pools.{name}.api_version: only kind azure takes an api-version")
+    aws = {"region": pool.region, "aws_access_key_id": pool.aws_access_key_id,
+           "aws_secret_access_key": pool.aws_secret_access_key,
+           "aws_session_token": pool.aws_session_token}  # fmt: skip
+    for key, value in aws.items():
+        if value is not None and pool.kind != "bedrock":
+            raise ConfigError(f"pools.{name}.{key}: only kind bedrock takes AWS settings")
+    if pool.kind == "bedrock":
+        for key in ("region", "aws_access_key_id", "aws_secret_access_key"):
+            if not aws[key]:
+                raise ConfigError(f"pools.{name}.{key}: a bedrock pool needs it (SigV4 signing)")
 
 
 def parse_config(

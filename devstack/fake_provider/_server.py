@@ -22,6 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
+from urllib.parse import unquote
 
 import msgspec
 
@@ -208,10 +209,11 @@ class MockProvider:
         fmt = CHAT_PATHS.get(request.path) if request.method == b"POST" else None
         if fmt is not None:
             return await self._chat(exchange, fmt)
-        if request.method == b"POST" and _is_azure(request.path):
-            refusal = _azure_refusal(request)
+        pattern = match_pattern(request.path) if request.method == b"POST" else None
+        if pattern is not None:
+            refusal = pattern.refuse(request) if pattern.refuse is not None else None
             if refusal is None:
-                return await self._chat(exchange, _OPENAI)
+                return await self._chat(exchange, pattern.fmt, pattern.model_of(request.path))
             writer.write(refusal)
             return request.keep_alive
         handler = self._routes.get((request.method, request.path))
@@ -222,9 +224,11 @@ class MockProvider:
 
     # --- chat
 
-    async def _chat(self, exchange: _Exchange, fmt: WireFormat) -> bool:
+    async def _chat(
+        self, exchange: _Exchange, fmt: WireFormat, path_model: str | None = None
+    ) -> bool:
         try:
-            plan = self._plan(exchange.request.body, fmt)
+            plan = self._plan(exchange.request.body, fmt, path_model)
         except (ValueError, msgspec.DecodeError) as exc:
             kind = ERROR_KINDS["bad_request"]._replace(message=str(exc))
             exchange.writer.write(json_response(400, fmt.error_body(kind)))
@@ -239,8 +243,10 @@ class MockProvider:
         finally:
             self._stats.end()
 
-    def _plan(self, body: bytes, fmt: WireFormat) -> Plan:
+    def _plan(self, body: bytes, fmt: WireFormat, path_model: str | None = None) -> Plan:
         request = decode_request(body)
+        if path_model is not None:  # the model named by the path wins (Bedrock, Gemini)
+            request = msgspec.structs.replace(request, model=path_model)
         base, overrides = split_model(request.model)
         prefill = fmt.prefill(request)
         fault = self._fault_for(request.model, overrides)
@@ -388,9 +394,33 @@ class MockProvider:
         return exchange.request.keep_alive
 
 
-def _is_azure(path: bytes) -> bool:
-    """Azure OpenAI's ``/openai/deployments/<deployment>/chat/completions``."""
-    return path.startswith(AZURE_PREFIX) and path.endswith(b"/chat/completions")
+class PathPattern(NamedTuple):
+    """A chat path with a variable part: ``<prefix><name><suffix>``.
+
+    ``model_from_path``: the variable part is the model (URL-decoded), as Bedrock's
+    and Gemini's paths name it; else the body's ``model`` is (Azure's deployment).
+    ``refuse``: what the provider answers a request it would not take (None: takes it).
+    """
+
+    prefix: bytes
+    suffix: bytes
+    fmt: WireFormat
+    model_from_path: bool = False
+    refuse: Callable[[HttpRequest], bytes | None] | None = None
+
+    def model_of(self, path: bytes) -> str | None:
+        if not self.model_from_path:
+            return None
+        return unquote(path[len(self.prefix) : len(path) - len(self.suffix)].decode())
+
+
+def match_pattern(path: bytes) -> PathPattern | None:
+    """The pattern a chat path matches, if any (``PATTERN_PATHS``)."""
+    for p in PATTERN_PATHS:
+        fits = len(path) > len(p.prefix) + len(p.suffix)
+        if fits and path.startswith(p.prefix) and path.endswith(p.suffix):
+            return p
+    return None
 
 
 def _azure_refusal(request: HttpRequest) -> bytes | None:
@@ -400,6 +430,12 @@ def _azure_refusal(request: HttpRequest) -> bytes | None:
     if b"api-version=" not in request.query:
         return json_response(404, {"error": {"code": "404", "message": "Resource not found"}})
     return None
+
+
+# Chat paths with a variable part; a provider format with a path like that adds one.
+PATTERN_PATHS: list[PathPattern] = [
+    PathPattern(AZURE_PREFIX, b"/chat/completions", _OPENAI, refuse=_azure_refusal),
+]
 
 
 def _pick(override: float | None, default: float) -> float:
