@@ -151,8 +151,9 @@ class PoolConfig(_Strict, frozen=True):
     parameter (``kind: azure`` only; default ``AZURE_API_VERSION``); an Azure
     target's ``model`` is its deployment name. ``region`` and the ``aws_*`` keys:
     the SigV4 credentials of a ``kind: bedrock`` pool (only that kind takes them);
-    a Bedrock target's ``model`` is the model id. ``retry_after_wait_max_s``: a 429 whose Retry-After
-    is at most this is waited out on this pool (when the deadline allows); a
+    a Bedrock target's ``model`` is the model id. ``retry_after_wait_max_s``: a
+    429 whose Retry-After is at most this is waited out on this pool (when the
+    deadline allows); a
     longer one moves the job to a backup. ``pause_max_s``: the ceiling on how long
     a provider's 429 may pause the whole pool.
     """
