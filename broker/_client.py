@@ -37,6 +37,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
+from typing import Any
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -65,6 +66,8 @@ from broker._protocol import (
     Job,
     Message,
     Notice,
+    ReasoningEffort,
+    ResponseFormat,
     encode,
     new_request_id,
     now_ms,
@@ -98,6 +101,9 @@ class JobOptions(msgspec.Struct, kw_only=True, omit_defaults=True):
     seed: int | None = None
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
     traceparent: str | None = None
+    response_format: ResponseFormat | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    provider_options: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
 
 
 class JobHandle:
@@ -256,6 +262,9 @@ class RelayClient:
             seed=o.seed,
             metadata=dict(o.metadata),
             traceparent=o.traceparent,
+            response_format=o.response_format,
+            reasoning_effort=o.reasoning_effort,
+            provider_options=dict(o.provider_options),
             cancel_key=secrets.token_urlsafe(18),
         )
 

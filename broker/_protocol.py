@@ -69,6 +69,25 @@ class Resume(msgspec.Struct, omit_defaults=True, kw_only=True):
     completion_tokens: int = 0
 
 
+class JsonSchemaFormat(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A named JSON schema the answer must follow (OpenAI's ``json_schema`` format)."""
+
+    name: str
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """The shape of the answer: free text, any JSON object, or JSON of a schema."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+
+ReasoningEffort = Literal["minimal", "low", "medium", "high"]
+
+
 class Job(msgspec.Struct, omit_defaults=True, kw_only=True):
     """A chat request plus its routing state.
 
@@ -99,6 +118,14 @@ class Job(msgspec.Struct, omit_defaults=True, kw_only=True):
     cancel_key: str | None = None
     # Reserved routing state: the answer so far, which the next attempt continues.
     resume: Resume | None = None
+    # Structured output and reasoning, for the targets that map them (see
+    # ``features``); a target that cannot serve one refuses the job (bad_request).
+    response_format: ResponseFormat | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    # Provider parameters llmrelay does not model, by provider kind
+    # (``{"openai": {"logit_bias": {...}}}``): merged into that kind's request body;
+    # a key llmrelay sets itself is refused, never overridden.
+    provider_options: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
 
 
 class Usage(msgspec.Struct, omit_defaults=False, kw_only=True):
@@ -275,6 +302,16 @@ def decode_lifecycle(data: bytes) -> LifecycleEvent:
 
 def decode_pause(data: bytes) -> PoolPause:
     return _pause_decoder.decode(data)
+
+
+def requested_features(job: Job) -> set[str]:
+    """The optional features a job asks of its target (what ``Provider.features`` covers)."""
+    wanted = set()
+    if job.response_format is not None and job.response_format.type != "text":
+        wanted.add("response_format")
+    if job.reasoning_effort is not None:
+        wanted.add("reasoning_effort")
+    return wanted
 
 
 def new_request_id() -> str:

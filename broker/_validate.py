@@ -28,16 +28,18 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 
-from broker._config import Config
+from broker._config import Config, ProviderKind
 from broker._errors import InvalidJob, PayloadTooLarge
 from broker._protocol import Job, decode_job, encode
 from broker._subjects import REPLY_PREFIX, arrival, is_valid_name, tenant_of
 
 PREVIEW_BYTES = 2048
+# The keys ``Job.provider_options`` may have.
+PROVIDER_KINDS: tuple[str, ...] = get_args(ProviderKind)
 # No model answers more in one go; a bound keeps budget charges finite.
 MAX_TOKENS_LIMIT = 1_000_000
 MAX_ID_CHARS = 128
@@ -70,6 +72,7 @@ def validate_job(job: Job, config: Config, now_ms: int) -> Job:
     _check_messages(job)
     _check_sampling(job)
     _check_metadata(job)
+    _check_provider_options(job)
     _check_traceparent(job.traceparent)
     _check_size(job, config.streams.max_job_bytes)
     latest_ms = now_ms + int(route_deadline_s(job, config) * 1000)
@@ -225,6 +228,14 @@ def _check_metadata(job: Job) -> None:
             raise _fail("metadata", f"keys are 1 to {MAX_METADATA_KEY_CHARS} characters")
         if len(value) > MAX_METADATA_VALUE_CHARS:
             raise _fail(f"metadata.{key}", f"at most {MAX_METADATA_VALUE_CHARS} characters")
+
+
+def _check_provider_options(job: Job) -> None:
+    """Keys are provider kinds (``pools.<name>.kind``); what each holds is that provider's."""
+    for kind in job.provider_options:
+        if kind not in PROVIDER_KINDS:
+            known = ", ".join(PROVIDER_KINDS)
+            raise _fail("provider_options", f"{kind!r} is not a provider kind ({known})")
 
 
 def _check_traceparent(value: str | None) -> None:

@@ -15,7 +15,7 @@ import msgspec
 
 from broker._client import JobOptions
 from broker._errors import InvalidRequest
-from broker._protocol import Message
+from broker._protocol import Message, ReasoningEffort, ResponseFormat
 from broker._validate import valid_traceparent
 
 
@@ -39,8 +39,10 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     """The fields of an OpenAI chat completion request that llmrelay honours.
 
     Unknown fields are ignored; fields that would change the shape of the answer
-    and that llmrelay does not relay (tools, ``n`` > 1, response formats) are
-    refused, so that a client never silently gets something else.
+    and that llmrelay does not relay (tools, ``n`` > 1) are refused, so that a
+    client never silently gets something else. ``response_format`` (text, JSON,
+    JSON of a schema) and ``reasoning_effort`` are relayed to targets that map
+    them; a target that does not refuses the request (``bad_request``).
     """
 
     model: str
@@ -58,7 +60,11 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     metadata: dict[str, str] | None = None
     tools: list[Any] | None = None
     functions: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    # Not OpenAI's: parameters for one provider kind that llmrelay does not model
+    # (``extra_body={"provider_options": {"anthropic": {"top_k": 5}}}`` in the SDK).
+    provider_options: dict[str, dict[str, Any]] | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -100,10 +106,11 @@ def _refuse_unsupported(req: ChatRequest) -> None:
     for field in ("tools", "functions"):
         if getattr(req, field):
             raise InvalidRequest(f"{field}: llmrelay does not relay tool calls yet", field)
-    fmt = (req.response_format or {}).get("type", "text")
-    if fmt != "text":
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
         raise InvalidRequest(
-            f"response_format: type {fmt!r} is not supported (only 'text')", "response_format"
+            "response_format.json_schema: a json_schema format needs its schema",
+            "response_format.json_schema",
         )
 
 
@@ -157,4 +164,7 @@ def job_options(req: ChatRequest, traceparent: str | None) -> JobOptions:
         seed=req.seed,
         metadata=metadata,
         traceparent=traceparent,
+        response_format=req.response_format,
+        reasoning_effort=req.reasoning_effort,
+        provider_options=dict(req.provider_options or {}),
     )

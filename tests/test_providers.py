@@ -46,7 +46,7 @@ pytestmark = pytest.mark.anyio
 
 NAME = "mock-p"
 TOKENS = 6
-KINDS = ["openai", "anthropic", "ollama"]
+KINDS = ["openai", "anthropic", "ollama", "gemini"]
 SYSTEM = "You are terse."
 USER = "Say hello to the relay, please."
 
@@ -281,12 +281,12 @@ async def test_error_event_mid_stream_keeps_its_kind(
 
 
 def test_make_provider_picks_the_adapter_by_kind() -> None:
-    assert set(PROVIDERS) == {"openai", "anthropic", "ollama", "azure"}
+    assert set(PROVIDERS) == {"openai", "anthropic", "ollama", "azure", "gemini", "bedrock"}
     http = httpx.AsyncClient()
     for kind, cls in PROVIDERS.items():
         assert type(make_provider(make_pool(kind, "http://x"), http)) is cls
-    bad = PoolConfig(kind="bedrock", base_url="http://x")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="bedrock"):
+    bad = PoolConfig(kind="watsonx", base_url="http://x")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="watsonx"):
         make_provider(bad, http)
 
 

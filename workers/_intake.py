@@ -18,13 +18,14 @@ import logging
 
 from nats.aio.msg import Msg
 
-from broker._errors import InvalidJob, PayloadTooLarge, RelayError, UnknownRoute
+from broker._errors import InvalidJob, PayloadTooLarge, RelayError, UnknownRoute, UpstreamRejected
 from broker._nats import nats_errors
-from broker._protocol import DeadLetter, Error, Job, now_ms
+from broker._protocol import DeadLetter, Error, Job, now_ms, requested_features
 from broker._subjects import is_valid_name
 from broker._validate import decode_untrusted, peek, preview, validate_job
 from workers._context import PoolContext
 from workers._delivery import Delivery
+from workers.providers._registry import provider_features
 
 log = logging.getLogger("llmrelay.worker")
 
@@ -128,3 +129,16 @@ async def _reject_raw(ctx: PoolContext, delivery: Delivery, code: str, message: 
     # never any name a payload claims: a client must not mint subjects or labels.
     route = claimed if claimed in ctx.config.routes else None
     await settle(delivery.msg, await ctx.dead_letter(raw_letter(code, message, data, route)))
+
+
+def unsupported(ctx: PoolContext, job: Job) -> UpstreamRejected | None:
+    """A job asking for what this pool's provider kind does not map: refused, never
+    sent without it (``Provider.features``)."""
+    missing = sorted(requested_features(job) - provider_features(ctx.pool.kind))
+    if not missing:
+        return None
+    kind = ctx.pool.kind
+    return UpstreamRejected(
+        f"{missing[0]}: pool {ctx.pool_name} ({kind}) does not support it; "
+        "route the request to a target that does"
+    )

@@ -60,7 +60,7 @@ from workers._context import PoolContext
 from workers._continuation import Continuation, lost_answer, resumed_job
 from workers._decide import Decision, Fail, FailureContext, Requeue, Retry, decide, next_target
 from workers._delivery import Delivery
-from workers._intake import DLQ_RETRY_S, read_job, resolve_model
+from workers._intake import DLQ_RETRY_S, read_job, resolve_model, unsupported
 from workers._ratelimit import estimate_tokens
 from workers._upstream import RunCancel, UpstreamCall
 from workers.providers._base import Finish, Malformed, StreamItem, TextDelta
@@ -146,6 +146,9 @@ class JobRun:
         paused = await self._paused(job)
         if paused is not None:
             return paused
+        refused = unsupported(self.ctx, job)
+        if refused is not None:
+            return await self._failed(job, refused)
         if not self.ctx.circuits.allow(self.model):
             circuit = CircuitOpen(f"circuit of {self.ctx.pool_name}/{self.model} is open")
             return await self._failed(job, circuit)
@@ -237,7 +240,8 @@ class JobRun:
             return None
         if isinstance(item, Malformed):
             self.ctx.metrics.malformed_event()
-            if self._has_other_target():
+            assert self.job is not None
+            if next_target(self._failure_context(self.job), self.ctx.config) is not None:
                 raise BadUpstreamEvent(f"undecodable event from the provider: {item.raw[:120]!r}")
             self.degraded = True
             return None
@@ -259,10 +263,6 @@ class JobRun:
         notice = self.cont.announcement(self.attempt, self.ctx.pool_name)
         if notice is not None:
             await self._publish(notice)
-
-    def _has_other_target(self) -> bool:
-        assert self.job is not None
-        return next_target(self._failure_context(self.job), self.ctx.config) is not None
 
     # --- outcomes ----------------------------------------------------------------
 

@@ -9,6 +9,10 @@ wire formats llmrelay's adapters speak (and Azure's paths), chosen by path:
     POST /api/chat                                 Ollama (NDJSON)
     POST /openai/deployments/<d>/chat/completions  Azure OpenAI (OpenAI's format; needs an
                                                    ``api-key`` header and ``?api-version=``)
+    POST /v1beta/models/<m>:streamGenerateContent  Gemini (SSE; ``:generateContent``: JSON;
+                                                   needs ``x-goog-api-key`` or ``?key=``)
+    POST /model/<id>/converse-stream               Bedrock ConverseStream (binary event stream;
+                                                   ``/converse``: JSON; needs SigV4 auth)
     GET  /stats   POST /control/reset   POST|GET /control/faults   GET /healthz
 
 It is written on raw asyncio streams (no framework) with keep-alive and chunked
@@ -23,9 +27,10 @@ Ollama); ``finish_reason`` is ``length`` when the request's limit cut it short.
 **Prefill (continuation):** a request may end with an assistant message that
 the answer continues. OpenAI paths: only with ``"continue_final_message": true``
 (vLLM's; ``"add_generation_prompt": false`` optional, ``true`` is a 400), else a
-trailing assistant message is a new turn. Anthropic and Ollama: whenever the
-last message is the assistant's (Anthropic refuses one ending in whitespace,
-400, as the real API does). If the prefill is some mock's greeting and then its
+trailing assistant message is a new turn. Anthropic, Ollama and Gemini: whenever
+the last message is the assistant's (Gemini's: the last ``contents`` turn is
+``model``'s; Anthropic refuses one ending in whitespace, 400, as the real API
+does). If the prefill is some mock's greeting and then its
 words 1..k-1, the answer goes on at token k, so a backup completes another
 mock's answer exactly (``continuation(name, prefill, tokens)``,
 ``MockProvider.continuation``); foreign text goes on at token 1, an empty
@@ -72,9 +77,9 @@ mock-provider`` as a child process (the benchmark), which prints
 
 **Modules:** ``_answer`` (the deterministic text), ``_faults`` (fault parsing and
 the error kinds), ``_http`` (raw HTTP/1.1), ``_plan`` (the request and the plan
-of its answer), ``_openai``/``_anthropic``/``_ollama`` (one wire format each),
-``_stats``, ``_server`` (``MockProvider``), ``_process`` (``serve`` and
-``MockProviderProcess``).
+of its answer), ``_openai``/``_anthropic``/``_ollama``/``_gemini`` (one wire
+format each), ``_stats``, ``_server`` (``MockProvider``), ``_process`` (``serve``
+and ``MockProviderProcess``).
 """
 
 from devstack.fake_provider._answer import (

@@ -49,6 +49,8 @@ class HttpRequest(NamedTuple):
     keep_alive: bool
     query: bytes = b""
     api_key: bool = False  # an ``api-key`` header came (Azure's)
+    goog_api_key: bool = False  # an ``x-goog-api-key`` header came (Gemini's)
+    authorization: bytes = b""  # the ``authorization`` header (Bedrock's SigV4)
 
 
 class BadRequest(NamedTuple):
@@ -68,16 +70,20 @@ async def read_request(reader: asyncio.StreamReader) -> HttpRequest | BadRequest
     if len(parts) != 3:
         return BadRequest("bad request line")
     try:
-        length, chunked, keep_alive, api_key = _parse_headers(lines[1:], parts[2] == b"HTTP/1.1")
+        length, chunked, keep_alive, api_key, goog, auth = _parse_headers(
+            lines[1:], parts[2] == b"HTTP/1.1"
+        )
         body = await _read_chunked(reader) if chunked else await reader.readexactly(length)
     except ValueError as exc:  # a length that is not a number
         return BadRequest(f"bad framing: {exc}")
     path, _, query = parts[1].partition(b"?")
-    return HttpRequest(parts[0], path, body, keep_alive, query, api_key)
+    return HttpRequest(parts[0], path, body, keep_alive, query, api_key, goog, auth)
 
 
-def _parse_headers(lines: list[bytes], keep_alive: bool) -> tuple[int, bool, bool, bool]:
-    length, chunked, api_key = 0, False, False
+def _parse_headers(
+    lines: list[bytes], keep_alive: bool
+) -> tuple[int, bool, bool, bool, bool, bytes]:
+    length, chunked, api_key, goog, auth = 0, False, False, False, b""
     for line in lines:
         name, _, value = line.partition(b":")
         name = name.strip().lower()
@@ -89,7 +95,11 @@ def _parse_headers(lines: list[bytes], keep_alive: bool) -> tuple[int, bool, boo
             keep_alive = value.strip().lower() != b"close"
         elif name == b"api-key":
             api_key = bool(value.strip())
-    return length, chunked, keep_alive, api_key
+        elif name == b"x-goog-api-key":
+            goog = bool(value.strip())
+        elif name == b"authorization":
+            auth = value.strip()
+    return length, chunked, keep_alive, api_key, goog, auth
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:

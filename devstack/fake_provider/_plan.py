@@ -47,8 +47,30 @@ class _StreamOptions(msgspec.Struct):
     include_usage: bool = False
 
 
+class _JsonSchema(msgspec.Struct):
+    schema: Any = None
+
+
+class _ResponseFormat(msgspec.Struct):
+    type: str = "text"
+    json_schema: _JsonSchema | None = None
+
+
 class _OllamaOptions(msgspec.Struct):
     num_predict: int | None = None
+
+
+class _GeminiContent(msgspec.Struct):
+    role: str = ""
+    parts: list[_Block] = []
+
+
+class _GenerationConfig(msgspec.Struct, rename="camel"):
+    max_output_tokens: int | None = None
+
+
+class _InferenceConfig(msgspec.Struct, rename="camel"):
+    max_tokens: int | None = None
 
 
 class ChatRequest(msgspec.Struct):
@@ -63,7 +85,23 @@ class ChatRequest(msgspec.Struct):
     stream_options: _StreamOptions | None = None
     options: _OllamaOptions | None = None
     continue_final_message: bool | None = None  # vLLM's prefill switch (OpenAI format)
+    # Structured output and options the mock logs (``Plan.options``): OpenAI's
+    # response_format, reasoning_effort and logit_bias; Ollama's format.
+    response_format: _ResponseFormat | None = None
+    reasoning_effort: str | None = None
+    logit_bias: Any = None
+    format: Any = None
     add_generation_prompt: bool | None = None
+    # Gemini's: turns of role user/model, the system prompt, maxOutputTokens.
+    contents: list[_GeminiContent] = []
+    system_instruction: _GeminiContent | None = msgspec.field(
+        default=None, name="systemInstruction"
+    )
+    generation_config: _GenerationConfig | None = msgspec.field(
+        default=None, name="generationConfig"
+    )
+    # Bedrock Converse's: inferenceConfig.maxTokens (its system is a list of text blocks).
+    inference_config: _InferenceConfig | None = msgspec.field(default=None, name="inferenceConfig")
 
 
 _decoder = msgspec.json.Decoder(ChatRequest)
@@ -93,6 +131,9 @@ def trailing_assistant(request: ChatRequest) -> str | None:
 def estimate_prompt_tokens(request: ChatRequest) -> int:
     """A deterministic prompt size: total characters / 4, at least 1."""
     chars = _chars(request.system) + sum(_chars(m.content) for m in request.messages)
+    chars += sum(_chars(c.parts) for c in request.contents)
+    if request.system_instruction is not None:
+        chars += _chars(request.system_instruction.parts)
     return max(chars // 4, 1)
 
 
@@ -127,14 +168,20 @@ class Plan:
     start: int = 0  # index of the first token sent: how many of them the prefill holds
     prefilled: bool = False
     refusal: Any = None  # the 400 body that refuses the request's prefill, if it is refused
+    texts: tuple[str, ...] | None = None  # the tokens of a JSON answer (``_structured.py``)
+    options: dict[str, Any] | None = None  # the request's options, as the stats log shows them
 
     @property
     def answer(self) -> str:
         """The text this answer carries (a continuation's own text, without the prefill)."""
+        if self.texts is not None:
+            return "".join(self.texts[: self.tokens])
         return "".join(answer_tokens(self.name, self.start + self.tokens)[self.start :])
 
     def deltas(self) -> tuple[bytes, ...]:
         """The tokens to send, JSON-encoded (cached per answer length)."""
+        if self.texts is not None:
+            return tuple(msgspec.json.encode(t) for t in self.texts[: self.tokens])
         if not self.start:
             return json_tokens(self.name, self.tokens)
         return json_tokens(self.name, self.start + self.tokens)[self.start :]

@@ -33,6 +33,7 @@ from devstack.fake_provider._answer import (
     prefilled_tokens,
 )
 from devstack.fake_provider._anthropic import AnthropicFormat
+from devstack.fake_provider._bedrock import BEDROCK_PREFIX, BedrockFormat, bedrock_refusal
 from devstack.fake_provider._faults import (
     ERROR_KINDS,
     Fault,
@@ -44,6 +45,7 @@ from devstack.fake_provider._faults import (
     planned_status,
     split_model,
 )
+from devstack.fake_provider._gemini import GEMINI_PREFIX, GeminiFormat, gemini_refusal
 from devstack.fake_provider._http import (
     LAST_CHUNK,
     BadRequest,
@@ -66,6 +68,7 @@ from devstack.fake_provider._plan import (
     estimate_prompt_tokens,
 )
 from devstack.fake_provider._stats import Stats
+from devstack.fake_provider._structured import logged_options, structured_texts
 
 __all__ = ["CHAT_PATHS", "MockProvider"]
 
@@ -235,7 +238,7 @@ class MockProvider:
             return exchange.request.keep_alive
         request = exchange.request
         target = request.path + b"?" + request.query if request.query else request.path
-        self._stats.begin(target.decode(), plan.full_model, plan.status)
+        self._stats.begin(target.decode(), plan.full_model, plan.status, plan.options)
         if plan.prefilled:
             self._stats.prefill(refused=plan.refusal is not None)
         try:
@@ -252,7 +255,9 @@ class MockProvider:
         fault = self._fault_for(request.model, overrides)
         start, refusal = (0, None) if prefill is None else _prefill(fmt, fault, prefill)
         configured = self.tokens if fault.tokens is None else fault.tokens
-        remaining = max(configured - start, 0)
+        texts = structured_texts(request, self.name, configured)
+        total = configured if texts is None else len(texts)
+        remaining = max(total - start, 0)
         limit = fmt.limit(request)
         limited = limit is not None and 0 < limit < remaining
         status = planned_status(fault)
@@ -272,6 +277,8 @@ class MockProvider:
             start=start,
             prefilled=prefill is not None,
             refusal=refusal,
+            texts=None if texts is None else texts[start:],
+            options=logged_options(request),
         )
 
     def _fault_for(self, model: str, overrides: tuple[tuple[str, Any], ...]) -> Fault:
@@ -432,9 +439,15 @@ def _azure_refusal(request: HttpRequest) -> bytes | None:
     return None
 
 
+_GEMINI_SSE, _GEMINI_JSON = GeminiFormat(stream=True), GeminiFormat(stream=False)
+_BEDROCK_STREAM, _BEDROCK_JSON = BedrockFormat(stream=True), BedrockFormat(stream=False)
 # Chat paths with a variable part; a provider format with a path like that adds one.
 PATTERN_PATHS: list[PathPattern] = [
     PathPattern(AZURE_PREFIX, b"/chat/completions", _OPENAI, refuse=_azure_refusal),
+    PathPattern(GEMINI_PREFIX, b":streamGenerateContent", _GEMINI_SSE, True, gemini_refusal),
+    PathPattern(GEMINI_PREFIX, b":generateContent", _GEMINI_JSON, True, gemini_refusal),
+    PathPattern(BEDROCK_PREFIX, b"/converse-stream", _BEDROCK_STREAM, True, bedrock_refusal),
+    PathPattern(BEDROCK_PREFIX, b"/converse", _BEDROCK_JSON, True, bedrock_refusal),
 ]
 
 

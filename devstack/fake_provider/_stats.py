@@ -43,15 +43,18 @@ class Stats:
         self.prefills_refused = 0
         self.by_path: Counter[str] = Counter()
         self.by_model: Counter[str] = Counter()
-        self.log: deque[tuple[float, str, str, int]] = deque(maxlen=LOG_SIZE)
+        self.log: deque[tuple[float, str, str, int, dict[str, Any] | None]] = deque(maxlen=LOG_SIZE)
 
-    def begin(self, path: str, model: str, status: int) -> None:
+    def begin(
+        self, path: str, model: str, status: int, options: dict[str, Any] | None = None
+    ) -> None:
+        """One chat request; ``options``: what it asked beyond text (``_structured.py``)."""
         self.requests += 1
         self.active += 1
         self.peak = max(self.peak, self.active)
         self.by_path[path] += 1
         self.by_model[model] += 1
-        self.log.append((time.time(), model, path, status))
+        self.log.append((time.time(), model, path, status, options))
 
     def prefill(self, *, refused: bool) -> None:
         """A request carried an assistant prefill, which was continued or refused."""
@@ -73,5 +76,14 @@ class Stats:
             "prefills_refused": self.prefills_refused,
             "by_path": dict(self.by_path),
             "by_model": dict(self.by_model),
-            "log": [{"t": t, "model": m, "path": p, "status": s} for t, m, p, s in self.log],
+            "log": [_entry(*logged) for logged in self.log],
         }
+
+
+def _entry(
+    t: float, model: str, path: str, status: int, options: dict[str, Any] | None
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {"t": t, "model": model, "path": path, "status": status}
+    if options:
+        entry["options"] = options
+    return entry

@@ -20,6 +20,8 @@ from workers.providers._base import Finish, Malformed, Provider, StreamItem, Tex
 from workers.providers._registry import PROVIDERS, make_provider
 from workers.providers.anthropic import AnthropicProvider
 from workers.providers.azure import AzureOpenAIProvider
+from workers.providers.bedrock import BedrockProvider
+from workers.providers.gemini import GeminiProvider
 from workers.providers.ollama import OllamaProvider
 from workers.providers.openai import OpenAIProvider
 
@@ -28,9 +30,11 @@ __all__ = [
     "AnthropicProvider",
     "AuthFailed",
     "AzureOpenAIProvider",
+    "BedrockProvider",
     "ContentFiltered",
     "ContextLengthExceeded",
     "Finish",
+    "GeminiProvider",
     "Malformed",
     "OllamaProvider",
     "OpenAIProvider",

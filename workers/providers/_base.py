@@ -13,7 +13,7 @@ the adapter, enforces time to first token and stream idle limits (it wraps
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import httpx
 import msgspec
@@ -41,7 +41,14 @@ StreamItem = TextDelta | Malformed | Finish
 
 
 class Provider(Protocol):
-    """What a provider kind implements. One instance per worker process."""
+    """What a provider kind implements. One instance per worker process.
+
+    ``features``: the optional job features the adapter maps (the names
+    ``broker._protocol.requested_features`` gives); a job asking for one that is
+    not here is refused with ``bad_request`` naming it, never sent without it.
+    """
+
+    features: ClassVar[frozenset[str]]
 
     def __init__(self, pool: PoolConfig, client: httpx.AsyncClient) -> None: ...
 

@@ -3,10 +3,11 @@
 Every adapter meets the same kinds of failure in slightly different clothes: an
 HTTP status with a JSON body (OpenAI ``{"error": {"message", "type", "code"}}``,
 Anthropic ``{"type": "error", "error": {"type", "message"}}``, Ollama
-``{"error": "..."}``), the same JSON arriving mid-stream as an event, or an
-httpx transport error. This module is the one place that turns all of them into
-a ``ProviderError`` subclass, so retry and failover decisions downstream depend
-on the class alone, never on a provider's wording.
+``{"error": "..."}``, Google ``{"error": {"code", "message", "status"}}``), the
+same JSON arriving mid-stream as an event, or an httpx transport error. This
+module is the one place that turns all of them into a ``ProviderError``
+subclass, so retry and failover decisions downstream depend on the class alone,
+never on a provider's wording.
 """
 
 from __future__ import annotations
@@ -52,6 +53,16 @@ _STATUS_BY_CODE: dict[str, int] = {
     "context_length_exceeded": 400,
     "content_filter": 400,
     "content_policy_violation": 400,
+    # Google's canonical ``status`` names (Gemini's error body).
+    "invalid_argument": 400,
+    "failed_precondition": 400,
+    "unauthenticated": 401,
+    "permission_denied": 403,
+    "not_found": 404,
+    "resource_exhausted": 429,
+    "internal": 500,
+    "unavailable": 503,
+    "deadline_exceeded": 504,
 }
 _CONTEXT_CODES = frozenset({"context_length_exceeded", "exceed_context_size_error"})
 _CONTEXT_PHRASES = (
@@ -63,10 +74,14 @@ _CONTEXT_PHRASES = (
     "prompt is too long",
     "prompt too long",
     "input length exceeds",
+    "exceeds the maximum number of tokens",  # Gemini's "The input token count (N) exceeds ..."
+    "input is too long",  # Bedrock's "Input is too long for requested model."
 )
 _OVERLOADED_CODES = frozenset({"overloaded_error", "overloaded"})
 _FILTER_CODES = frozenset({"content_filter", "content_policy_violation"})
 _FILTER_PHRASES = ("content filter", "content management policy", "content policy")
+# Google answers a wrong key with 400 INVALID_ARGUMENT (reason API_KEY_INVALID).
+_AUTH_PHRASES = ("api key not valid",)
 _MAX_MESSAGE_CHARS = 500
 
 
@@ -163,7 +178,7 @@ def _decode(body: bytes) -> Any:
 
 
 def _describe(payload: Any) -> tuple[frozenset[str], str]:
-    """(type/code tokens, human message) from any of the three providers' error shapes."""
+    """(type/code/status tokens, human message) from any of the providers' error shapes."""
     if not isinstance(payload, dict):
         return frozenset(), ""
     error = payload.get("error", payload)
@@ -180,11 +195,11 @@ def _describe(payload: Any) -> tuple[frozenset[str], str]:
 def _classify(status: int | None, codes: frozenset[str], message: str) -> type[ProviderError]:
     if status == 429:
         return RateLimited
-    if status in (401, 403):
+    lowered = message.lower()
+    if status in (401, 403) or any(p in lowered for p in _AUTH_PHRASES):
         return AuthFailed
     if (status is not None and (status == 408 or status >= 500)) or codes & _OVERLOADED_CODES:
         return UpstreamUnavailable
-    lowered = message.lower()
     if codes & _CONTEXT_CODES or any(p in lowered for p in _CONTEXT_PHRASES):
         return ContextLengthExceeded
     if codes & _FILTER_CODES or any(p in lowered for p in _FILTER_PHRASES):

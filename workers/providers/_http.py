@@ -23,7 +23,7 @@ import anyio
 import httpx
 
 from broker._config import PoolConfig
-from broker._errors import StreamInterrupted
+from broker._errors import StreamInterrupted, UpstreamRejected
 from broker._protocol import Job
 from workers.providers._errors_map import error_for_status, error_for_transport
 
@@ -173,3 +173,18 @@ def job_params(job: Job, names: Mapping[str, str]) -> dict[str, Any]:
     """Sampling parameters set on the job, renamed to the provider's keys (unset ones omitted)."""
     values = {name: getattr(job, name) for name in names}
     return {wire: values[name] for name, wire in names.items() if values[name] is not None}
+
+
+def with_provider_options(body: dict[str, Any], job: Job, kind: str) -> dict[str, Any]:
+    """``body`` plus the job's ``provider_options[kind]``; a key llmrelay sets itself is
+    refused (``UpstreamRejected``), never overridden."""
+    extra = job.provider_options.get(kind)
+    if not extra:
+        return body
+    taken = sorted(set(extra) & set(body))
+    if taken:
+        raise UpstreamRejected(
+            f"provider_options.{kind}.{taken[0]}: llmrelay sets this field itself; "
+            "use the job's own field"
+        )
+    return {**body, **extra}

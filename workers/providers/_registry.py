@@ -9,6 +9,8 @@ from broker._errors import ConfigError
 from workers.providers._base import Provider
 from workers.providers.anthropic import AnthropicProvider
 from workers.providers.azure import AzureOpenAIProvider
+from workers.providers.bedrock import BedrockProvider
+from workers.providers.gemini import GeminiProvider
 from workers.providers.ollama import OllamaProvider
 from workers.providers.openai import OpenAIProvider
 
@@ -17,6 +19,8 @@ PROVIDERS: dict[str, type[Provider]] = {
     "anthropic": AnthropicProvider,
     "ollama": OllamaProvider,
     "azure": AzureOpenAIProvider,
+    "bedrock": BedrockProvider,
+    "gemini": GeminiProvider,
 }
 
 
@@ -28,3 +32,9 @@ def make_provider(pool: PoolConfig, client: httpx.AsyncClient) -> Provider:
         known = ", ".join(sorted(PROVIDERS))
         raise ConfigError(f"unknown provider kind {pool.kind!r} (known: {known})") from None
     return cls(pool, client)
+
+
+def provider_features(kind: str) -> frozenset[str]:
+    """The optional job features the adapter of ``kind`` maps (``Provider.features``)."""
+    cls = PROVIDERS.get(kind)
+    return cls.features if cls is not None else frozenset()

@@ -16,7 +16,7 @@ are normalised to OpenAI's words (``end_turn`` -> ``stop``, ``max_tokens`` ->
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import msgspec
@@ -26,7 +26,15 @@ from broker._errors import StreamInterrupted
 from broker._protocol import Job, Message, Usage
 from workers.providers._base import Finish, Malformed, StreamItem, TextDelta
 from workers.providers._errors_map import error_for_payload
-from workers.providers._http import job_headers, job_params, join_url, open_stream, static_headers
+from workers.providers._http import (
+    job_headers,
+    job_params,
+    join_url,
+    open_stream,
+    static_headers,
+    with_provider_options,
+)
+from workers.providers._prefill import TrailingWhitespace
 from workers.providers._sse import SSEEvent, SSEParser
 
 API_VERSION = "2023-06-01"
@@ -77,7 +85,10 @@ _encoder = msgspec.json.Encoder()
 
 
 class AnthropicProvider:
-    """Adapter for ``kind: anthropic`` pools."""
+    """Adapter for ``kind: anthropic`` pools. Structured output (a forced tool) and
+    reasoning (``thinking``) are not mapped yet: such jobs are refused."""
+
+    features: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, pool: PoolConfig, client: httpx.AsyncClient) -> None:
         self._client = client
@@ -90,10 +101,10 @@ class AnthropicProvider:
         self, job: Job, model: str, *, prefill: str | None = None
     ) -> AsyncIterator[StreamItem]:
         headers = job_headers(self._headers, job)
-        sent = prefill.rstrip() if prefill else ""
-        body_bytes = request_body(job, model, sent)
+        trailing = TrailingWhitespace(prefill)
+        body_bytes = request_body(job, model, trailing.sent)
         async with open_stream(self._client, self._url, headers=headers, body=body_bytes) as body:
-            state = _StreamState(trailing=(prefill or "")[len(sent) :])
+            state = _StreamState(trailing)
             async for event in body.items(SSEParser()):
                 item = state.on_event(event)
                 if item is not None:
@@ -120,7 +131,7 @@ def request_body(job: Job, model: str, prefill: str = "") -> bytes:
     }
     if system:
         body["system"] = system
-    return _encoder.encode(body)
+    return _encoder.encode(with_provider_options(body, job, "anthropic"))
 
 
 def _turn(message: Message) -> dict[str, str]:
@@ -132,12 +143,11 @@ def _turn(message: Message) -> dict[str, str]:
 class _StreamState:
     """Usage and stop reason gathered across events; one handler per event type.
 
-    ``trailing``: the whitespace cut off the end of a prefill; the caller has it
-    already, so it is dropped from the start of the continuation.
+    ``trailing``: the whitespace cut off the end of a prefill (``_prefill.py``).
     """
 
-    def __init__(self, trailing: str = "") -> None:
-        self._trailing = trailing
+    def __init__(self, trailing: TrailingWhitespace | None = None) -> None:
+        self._trailing = trailing or TrailingWhitespace(None)
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.reason: str | None = None
@@ -167,19 +177,9 @@ class _StreamState:
     def _content_delta(self, event: _Event) -> StreamItem | None:
         delta = event.delta
         if delta is not None and delta.type == "text_delta" and delta.text:
-            text = self._skip_trailing(delta.text)
+            text = self._trailing.skip(delta.text)
             return TextDelta(text) if text else None
         return None
-
-    def _skip_trailing(self, text: str) -> str:
-        if not self._trailing:
-            return text
-        if self._trailing.startswith(text):
-            self._trailing = self._trailing[len(text) :]
-            return ""
-        kept = text[len(self._trailing) :] if text.startswith(self._trailing) else text
-        self._trailing = ""
-        return kept
 
     def _message_delta(self, event: _Event) -> Finish | None:
         # The stop reason and final usage are all message_stop would confirm, so the

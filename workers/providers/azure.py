@@ -24,6 +24,8 @@ from workers.providers.openai import OpenAIProvider
 class AzureOpenAIProvider(OpenAIProvider):
     """Adapter for ``kind: azure`` pools."""
 
+    kind = "azure"
+
     def __init__(self, pool: PoolConfig, client: httpx.AsyncClient) -> None:
         super().__init__(pool, client)
         self._api_version = quote(pool.api_version or AZURE_API_VERSION, safe="")

@@ -10,7 +10,7 @@ parameters live under ``options`` (``num_predict`` is Ollama's max_tokens).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import msgspec
@@ -20,7 +20,14 @@ from broker._errors import StreamInterrupted
 from broker._protocol import Job, Usage
 from workers.providers._base import Finish, Malformed, StreamItem, TextDelta
 from workers.providers._errors_map import error_for_payload
-from workers.providers._http import job_headers, job_params, join_url, open_stream, static_headers
+from workers.providers._http import (
+    job_headers,
+    job_params,
+    join_url,
+    open_stream,
+    static_headers,
+    with_provider_options,
+)
 from workers.providers._sse import NDJSONParser
 
 _OPTIONS = {
@@ -50,7 +57,10 @@ _encoder = msgspec.json.Encoder()
 
 
 class OllamaProvider:
-    """Adapter for ``kind: ollama`` pools."""
+    """Adapter for ``kind: ollama`` pools: structured output is Ollama's ``format``
+    (``"json"``, or the JSON schema itself)."""
+
+    features: ClassVar[frozenset[str]] = frozenset({"response_format"})
 
     def __init__(self, pool: PoolConfig, client: httpx.AsyncClient) -> None:
         self._client = client
@@ -83,7 +93,12 @@ def request_body(job: Job, model: str, prefill: str | None = None) -> bytes:
     options = job_params(job, _OPTIONS)
     if options:
         body["options"] = options
-    return _encoder.encode(body)
+    fmt = job.response_format
+    if fmt is not None and fmt.type == "json_object":
+        body["format"] = "json"
+    elif fmt is not None and fmt.type == "json_schema":
+        body["format"] = (fmt.json_schema.schema if fmt.json_schema else None) or "json"
+    return _encoder.encode(with_provider_options(body, job, "ollama"))
 
 
 def _items(line: bytes) -> list[StreamItem]:

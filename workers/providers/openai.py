@@ -13,7 +13,7 @@ without any ``finish_reason`` is a truncated answer and raises
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import msgspec
@@ -23,7 +23,14 @@ from broker._errors import StreamInterrupted
 from broker._protocol import Job, Message, Usage
 from workers.providers._base import Finish, Malformed, StreamItem, TextDelta
 from workers.providers._errors_map import error_for_payload
-from workers.providers._http import job_headers, job_params, join_url, open_stream, static_headers
+from workers.providers._http import (
+    job_headers,
+    job_params,
+    join_url,
+    open_stream,
+    static_headers,
+    with_provider_options,
+)
 from workers.providers._sse import SSEEvent, SSEParser
 
 _PARAMS = {
@@ -60,7 +67,11 @@ _encoder = msgspec.json.Encoder()
 
 
 class OpenAIProvider:
-    """Adapter for ``kind: openai`` pools."""
+    """Adapter for ``kind: openai`` pools: structured output and reasoning effort pass
+    through as OpenAI's own ``response_format`` and ``reasoning_effort``."""
+
+    features: ClassVar[frozenset[str]] = frozenset({"response_format", "reasoning_effort"})
+    kind = "openai"
 
     def __init__(self, pool: PoolConfig, client: httpx.AsyncClient) -> None:
         self._client = client
@@ -77,7 +88,7 @@ class OpenAIProvider:
         self, job: Job, model: str, *, prefill: str | None = None
     ) -> AsyncIterator[StreamItem]:
         headers = job_headers(self._headers, job)
-        body_bytes = request_body(job, model, prefill)
+        body_bytes = request_body(job, model, prefill, self.kind)
         url = self._url(model)
         async with open_stream(self._client, url, headers=headers, body=body_bytes) as body:
             state = _StreamState()
@@ -90,7 +101,7 @@ class OpenAIProvider:
             yield state.at_end_of_body()
 
 
-def request_body(job: Job, model: str, prefill: str | None = None) -> bytes:
+def request_body(job: Job, model: str, prefill: str | None = None, kind: str = "openai") -> bytes:
     """The request; a ``prefill`` is the last assistant message, continued
     (``continue_final_message``, as vLLM and other OpenAI-compatible servers take it;
     OpenAI's own API refuses it with a 400, and the worker then restarts instead)."""
@@ -101,11 +112,15 @@ def request_body(job: Job, model: str, prefill: str | None = None) -> bytes:
         "stream_options": {"include_usage": True},
         **job_params(job, _PARAMS),
     }
+    if job.response_format is not None and job.response_format.type != "text":
+        body["response_format"] = job.response_format
+    if job.reasoning_effort is not None:
+        body["reasoning_effort"] = job.reasoning_effort
     if prefill:
         body["messages"] = [*job.messages, Message(role="assistant", content=prefill)]
         body["continue_final_message"] = True
         body["add_generation_prompt"] = False
-    return _encoder.encode(body)
+    return _encoder.encode(with_provider_options(body, job, kind))
 
 
 class _StreamState:

@@ -1,0 +1,85 @@
+"""Structured output for the fake provider: a JSON answer that follows the request's schema.
+
+A request with ``response_format`` ``json_object`` gets ``{"answer": "<the text
+answer>"}``; with ``json_schema`` it gets a document built from the schema:
+every property (required or not) with a value of its type (strings say who
+answered, numbers are 1, booleans true, arrays one item, ``enum``/``const`` their
+first value), so that it validates. The answer is split into tokens like any
+other, so streams, cuts and prefills work on JSON as on text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from devstack.fake_provider._answer import expected_answer
+from devstack.fake_provider._plan import ChatRequest
+
+__all__ = ["json_answer", "json_tokens_of", "logged_options", "sample", "structured_texts"]
+
+# Nesting the fake follows before it answers null (a recursive schema would not end).
+_MAX_DEPTH = 8
+
+
+def sample(schema: Any, name: str, depth: int = 0) -> Any:
+    """A value that ``schema`` accepts (the subset of JSON Schema structured outputs use)."""
+    if not isinstance(schema, dict) or depth > _MAX_DEPTH:
+        return None
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if schema.get(key):
+            return sample(schema[key][0], name, depth + 1)
+    kind = schema.get("type", "object")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object":
+        props = schema.get("properties", {})
+        return {key: sample(sub, name, depth + 1) for key, sub in props.items()}
+    if kind == "array":
+        return [sample(schema.get("items", {}), name, depth + 1)]
+    return {"string": f"from {name}", "integer": 1, "number": 1, "boolean": True}.get(kind)
+
+
+def json_answer(name: str, text: str, schema: Any | None) -> str:
+    """The JSON text answered for a ``json_object`` (schema None) or ``json_schema`` request."""
+    document = {"answer": text} if schema is None else sample(schema, name)
+    return msgspec.json.encode(document).decode()
+
+
+def json_tokens_of(answer: str, tokens: int) -> tuple[str, ...]:
+    """``answer`` cut into ``tokens`` pieces (fewer if it is short), joined back exactly."""
+    count = max(1, min(tokens, len(answer)))
+    size = -(-len(answer) // count)
+    return tuple(answer[i : i + size] for i in range(0, len(answer), size))
+
+
+def structured_texts(request: ChatRequest, name: str, tokens: int) -> tuple[str, ...] | None:
+    """The tokens of a JSON answer, when the request asks for one (OpenAI's
+    ``response_format``, Ollama's ``format``); None for a text answer."""
+    fmt, schema = request.response_format, None
+    if fmt is not None and fmt.type in ("json_object", "json_schema"):
+        schema = fmt.json_schema.schema if fmt.json_schema is not None else None
+    elif request.format is not None:
+        schema = request.format if isinstance(request.format, dict) else None
+    else:
+        return None
+    return json_tokens_of(json_answer(name, expected_answer(name, tokens), schema), tokens)
+
+
+def logged_options(request: ChatRequest) -> dict[str, Any] | None:
+    """What the stats log shows a request asked beyond text (a test reads it)."""
+    options: dict[str, Any] = {}
+    if request.response_format is not None and request.response_format.type != "text":
+        options["response_format"] = request.response_format.type
+    if request.format is not None:
+        options["format"] = "json" if request.format == "json" else "schema"
+    if request.reasoning_effort is not None:
+        options["reasoning_effort"] = request.reasoning_effort
+    if request.logit_bias is not None:
+        options["logit_bias"] = True
+    return options or None

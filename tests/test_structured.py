@@ -1,0 +1,130 @@
+"""Structured output, reasoning effort and provider options, relayed to targets that map
+them and refused by those that do not: through the OpenAI SDK against the gateway, and
+through ``RelayClient``, with real workers and fake providers over HTTP.
+
+The fake provider answers JSON that follows the request's schema when it is given
+one (``devstack/fake_provider/_structured.py``), and logs which of these options
+each request carried, so a test sees what reached the upstream.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jsonschema
+import openai
+import pytest
+
+from broker import Job, JobOptions, Message, RequestFailed
+from broker._protocol import JsonSchemaFormat, ResponseFormat
+from devstack import MockProvider
+from gateway import serve_gateway
+from tests._harness import StartStack, upstream
+from workers.providers.ollama import request_body as ollama_body
+from workers.providers.openai import request_body as openai_body
+
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string"},
+        "population": {"type": "integer"},
+        "coastal": {"type": "boolean"},
+        "districts": {"type": "array", "items": {"type": "string"}},
+        "kind": {"enum": ["capital", "town"]},
+    },
+    "required": ["city", "population", "coastal", "districts", "kind"],
+    "additionalProperties": False,
+}
+JSON_SCHEMA = {
+    "type": "json_schema",
+    "json_schema": {"name": "city", "schema": SCHEMA, "strict": True},
+}
+
+
+async def test_a_json_schema_response_format_gives_json_that_validates(
+    relay_stack: StartStack, client_url: str
+) -> None:
+    pools = {"a": upstream(MockProvider(name="mock-a", tokens=6))}
+    async with (
+        relay_stack(pools, {"chat": [("a", "gpt-4o")]}) as s,
+        serve_gateway(s.config, nats_url=client_url) as base_url,
+        openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
+    ):
+        whole = await client.chat.completions.create(
+            model="chat",
+            messages=[{"role": "user", "content": "a city, as JSON"}],
+            response_format=JSON_SCHEMA,  # type: ignore[arg-type]
+            reasoning_effort="high",
+        )
+        stream = await client.chat.completions.create(
+            model="chat",
+            messages=[{"role": "user", "content": "a city, as JSON"}],
+            response_format=JSON_SCHEMA,  # type: ignore[arg-type]
+            stream=True,
+        )
+        streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        seen = [entry.get("options") for entry in s.providers["a"].stats()["log"]]
+    for text in (whole.choices[0].message.content, streamed):
+        assert text is not None
+        jsonschema.validate(json.loads(text), SCHEMA)  # the SDK user's JSON validates
+    assert seen[0] == {"response_format": "json_schema", "reasoning_effort": "high"}
+    assert seen[1] == {"response_format": "json_schema"}
+
+
+async def test_a_target_that_cannot_serve_a_feature_refuses_it_by_name(
+    relay_stack: StartStack, client_url: str
+) -> None:
+    """An Anthropic pool does not map structured output yet: 400, never a text answer."""
+    mock = MockProvider(name="mock-b", tokens=6)
+    async with (
+        relay_stack({"b": upstream(mock, "anthropic")}, {"chat": [("b", "claude")]}) as s,
+        serve_gateway(s.config, nats_url=client_url) as base_url,
+        openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
+    ):
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(
+                model="chat",
+                messages=[{"role": "user", "content": "hi"}],
+                response_format={"type": "json_object"},
+            )
+        calls = mock.stats()["requests"]
+    assert caught.value.code == "bad_request"
+    assert "response_format" in caught.value.message and "anthropic" in caught.value.message
+    assert calls == 0  # never sent without it
+
+
+async def test_provider_options_reach_their_provider_and_cannot_override_llmrelay(
+    relay_stack: StartStack,
+) -> None:
+    mock = MockProvider(name="mock-a", tokens=4)
+    async with relay_stack({"a": upstream(mock)}, {"chat": [("a", "gpt")]}) as s:
+        extra = JobOptions(provider_options={"openai": {"logit_bias": {"50256": -100}}})
+        await (await s.relay.submit("hi", route="chat", options=extra)).text()
+        forged = JobOptions(provider_options={"openai": {"model": "gpt-expensive"}})
+        with pytest.raises(RequestFailed) as caught:
+            await (await s.relay.submit("hi", route="chat", options=forged)).text()
+        log = mock.stats()["log"]
+    assert log[0]["options"] == {"logit_bias": True}
+    assert caught.value.code == "bad_request"
+    assert "provider_options.openai.model" in caught.value.message
+    assert len(log) == 1  # the forged one never went upstream
+
+
+def make_job(**fields: Any) -> Job:
+    messages = [Message(role="user", content="a city")]
+    return Job(
+        id="j1", route="chat", messages=messages, reply_to="llm.reply.j1", deadline_ms=0, **fields
+    )
+
+
+def test_ollama_gets_the_schema_as_its_format_and_openai_the_format_itself() -> None:
+    fmt = ResponseFormat(type="json_schema", json_schema=JsonSchemaFormat(name="c", schema=SCHEMA))
+    job = make_job(response_format=fmt)
+    assert json.loads(ollama_body(job, "llama3"))["format"] == SCHEMA
+    plain = json.loads(
+        ollama_body(make_job(response_format=ResponseFormat(type="json_object")), "m")
+    )
+    assert plain["format"] == "json"
+    sent = json.loads(openai_body(job, "gpt"))
+    assert sent["response_format"]["json_schema"]["schema"] == SCHEMA
