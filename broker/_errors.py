@@ -25,6 +25,7 @@
     │   └── InternalError     wire  internal             500
     └── ProviderError               one upstream attempt failed (worker side)
         ├── UpstreamRejected      wire bad_request             no retry (other 4xx)
+        │   └── FeatureUnsupported     bad_request             to a target that maps it
         ├── ContentFiltered       wire content_filtered        no retry
         ├── ContextLengthExceeded wire context_length_exceeded only to a larger target
         ├── AuthFailed            wire auth_failed             fail over now, open pool circuit
@@ -261,6 +262,17 @@ class UpstreamRejected(ProviderError):
     http_status = 400
     wire = True
     health = False
+
+
+class FeatureUnsupported(UpstreamRejected):
+    """A job asks for a feature its target's provider kind does not map (structured
+    output, reasoning): it goes to a target that can, else ends as ``bad_request``."""
+
+    wire = False
+
+    def __init__(self, message: str, *, features: frozenset[str]) -> None:
+        super().__init__(message)
+        self.features = features
 
 
 class ContentFiltered(ProviderError):

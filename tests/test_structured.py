@@ -128,3 +128,25 @@ def test_ollama_gets_the_schema_as_its_format_and_openai_the_format_itself() -> 
     assert plain["format"] == "json"
     sent = json.loads(openai_body(job, "gpt"))
     assert sent["response_format"]["json_schema"]["schema"] == SCHEMA
+
+
+async def test_a_job_a_target_cannot_serve_goes_to_one_that_can(
+    relay_stack: StartStack,
+) -> None:
+    """Route [Anthropic, OpenAI]: structured output goes to the OpenAI pool at once; the
+    Anthropic provider is never called; text jobs stay on the primary."""
+    claude, gpt = MockProvider(name="mock-b", tokens=4), MockProvider(name="mock-a", tokens=4)
+    pools = {"b": upstream(claude, "anthropic"), "a": upstream(gpt)}
+    async with relay_stack(pools, {"chat": [("b", "claude"), ("a", "gpt")]}) as s:
+        fmt = ResponseFormat(type="json_object")
+        handle = await s.relay.submit("hi", route="chat", options=JobOptions(response_format=fmt))
+        text = await handle.text()
+        plain = await s.relay.submit("hi", route="chat")
+        await plain.text()
+    assert json.loads(text) == {"answer": "Hello from mock-a. kilo romeo yankee"}
+    assert handle.done is not None and handle.done.pool == "a"
+    [refused] = handle.done.attempts
+    assert (refused.pool, refused.code) == ("b", "bad_request")
+    assert "response_format" in refused.message
+    assert claude.stats()["requests"] == 1  # only the text job
+    assert plain.done is not None and plain.done.pool == "b"

@@ -10,7 +10,9 @@ of its pool is live and neither its pool's nor its model's circuit is open:
 
 - non-retryable client errors (400, content filter): ``Fail`` at once, no DLQ;
 - context length exceeded: ``Requeue`` to a target with a larger context
-  window, else ``Fail``;
+  window, else ``Fail``; a feature the pool's provider kind does not map
+  (structured output, reasoning): ``Requeue`` to a target whose kind maps it,
+  else ``Fail(bad_request)``;
 - a failure after the caller has text follows the route's ``midstream``
   policy: ``fail`` ends it (``stream_interrupted``); otherwise the job moves to
   the next untried target at once (healthy first), carrying its text along
@@ -41,10 +43,12 @@ from broker._errors import (
     AllProvidersFailed,
     CannotContinue,
     ContextLengthExceeded,
+    FeatureUnsupported,
     ProviderError,
     RateLimited,
 )
 from broker._protocol import Job
+from workers.providers._registry import provider_features
 
 # Whether (pool, upstream model) is worth sending a job to now.
 Healthy = Callable[[str, str], bool]
@@ -125,6 +129,8 @@ def decide(
 ) -> Decision:
     if isinstance(err, ContextLengthExceeded):
         return _larger_context(err, ctx, config)
+    if isinstance(err, FeatureUnsupported):
+        return _capable(err, ctx, config)
     if isinstance(err, CannotContinue) or not err.retryable:
         return Fail(err.code, err.message, dead_letter=False)
     if ctx.text_kept or err.mid_stream:
@@ -232,6 +238,19 @@ def next_target(
             continue
         return Requeue(pool=target.pool, model=target.model, rank=rank, reset=False)
     return None
+
+
+def _capable(err: FeatureUnsupported, ctx: FailureContext, config: Config) -> Decision:
+    """The best untried target whose provider kind maps what the job asks, else ``Fail``."""
+    route = config.routes.get(ctx.job.route)
+    if route is not None and not ctx.pinned:
+        tried = tried_pools(ctx.job, ctx.pool_name)
+        for rank, target in sorted(route.ranks(), key=lambda rt: rt[0]):
+            kind = config.pools[target.pool].kind
+            if target.pool not in tried and err.features <= provider_features(kind):
+                return Requeue(pool=target.pool, model=target.model, rank=rank, reset=False)
+    where = "the job was pinned to it" if ctx.pinned else "no other target of the route does"
+    return Fail(err.code, f"{err.message}; {where}", dead_letter=False)
 
 
 def _larger_context(err: ProviderError, ctx: FailureContext, config: Config) -> Decision:

@@ -18,7 +18,13 @@ import logging
 
 from nats.aio.msg import Msg
 
-from broker._errors import InvalidJob, PayloadTooLarge, RelayError, UnknownRoute, UpstreamRejected
+from broker._errors import (
+    FeatureUnsupported,
+    InvalidJob,
+    PayloadTooLarge,
+    RelayError,
+    UnknownRoute,
+)
 from broker._nats import nats_errors
 from broker._protocol import DeadLetter, Error, Job, now_ms, requested_features
 from broker._subjects import is_valid_name
@@ -131,14 +137,14 @@ async def _reject_raw(ctx: PoolContext, delivery: Delivery, code: str, message: 
     await settle(delivery.msg, await ctx.dead_letter(raw_letter(code, message, data, route)))
 
 
-def unsupported(ctx: PoolContext, job: Job) -> UpstreamRejected | None:
-    """A job asking for what this pool's provider kind does not map: refused, never
-    sent without it (``Provider.features``)."""
-    missing = sorted(requested_features(job) - provider_features(ctx.pool.kind))
+def unsupported(ctx: PoolContext, job: Job) -> FeatureUnsupported | None:
+    """A job asking for what this pool's provider kind does not map: never sent without
+    it (``Provider.features``); it goes to a target that maps it (``_decide.py``)."""
+    missing = frozenset(requested_features(job) - provider_features(ctx.pool.kind))
     if not missing:
         return None
-    kind = ctx.pool.kind
-    return UpstreamRejected(
-        f"{missing[0]}: pool {ctx.pool_name} ({kind}) does not support it; "
-        "route the request to a target that does"
+    names = ", ".join(sorted(missing))
+    return FeatureUnsupported(
+        f"{names}: pool {ctx.pool_name} ({ctx.pool.kind}) does not support it",
+        features=missing,
     )
