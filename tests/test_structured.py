@@ -150,3 +150,23 @@ async def test_a_job_a_target_cannot_serve_goes_to_one_that_can(
     assert "response_format" in refused.message
     assert claude.stats()["requests"] == 1  # only the text job
     assert plain.done is not None and plain.done.pool == "b"
+
+
+async def test_gemini_gets_structured_output_as_its_response_json_schema(
+    relay_stack: StartStack,
+) -> None:
+    mock = MockProvider(name="mock-g", tokens=6)
+    async with relay_stack({"g": upstream(mock, "gemini")}, {"chat": [("g", "gemini")]}) as s:
+        fmt = ResponseFormat(
+            type="json_schema", json_schema=JsonSchemaFormat(name="c", schema=SCHEMA)
+        )
+        handle = await s.relay.submit(
+            "a city", route="chat", options=JobOptions(response_format=fmt)
+        )
+        text = await handle.text()
+        [call] = mock.stats()["log"]
+    jsonschema.validate(json.loads(text), SCHEMA)
+    assert call["options"] == {
+        "response_mime_type": "application/json",
+        "response_json_schema": True,
+    }

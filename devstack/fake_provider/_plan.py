@@ -67,6 +67,8 @@ class _GeminiContent(msgspec.Struct):
 
 class _GenerationConfig(msgspec.Struct, rename="camel"):
     max_output_tokens: int | None = None
+    response_mime_type: str | None = None
+    response_json_schema: Any = None
 
 
 class _InferenceConfig(msgspec.Struct, rename="camel"):

@@ -1,7 +1,9 @@
 """Structured output for the fake provider: a JSON answer that follows the request's schema.
 
-A request with ``response_format`` ``json_object`` gets ``{"answer": "<the text
-answer>"}``; with ``json_schema`` it gets a document built from the schema:
+A request with ``response_format`` ``json_object`` (OpenAI's; Ollama's ``format:
+"json"``; Gemini's ``responseMimeType: application/json``) gets ``{"answer": "<the text
+answer>"}``; with a schema (``json_schema``, Ollama's ``format`` object,
+Gemini's ``responseJsonSchema``) it gets a document built from the schema:
 every property (required or not) with a value of its type (strings say who
 answered, numbers are 1, booleans true, arrays one item, ``enum``/``const`` their
 first value), so that it validates. The answer is split into tokens like any
@@ -61,11 +63,13 @@ def json_tokens_of(answer: str, tokens: int) -> tuple[str, ...]:
 def structured_texts(request: ChatRequest, name: str, tokens: int) -> tuple[str, ...] | None:
     """The tokens of a JSON answer, when the request asks for one (OpenAI's
     ``response_format``, Ollama's ``format``); None for a text answer."""
-    fmt, schema = request.response_format, None
+    fmt, schema, gemini = request.response_format, None, request.generation_config
     if fmt is not None and fmt.type in ("json_object", "json_schema"):
         schema = fmt.json_schema.schema if fmt.json_schema is not None else None
     elif request.format is not None:
         schema = request.format if isinstance(request.format, dict) else None
+    elif gemini is not None and gemini.response_mime_type == "application/json":
+        schema = gemini.response_json_schema
     else:
         return None
     return json_tokens_of(json_answer(name, expected_answer(name, tokens), schema), tokens)
@@ -78,6 +82,11 @@ def logged_options(request: ChatRequest) -> dict[str, Any] | None:
         options["response_format"] = request.response_format.type
     if request.format is not None:
         options["format"] = "json" if request.format == "json" else "schema"
+    gemini = request.generation_config
+    if gemini is not None and gemini.response_mime_type is not None:
+        options["response_mime_type"] = gemini.response_mime_type
+        if gemini.response_json_schema is not None:
+            options["response_json_schema"] = True
     if request.reasoning_effort is not None:
         options["reasoning_effort"] = request.reasoning_effort
     if request.logit_bias is not None:

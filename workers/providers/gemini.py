@@ -3,7 +3,8 @@
 The key goes in an ``x-goog-api-key`` header. The request is Gemini's own
 shape: ``contents`` of ``user``/``model`` turns (an assistant is ``model``),
 system messages joined into ``systemInstruction``, sampling parameters under
-``generationConfig``. A prefill is a last ``model`` turn, which Gemini continues.
+``generationConfig`` (structured output too: ``responseMimeType`` and
+``responseJsonSchema``). A prefill is a last ``model`` turn, which Gemini continues.
 
 Each SSE ``data:`` chunk is a whole ``GenerateContentResponse``: text in
 ``candidates[0].content.parts``, and in the last chunk a ``finishReason`` with
@@ -93,7 +94,7 @@ class GeminiProvider:
     """Adapter for ``kind: gemini`` pools. Structured output (``responseSchema``) and
     reasoning (``thinkingConfig``) are not mapped yet: such jobs are refused."""
 
-    features: ClassVar[frozenset[str]] = frozenset()
+    features: ClassVar[frozenset[str]] = frozenset({"response_format"})
 
     def __init__(self, pool: PoolConfig, client: httpx.AsyncClient) -> None:
         self._client = client
@@ -132,10 +133,22 @@ def request_body(job: Job, prefill: str | None = None) -> bytes:
     body: dict[str, Any] = {"contents": contents}
     if system:
         body["systemInstruction"] = {"parts": [{"text": system}]}
-    config = job_params(job, _PARAMS)
+    config = job_params(job, _PARAMS) | _json_output(job)
     if config:
         body["generationConfig"] = config
     return _encoder.encode(with_provider_options(body, job, "gemini"))
+
+
+def _json_output(job: Job) -> dict[str, Any]:
+    """Structured output: JSON (``responseMimeType``), of a JSON Schema if one is given
+    (``responseJsonSchema``, Gemini's field for standard JSON Schema)."""
+    fmt = job.response_format
+    if fmt is None or fmt.type == "text":
+        return {}
+    config: dict[str, Any] = {"responseMimeType": "application/json"}
+    if fmt.json_schema is not None and fmt.json_schema.schema is not None:
+        config["responseJsonSchema"] = fmt.json_schema.schema
+    return config
 
 
 def _turn(message: Message) -> dict[str, Any]:
