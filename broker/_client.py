@@ -68,6 +68,8 @@ from broker._protocol import (
     Notice,
     ReasoningEffort,
     ResponseFormat,
+    Tool,
+    ToolCall,
     encode,
     new_request_id,
     now_ms,
@@ -104,6 +106,9 @@ class JobOptions(msgspec.Struct, kw_only=True, omit_defaults=True):
     response_format: ResponseFormat | None = None
     reasoning_effort: ReasoningEffort | None = None
     provider_options: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class JobHandle:
@@ -121,6 +126,7 @@ class JobHandle:
         )
         self.done: Done | None = None
         self.notices: list[Notice] = []
+        self.tool_calls: list[ToolCall] = []  # the answer's tool calls, after ``text()``
         self.job_seq: int | None = None  # the job's stream sequence, from its PubAck
 
     @property
@@ -159,6 +165,7 @@ class JobHandle:
             e = answer.error
             raise error_from_event(e.code, e.message, e.retryable, e.attempts)
         self.done = answer.done
+        self.tool_calls = answer.tool_calls
         return answer.text
 
     async def cancel(self) -> None:
@@ -265,6 +272,9 @@ class RelayClient:
             response_format=o.response_format,
             reasoning_effort=o.reasoning_effort,
             provider_options=dict(o.provider_options),
+            tools=o.tools,
+            tool_choice=o.tool_choice,
+            parallel_tool_calls=o.parallel_tool_calls,
             cancel_key=secrets.token_urlsafe(18),
         )
 

@@ -41,7 +41,16 @@ the gateway's fold also knows what it already sent over HTTP and holds text back
 from __future__ import annotations
 
 from broker._errors import CannotContinue
-from broker._protocol import Chunk, Done, Error, Event, Notice
+from broker._protocol import (
+    Chunk,
+    Done,
+    Error,
+    Event,
+    FunctionCall,
+    Notice,
+    ToolCall,
+    ToolCallDelta,
+)
 
 # Deliveries of one message that attempt ids tell apart (streams.max_deliver is far below).
 ATTEMPT_RADIX = 1024
@@ -71,6 +80,7 @@ class Fold:
         self.done: Done | None = None
         self.error: Error | None = None
         self.chars = 0  # characters of the answer so far
+        self.tool_fragments: list[ToolCallDelta] = []  # the answer's tool calls, in pieces
 
     def accepts(self, event: Event) -> bool:
         """Would ``event`` count: this job's, of its current or a newer attempt, not ended?"""
@@ -89,9 +99,11 @@ class Fold:
         elif event.attempt > self.attempt and _starts_over(event):
             self._void_all(event.attempt, f"attempt {event.attempt} started over")
         match event:
-            case Chunk(delta=delta):
+            case Chunk(delta=delta, tool_calls=calls):
+                if calls:
+                    self.tool_fragments.extend(calls)
                 self.chars += len(delta)
-                return self._text(delta)
+                return self._text(delta) if delta else ""
             case Notice(reset=True):
                 self._void_all(event.attempt, reset_reason(event))
             case Done():
@@ -125,6 +137,12 @@ class Fold:
     def _void_all(self, attempt: int, reason: str) -> None:
         self._void(attempt, reason)
         self.chars = 0
+        self.tool_fragments = []
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """The answer's tool calls, put together from their fragments."""
+        return assemble_tool_calls(self.tool_fragments)
 
     def _text(self, delta: str) -> str:
         return delta
@@ -175,3 +193,22 @@ def reset_reason(notice: Notice) -> str:
     where = f" from {notice.from_pool} to {notice.to_pool}" if notice.to_pool else ""
     detail = f": {notice.message}" if notice.message else ""
     return f"{notice.kind}{where}{detail}"
+
+
+def assemble_tool_calls(fragments: list[ToolCallDelta]) -> list[ToolCall]:
+    """Tool calls from their streamed fragments: by ``index``, the first naming ``id`` and
+    ``name``, the arguments text joined in order."""
+    ids: dict[int, str] = {}
+    names: dict[int, str] = {}
+    parts: dict[int, list[str]] = {}
+    for f in fragments:
+        if f.id and not ids.get(f.index):
+            ids[f.index] = f.id
+        if f.name and not names.get(f.index):
+            names[f.index] = f.name
+        parts.setdefault(f.index, []).append(f.arguments)
+    return [
+        ToolCall(id=ids.get(i, ""), function=FunctionCall(name=names.get(i, ""),
+                                                          arguments="".join(parts[i])))
+        for i in sorted(parts)
+    ]  # fmt: skip

@@ -30,12 +30,54 @@ import msgspec
 Role = Literal["system", "user", "assistant", "tool"]
 
 
+class FunctionCall(msgspec.Struct, kw_only=True):
+    """What a tool call asks: the function's name and its arguments as JSON text."""
+
+    name: str
+    arguments: str = ""
+
+
+class ToolCall(msgspec.Struct, kw_only=True):
+    """A call the model made (an assistant message's ``tool_calls``), OpenAI-style."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(msgspec.Struct, omit_defaults=True, kw_only=True):
-    """One chat message, OpenAI-style."""
+    """One chat message, OpenAI-style: an assistant message may carry ``tool_calls``
+    (and no text), a ``tool`` message answers the call ``tool_call_id`` names."""
 
     role: Role
-    content: str
+    content: str = ""
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDef(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A function the model may call: its name, what it does, its JSON-schema parameters."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(msgspec.Struct, omit_defaults=True, kw_only=True):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class ToolCallDelta(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A fragment of a tool call being streamed: ``index`` says which call; its first
+    fragment names ``id`` and ``name``, the rest add ``arguments`` text."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
 
 
 class Attempt(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -118,6 +160,11 @@ class Job(msgspec.Struct, omit_defaults=True, kw_only=True):
     cancel_key: str | None = None
     # Reserved routing state: the answer so far, which the next attempt continues.
     resume: Resume | None = None
+    # Functions the model may call (OpenAI's shape); ``tool_choice``: "none", "auto",
+    # "required", or {"type": "function", "function": {"name": ...}}.
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     # Structured output and reasoning, for the targets that map them (see
     # ``features``); a target that cannot serve one refuses the job (bad_request).
     response_format: ResponseFormat | None = None
@@ -151,6 +198,8 @@ class Chunk(msgspec.Struct, tag="chunk", tag_field="type", kw_only=True, omit_de
     delta: str
     pool: str | None = None
     model: str | None = None
+    # Fragments of tool calls (``delta`` is then usually "").
+    tool_calls: list[ToolCallDelta] | None = None
     # The job's stream sequence as its client published it (0: not from a delivery).
     job_seq: int = 0
 
@@ -307,6 +356,8 @@ def decode_pause(data: bytes) -> PoolPause:
 def requested_features(job: Job) -> set[str]:
     """The optional features a job asks of its target (what ``Provider.features`` covers)."""
     wanted = set()
+    if job.tools or any(m.tool_calls or m.role == "tool" for m in job.messages):
+        wanted.add("tools")
     if job.response_format is not None and job.response_format.type != "text":
         wanted.add("response_format")
     if job.reasoning_effort is not None:

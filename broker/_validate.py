@@ -42,6 +42,8 @@ PREVIEW_BYTES = 2048
 PROVIDER_KINDS: tuple[str, ...] = get_args(ProviderKind)
 # No model answers more in one go; a bound keeps budget charges finite.
 MAX_TOKENS_LIMIT = 1_000_000
+# OpenAI's own limit on the functions one request may offer.
+MAX_TOOLS = 128
 MAX_ID_CHARS = 128
 MAX_SUBJECT_CHARS = 256
 MAX_STOP_SEQUENCES = 16
@@ -199,6 +201,12 @@ def _check_messages(job: Job) -> None:
     for i, message in enumerate(job.messages):
         if message.name is not None and not 0 < len(message.name) <= MAX_NAME_CHARS:
             raise _fail(f"messages[{i}].name", f"1 to {MAX_NAME_CHARS} characters")
+        if message.tool_calls and message.role != "assistant":
+            raise _fail(f"messages[{i}].tool_calls", "only an assistant message makes tool calls")
+        if message.role == "tool" and not message.tool_call_id:
+            raise _fail(f"messages[{i}].tool_call_id", "a tool message names the call it answers")
+    if job.tools is not None and len(job.tools) > MAX_TOOLS:
+        raise _fail("tools", f"at most {MAX_TOOLS} tools")
 
 
 def _check_sampling(job: Job) -> None:

@@ -113,7 +113,8 @@ class Exchange:
             await self.finish(_outcome_label(outcome), stream=False)
         if isinstance(outcome, Done):
             headers = {**self.headers, "x-llmrelay-pool": outcome.pool}
-            return json_response(completion(self.ids, fold.finish(), outcome), headers=headers)
+            body = completion(self.ids, fold.finish(), outcome, fold.tool_calls)
+            return json_response(body, headers=headers)
         if isinstance(outcome, Error):
             return self.error(outcome).response()
         return Response(status_code=499)  # the client is gone; nobody reads this
@@ -277,6 +278,8 @@ class EventStreamResponse(Response):
             self.metrics.reset(self.x.label, "hidden")
         text = self.fold.finish()
         head = self.sse.text(text) if text else b""
+        if self.fold.tool_fragments:  # held until now: a restart leaves no half call
+            head += self.sse.tool_calls(self.fold.tool_calls)
         await self._write(head + self.sse.end(done), more=False)
 
     async def _fail(self, err: ApiError) -> None:

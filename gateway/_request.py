@@ -15,7 +15,7 @@ import msgspec
 
 from broker._client import JobOptions
 from broker._errors import InvalidRequest
-from broker._protocol import Message, ReasoningEffort, ResponseFormat
+from broker._protocol import Message, ReasoningEffort, ResponseFormat, Tool, ToolCall
 from broker._validate import valid_traceparent
 
 
@@ -28,21 +28,34 @@ class _MessageIn(msgspec.Struct, kw_only=True):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[_ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
 
 class _StreamOptions(msgspec.Struct):
     include_usage: bool = False
 
 
+class _ToolName(msgspec.Struct):
+    name: str
+
+
+class _NamedToolChoice(msgspec.Struct):
+    """``{"type": "function", "function": {"name": ...}}``: this tool, and no other."""
+
+    function: _ToolName
+    type: Literal["function"] = "function"
+
+
 class ChatRequest(msgspec.Struct, kw_only=True):
     """The fields of an OpenAI chat completion request that llmrelay honours.
 
     Unknown fields are ignored; fields that would change the shape of the answer
-    and that llmrelay does not relay (tools, ``n`` > 1) are refused, so that a
-    client never silently gets something else. ``response_format`` (text, JSON,
-    JSON of a schema) and ``reasoning_effort`` are relayed to targets that map
-    them; a target that does not refuses the request (``bad_request``).
+    and that llmrelay does not relay (``functions``, ``n`` > 1, non-text content
+    parts) are refused, so that a client never silently gets something else.
+    Tools, tool calls and tool results, ``response_format`` (text, JSON, JSON of a
+    schema) and ``reasoning_effort`` are relayed to targets that map them; with
+    none left the request is refused (``bad_request``).
     """
 
     model: str
@@ -58,7 +71,9 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     n: Annotated[int, msgspec.Meta(ge=1)] = 1
     user: str | None = None
     metadata: dict[str, str] | None = None
-    tools: list[Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | _NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     response_format: ResponseFormat | None = None
     reasoning_effort: ReasoningEffort | None = None
@@ -103,9 +118,10 @@ def _invalid_field(text: str) -> InvalidRequest:
 def _refuse_unsupported(req: ChatRequest) -> None:
     if req.n != 1:
         raise InvalidRequest("n: llmrelay returns one choice; n must be 1", "n")
-    for field in ("tools", "functions"):
-        if getattr(req, field):
-            raise InvalidRequest(f"{field}: llmrelay does not relay tool calls yet", field)
+    if req.functions:
+        raise InvalidRequest(
+            "functions: the deprecated form is not relayed; use tools", "functions"
+        )
     fmt = req.response_format
     if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
         raise InvalidRequest(
@@ -118,13 +134,15 @@ def to_messages(req: ChatRequest) -> list[Message]:
     """OpenAI messages as wire messages (``developer`` is a system message)."""
     out = []
     for i, m in enumerate(req.messages):
-        if m.role == "tool" or m.tool_calls:
+        if m.role == "tool" and not m.tool_call_id:
             raise InvalidRequest(
-                f"messages[{i}]: tool messages and tool calls are not relayed yet",
-                f"messages[{i}].role",
+                f"messages[{i}].tool_call_id: a tool message names the call it answers",
+                f"messages[{i}].tool_call_id",
             )
         role = "system" if m.role == "developer" else m.role
-        out.append(Message(role=role, content=_text_of(m, i), name=m.name))
+        content = "" if m.content is None and m.tool_calls else _text_of(m, i)
+        out.append(Message(role=role, content=content, name=m.name, tool_calls=m.tool_calls,
+                           tool_call_id=m.tool_call_id))  # fmt: skip
     return out
 
 
@@ -167,4 +185,14 @@ def job_options(req: ChatRequest, traceparent: str | None) -> JobOptions:
         response_format=req.response_format,
         reasoning_effort=req.reasoning_effort,
         provider_options=dict(req.provider_options or {}),
+        tools=req.tools,
+        tool_choice=_tool_choice(req),
+        parallel_tool_calls=req.parallel_tool_calls,
     )
+
+
+def _tool_choice(req: ChatRequest) -> str | dict[str, Any] | None:
+    choice = req.tool_choice
+    if choice is None or isinstance(choice, str):
+        return choice
+    return {"type": "function", "function": {"name": choice.function.name}}

@@ -17,7 +17,7 @@ import msgspec
 from msgspec import UNSET, UnsetType
 from starlette.responses import Response
 
-from broker._protocol import Done
+from broker._protocol import Done, ToolCall
 
 
 class CompletionUsage(msgspec.Struct, frozen=True, kw_only=True):
@@ -35,10 +35,30 @@ class CompletionUsage(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
+class ToolCallFunction(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(msgspec.Struct, frozen=True, kw_only=True):
+    """A tool call: whole in a ``message``; in a stream, one per call, with ``index``."""
+
+    index: int | UnsetType = UNSET
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+    @classmethod
+    def of(cls, call: ToolCall, index: int | UnsetType = UNSET) -> ToolCallOut:
+        fn = ToolCallFunction(name=call.function.name, arguments=call.function.arguments)
+        return cls(index=index, id=call.id, function=fn)
+
+
 class ChatCompletionMessage(msgspec.Struct, frozen=True, kw_only=True):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: None = None
+    tool_calls: list[ToolCallOut] | UnsetType = UNSET
 
 
 class Choice(msgspec.Struct, frozen=True, kw_only=True):
@@ -63,6 +83,7 @@ class ChatCompletion(msgspec.Struct, frozen=True, kw_only=True):
 class ChoiceDelta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChunkChoice(msgspec.Struct, frozen=True, kw_only=True):
@@ -162,9 +183,16 @@ class CompletionIds(msgspec.Struct, frozen=True):
     route: str
 
 
-def completion(ids: CompletionIds, text: str, done: Done) -> ChatCompletion:
-    """The ``chat.completion`` object of a whole answer."""
-    choice = Choice(message=ChatCompletionMessage(content=text), finish_reason=done.finish_reason)
+def completion(
+    ids: CompletionIds, text: str, done: Done, tool_calls: list[ToolCall] | None = None
+) -> ChatCompletion:
+    """The ``chat.completion`` object of a whole answer (with its tool calls, if any)."""
+    if tool_calls:
+        calls = [ToolCallOut.of(call) for call in tool_calls]
+        message = ChatCompletionMessage(content=text or None, tool_calls=calls)
+    else:
+        message = ChatCompletionMessage(content=text)
+    choice = Choice(message=message, finish_reason=done.finish_reason)
     return ChatCompletion(
         id=ids.id,
         created=ids.created,
@@ -189,6 +217,18 @@ class SseWriter:
             delta = ChoiceDelta(role="assistant", content=text)
             self.role_sent = True
         return self._frame(self.model or self.ids.route, [ChunkChoice(delta=delta)])
+
+    def tool_calls(self, calls: list[ToolCall]) -> bytes:
+        """The answer's tool calls, each whole in one chunk (the gateway holds their
+        fragments until the answer is done: a restart never leaves half an argument)."""
+        frames = []
+        for index, call in enumerate(calls):
+            delta = ChoiceDelta(tool_calls=[ToolCallOut.of(call, index)])
+            if not self.role_sent:
+                delta = ChoiceDelta(role="assistant", tool_calls=delta.tool_calls)
+                self.role_sent = True
+            frames.append(self._frame(self.model or self.ids.route, [ChunkChoice(delta=delta)]))
+        return b"".join(frames)
 
     def end(self, done: Done) -> bytes:
         """The finish_reason chunk, the usage chunk if asked for, and ``[DONE]``."""

@@ -449,7 +449,13 @@ def user_says(content: Any) -> list[dict[str, Any]]:
         (body(messages=[]), "messages", "length >= 1"),
         (body(temperature=9), "temperature", "<= 2"),
         (body(n=2), "n", "n must be 1"),
-        (body(tools=[{"type": "function"}]), "tools", "tool"),
+        (body(tools=[{"type": "function"}]), "tools[0].function", "missing required field"),
+        (body(functions=[{"name": "f"}]), "functions", "use tools"),
+        (
+            body(messages=[{"role": "tool", "content": "42"}]),
+            "messages[0].tool_call_id",
+            "names the call",
+        ),
         (
             body(messages=user_says([{"type": "image_url"}])),
             "messages[0].content[0].type",

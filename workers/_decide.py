@@ -47,7 +47,7 @@ from broker._errors import (
     ProviderError,
     RateLimited,
 )
-from broker._protocol import Job
+from broker._protocol import Attempt, Job, now_ms
 from workers.providers._registry import provider_features
 
 # Whether (pool, upstream model) is worth sending a job to now.
@@ -93,7 +93,8 @@ class FailureContext(msgspec.Struct, frozen=True, kw_only=True):
     failed upstream calls of this job on this pool in this delivery's line
     (deliveries plus in-place retries); ``failing_elsewhere``: the same model
     failed for other requests just before (more health failures in a row than
-    this job's own), so the failure is no blip worth a retry.
+    this job's own), so the failure is no blip worth a retry; ``tool_calls_sent``:
+    the attempt streamed tool-call fragments, which no continuation can take over.
     """
 
     job: Job
@@ -105,6 +106,7 @@ class FailureContext(msgspec.Struct, frozen=True, kw_only=True):
     has_text: bool = False
     tries: int = 1
     failing_elsewhere: bool = False
+    tool_calls_sent: bool = False
 
     @property
     def text_kept(self) -> bool:
@@ -169,7 +171,9 @@ def _mid_stream(
             f"{err.message} (after the caller had text; route policy midstream: fail)",
             dead_letter=False,
         )
-    resume, reset = has_text and policy == "continue", has_text and policy == "restart"
+    # Half a tool call cannot be continued by a prefill: the next attempt starts over.
+    resume = has_text and policy == "continue" and not ctx.tool_calls_sent
+    reset = has_text and not resume
     target = next_target(ctx, config, healthy) or next_target(ctx, config)
     if target is not None:
         return msgspec.structs.replace(target, reset=reset, resume=resume)
@@ -263,3 +267,23 @@ def _larger_context(err: ProviderError, ctx: FailureContext, config: Config) -> 
             if target.pool not in tried and window > here:
                 return Requeue(pool=target.pool, model=target.model, rank=rank, reset=False)
     return Fail(err.code, err.message, dead_letter=False)
+
+
+def attempt_record(
+    err: ProviderError, *, pool: str, model: str, deliveries: int, chunks_sent: int, chars: int
+) -> Attempt:
+    """What a failed attempt leaves in the job, and in ``done``/``error``: where, why, and
+    what of it the caller kept (``chars``; its chunks stand in for tokens)."""
+    return Attempt(
+        pool=pool,
+        model=model,
+        code=err.code,
+        message=err.message,
+        retryable=err.retryable,
+        status=err.status,
+        deliveries=deliveries,
+        chunks_sent=chunks_sent,
+        at_ms=now_ms(),
+        chars=chars,
+        completion_tokens=chunks_sent,
+    )

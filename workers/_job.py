@@ -52,13 +52,23 @@ from broker._protocol import (
     Job,
     Notice,
     Timings,
+    ToolCallDelta,
     Usage,
     encode,
     now_ms,
 )
 from workers._context import PoolContext
 from workers._continuation import Continuation, lost_answer, resumed_job
-from workers._decide import Decision, Fail, FailureContext, Requeue, Retry, decide, next_target
+from workers._decide import (
+    Decision,
+    Fail,
+    FailureContext,
+    Requeue,
+    Retry,
+    attempt_record,
+    decide,
+    next_target,
+)
 from workers._delivery import Delivery
 from workers._intake import DLQ_RETRY_S, read_job, resolve_model, unsupported
 from workers._ratelimit import estimate_tokens
@@ -87,6 +97,7 @@ class JobRun:
         self.cancel_scope = RunCancel()
         self.cancelled_by_client = False
         self.retries_here = 0  # in-place retries of this run
+        self.tool_calls_sent = False  # a continuation cannot take over half a tool call
         self.cont: Continuation | None = None
         self._call: UpstreamCall | None = None
 
@@ -228,15 +239,16 @@ class JobRun:
         if isinstance(item, TextDelta):
             if not item.text:
                 return None
-            if self._call is not None:
-                self._call.texts += 1
-            if self.first_token_at is None:
-                self.first_token_at = time.monotonic()
-                self.ctx.metrics.first_token(self.model_label, self.first_token_at - self.started)
+            self._first_token()
             assert self.cont is not None
             text = self.cont.feed(item.text)
             if text:
                 await self._chunk(text)
+            return None
+        if isinstance(item, ToolCallDelta):
+            self._first_token()
+            self.tool_calls_sent = True
+            await self._chunk("", [item])
             return None
         if isinstance(item, Malformed):
             self.ctx.metrics.malformed_event()
@@ -247,13 +259,20 @@ class JobRun:
             return None
         return item
 
-    async def _chunk(self, text: str) -> None:
+    def _first_token(self) -> None:
+        if self._call is not None:
+            self._call.texts += 1
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+            self.ctx.metrics.first_token(self.model_label, self.first_token_at - self.started)
+
+    async def _chunk(self, text: str, tool_calls: list[ToolCallDelta] | None = None) -> None:
         await self._announce_resume()
         if self.seq == 0:
-            chunk = Chunk(seq=0, attempt=self.attempt, delta=text,
+            chunk = Chunk(seq=0, attempt=self.attempt, delta=text, tool_calls=tool_calls,
                           pool=self.ctx.pool_name, model=self.model)  # fmt: skip
         else:
-            chunk = Chunk(seq=self.seq, attempt=self.attempt, delta=text)
+            chunk = Chunk(seq=self.seq, attempt=self.attempt, delta=text, tool_calls=tool_calls)
         await self._publish(chunk)
         self.seq += 1
 
@@ -280,18 +299,10 @@ class JobRun:
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens + self.cont.prior_tokens,
         )
-        await self._publish(
-            Done(
-                attempt=self.attempt,
-                finish_reason=finish.reason,
-                usage=answer_usage,
-                pool=self.ctx.pool_name,
-                model=self.model,
-                timings=self._timings(job, total_s),
-                degraded=self.degraded,
-                attempts=job.attempts,
-            )
-        )
+        done = Done(attempt=self.attempt, finish_reason=finish.reason, usage=answer_usage,
+                    pool=self.ctx.pool_name, model=self.model, degraded=self.degraded,
+                    timings=self._timings(job, total_s), attempts=job.attempts)  # fmt: skip
+        await self._publish(done)
         await self.delivery.ack()
         await self._close_upstream()
         self.ctx.metrics.job_done(
@@ -341,7 +352,8 @@ class JobRun:
             chunks_sent=self.seq,
             remaining_s=self._remaining_s(),
             pinned=job.pool is not None,
-            has_text=bool(self.cont.text),
+            has_text=bool(self.cont.text) or self.tool_calls_sent,
+            tool_calls_sent=self.tool_calls_sent,
             tries=self.deliveries + self.retries_here,
             failing_elsewhere=self.ctx.circuits.failures_in_a_row(self.model)
             > self.retries_here + 1,
@@ -360,16 +372,10 @@ class JobRun:
         """Try again on this pool: now or after a wait in this run, or by a delayed redelivery."""
         self.ctx.metrics.retried()
         where = "here" if decision.in_place else "redelivered"
-        await self._publish(
-            Notice(
-                kind="retry",
-                attempt=self.attempt,
-                from_pool=self.ctx.pool_name,
-                to_pool=self.ctx.pool_name,
-                delay_ms=int(decision.delay_s * 1000),
-                message=f"{err.code}: {err.message}",
-            )
-        )
+        pool, delay_ms = self.ctx.pool_name, int(decision.delay_s * 1000)
+        await self._publish(Notice(kind="retry", attempt=self.attempt, from_pool=pool,
+                                   to_pool=pool, delay_ms=delay_ms,
+                                   message=f"{err.code}: {err.message}"))  # fmt: skip
         await self._announce("retry", f"{err.code}; again {where} in {decision.delay_s:.2f}s")
         if not decision.in_place:
             await self.delivery.nak(decision.delay_s)
@@ -450,19 +456,10 @@ class JobRun:
         return await self.ctx.dead_letter(letter)
 
     def _attempt_record(self, err: ProviderError) -> Attempt:
-        return Attempt(
-            pool=self.ctx.pool_name,
-            model=self.model,
-            code=err.code,
-            message=err.message,
-            retryable=err.retryable,
-            status=err.status,
-            deliveries=self.deliveries,
-            chunks_sent=self.seq,
-            at_ms=now_ms(),
-            chars=self.cont.sent_chars if self.cont is not None else 0,
-            completion_tokens=self.seq,
-        )
+        chars = self.cont.sent_chars if self.cont is not None else 0
+        return attempt_record(err, pool=self.ctx.pool_name, model=self.model,
+                              deliveries=self.deliveries, chunks_sent=self.seq,
+                              chars=chars)  # fmt: skip
 
     async def _cancelled(self) -> None:
         if not self.cancelled_by_client:

@@ -6,6 +6,10 @@ benchmark measures the broker against this server, so it must cost little.
 A prefill is vLLM's: ``"continue_final_message": true`` and a last message from
 the assistant (``"add_generation_prompt": false`` may come with it; ``true``
 is refused, as vLLM does). A trailing assistant message alone is a new turn.
+
+A plan with a tool call (``Plan.tool``) streams as OpenAI streams one: the
+first chunk names the call (id, function name, empty arguments), each token is
+a fragment of the arguments, and the answer finishes with ``tool_calls``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,13 @@ import msgspec
 
 from devstack.fake_provider._faults import ErrorKind
 from devstack.fake_provider._http import SSE
-from devstack.fake_provider._plan import ChatRequest, Plan, Prefill, trailing_assistant
+from devstack.fake_provider._plan import (
+    ChatRequest,
+    Plan,
+    Prefill,
+    ToolCall,
+    trailing_assistant,
+)
 
 __all__ = ["OpenAIFormat"]
 
@@ -56,16 +66,22 @@ class OpenAIFormat:
         ) + b'"model":%s,"choices":[' % msgspec.json.encode(plan.model)
 
     def opening(self, plan: Plan) -> list[bytes]:
+        if plan.tool is not None:
+            return [self._prefix(plan) + _tool_opening(plan.tool)]
         delta = b'{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
         return [self._prefix(plan) + delta]
 
     def token_events(self, plan: Plan) -> list[bytes]:
-        prefix = self._prefix(plan) + b'{"index":0,"delta":{"content":'
-        suffix = b'},"finish_reason":null}]}\n\n'
+        if plan.tool is None:
+            prefix = self._prefix(plan) + b'{"index":0,"delta":{"content":'
+            suffix = b'},"finish_reason":null}]}\n\n'
+        else:
+            prefix = self._prefix(plan) + _TOOL_FRAGMENT
+            suffix = b'}}]},"finish_reason":null}]}\n\n'
         return [prefix + text + suffix for text in plan.deltas()]
 
     def closing(self, plan: Plan) -> list[bytes]:
-        reason = b"length" if plan.length_limited else b"stop"
+        reason = _finish_reason(plan).encode()
         events = [
             self._prefix(plan) + b'{"index":0,"delta":{},"finish_reason":"%s"}]}\n\n' % reason
         ]
@@ -95,12 +111,39 @@ class OpenAIFormat:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": plan.answer},
-                    "finish_reason": "length" if plan.length_limited else "stop",
+                    "message": _message(plan),
+                    "finish_reason": _finish_reason(plan),
                 }
             ],
             "usage": msgspec.json.decode(_openai_usage(plan)),
         }
+
+
+_TOOL_FRAGMENT = b'{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":'
+
+
+def _tool_opening(tool: ToolCall) -> bytes:
+    call = b'{"index":0,"id":%s,"type":"function","function":{"name":%s,"arguments":""}}' % (
+        msgspec.json.encode(tool.id),
+        msgspec.json.encode(tool.name),
+    )
+    delta = b'{"role":"assistant","content":null,"tool_calls":[%s]}' % call
+    return b'{"index":0,"delta":%s,"finish_reason":null}]}\n\n' % delta
+
+
+def _finish_reason(plan: Plan) -> str:
+    if plan.length_limited:
+        return "length"
+    return "stop" if plan.tool is None else "tool_calls"
+
+
+def _message(plan: Plan) -> dict[str, Any]:
+    tool = plan.tool
+    if tool is None:
+        return {"role": "assistant", "content": plan.answer}
+    function = {"name": tool.name, "arguments": plan.answer}
+    call = {"id": tool.id, "type": "function", "function": function}
+    return {"role": "assistant", "content": None, "tool_calls": [call]}
 
 
 def _openai_usage(plan: Plan) -> bytes:

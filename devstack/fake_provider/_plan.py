@@ -10,6 +10,10 @@ A request whose conversation ends in an assistant message may ask to continue
 it (a prefill); each format says when (``WireFormat.prefill``), and the plan
 then starts at the first token the prefill does not hold yet (``Plan.start``).
 Only the last message's role is looked at, so ordinary requests cost no more.
+
+OpenAI's ``tools`` and ``tool_choice`` are decoded too (and messages'
+``tool_calls``/``tool_call_id``); a plan that answers with a tool call carries
+it (``Plan.tool``), its arguments cut into the plan's tokens like a JSON answer.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ __all__ = [
     "ChatRequest",
     "Plan",
     "Prefill",
+    "ToolCall",
     "WireFormat",
     "content_text",
     "decode_request",
@@ -38,9 +43,35 @@ class _Block(msgspec.Struct):
     text: str = ""
 
 
+class _Function(msgspec.Struct, omit_defaults=True):
+    name: str = ""
+    description: str | None = None
+    parameters: Any = None
+    arguments: Any = None  # a call's (a JSON string; Ollama's an object)
+
+
+class _Tool(msgspec.Struct):
+    type: str = ""
+    function: _Function | None = None  # None: not a function tool (or Anthropic's shape)
+
+
+class _ToolChoice(msgspec.Struct, omit_defaults=True):
+    type: str = ""
+    function: _Function | None = None
+    name: str | None = None  # Anthropic's ``{"type": "tool", "name": ...}``
+
+
+class _ToolCallMsg(msgspec.Struct):
+    id: str = ""
+    type: str = "function"
+    function: _Function | None = None
+
+
 class _Msg(msgspec.Struct):
     role: str = ""
     content: str | list[_Block] | None = None
+    tool_calls: list[_ToolCallMsg] | None = None
+    tool_call_id: str | None = None
 
 
 class _StreamOptions(msgspec.Struct):
@@ -94,6 +125,9 @@ class ChatRequest(msgspec.Struct):
     logit_bias: Any = None
     format: Any = None
     add_generation_prompt: bool | None = None
+    # OpenAI's function tools, and which of them the answer must call.
+    tools: list[_Tool] = []
+    tool_choice: str | _ToolChoice | None = None
     # Gemini's: turns of role user/model, the system prompt, maxOutputTokens.
     contents: list[_GeminiContent] = []
     system_instruction: _GeminiContent | None = msgspec.field(
@@ -151,6 +185,14 @@ class Prefill(NamedTuple):
     refusal: str | None = None
 
 
+class ToolCall(NamedTuple):
+    """The one tool call an answer makes: its id, the function's name, its JSON arguments."""
+
+    id: str
+    name: str
+    arguments: str
+
+
 @dataclasses.dataclass(slots=True)
 class Plan:
     """Everything decided about one chat request before the first byte is written."""
@@ -172,6 +214,7 @@ class Plan:
     refusal: Any = None  # the 400 body that refuses the request's prefill, if it is refused
     texts: tuple[str, ...] | None = None  # the tokens of a JSON answer (``_structured.py``)
     options: dict[str, Any] | None = None  # the request's options, as the stats log shows them
+    tool: ToolCall | None = None  # the answer is this call; ``texts`` are its arguments' pieces
 
     @property
     def answer(self) -> str:

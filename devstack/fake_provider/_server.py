@@ -68,7 +68,12 @@ from devstack.fake_provider._plan import (
     estimate_prompt_tokens,
 )
 from devstack.fake_provider._stats import Stats
-from devstack.fake_provider._structured import logged_options, structured_texts
+from devstack.fake_provider._structured import (
+    json_tokens_of,
+    logged_options,
+    structured_texts,
+    tool_call,
+)
 
 __all__ = ["CHAT_PATHS", "MockProvider"]
 
@@ -255,7 +260,13 @@ class MockProvider:
         fault = self._fault_for(request.model, overrides)
         start, refusal = (0, None) if prefill is None else _prefill(fmt, fault, prefill)
         configured = self.tokens if fault.tokens is None else fault.tokens
-        texts = structured_texts(request, self.name, configured)
+        number = self._stats.requests + 1
+        offers_tools = fmt is _OPENAI and prefill is None  # tool calls: OpenAI's format only
+        tool = tool_call(request, self.name, number) if offers_tools else None
+        if tool is None:
+            texts = structured_texts(request, self.name, configured)
+        else:
+            texts = json_tokens_of(tool.arguments, configured)
         total = configured if texts is None else len(texts)
         remaining = max(total - start, 0)
         limit = fmt.limit(request)
@@ -272,13 +283,14 @@ class MockProvider:
             stream=fmt.wants_stream(request),
             include_usage=bool(request.stream_options and request.stream_options.include_usage),
             status=400 if refusal is not None and status else status,
-            request_no=self._stats.requests + 1,
+            request_no=number,
             created=int(time.time()),
             start=start,
             prefilled=prefill is not None,
             refusal=refusal,
             texts=None if texts is None else texts[start:],
             options=logged_options(request),
+            tool=tool,
         )
 
     def _fault_for(self, model: str, overrides: tuple[tuple[str, Any], ...]) -> Fault:

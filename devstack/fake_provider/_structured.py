@@ -8,6 +8,13 @@ every property (required or not) with a value of its type (strings say who
 answered, numbers are 1, booleans true, arrays one item, ``enum``/``const`` their
 first value), so that it validates. The answer is split into tokens like any
 other, so streams, cuts and prefills work on JSON as on text.
+
+**Tool calls** (OpenAI's format): a request that offers function ``tools``,
+with a ``tool_choice`` other than ``"none"`` and a last message that is not a
+``tool`` result, is answered by one call (``tool_call``) to the tool
+``tool_choice`` names, else the first, with ``tool_arguments(parameters, name)``
+as its arguments; after a tool result the answer is text again, so a two-turn
+tool loop ends.
 """
 
 from __future__ import annotations
@@ -17,9 +24,17 @@ from typing import Any
 import msgspec
 
 from devstack.fake_provider._answer import expected_answer
-from devstack.fake_provider._plan import ChatRequest
+from devstack.fake_provider._plan import ChatRequest, ToolCall
 
-__all__ = ["json_answer", "json_tokens_of", "logged_options", "sample", "structured_texts"]
+__all__ = [
+    "json_answer",
+    "json_tokens_of",
+    "logged_options",
+    "sample",
+    "structured_texts",
+    "tool_arguments",
+    "tool_call",
+]
 
 # Nesting the fake follows before it answers null (a recursive schema would not end).
 _MAX_DEPTH = 8
@@ -75,6 +90,45 @@ def structured_texts(request: ChatRequest, name: str, tokens: int) -> tuple[str,
     return json_tokens_of(json_answer(name, expected_answer(name, tokens), schema), tokens)
 
 
+def tool_arguments(parameters: Any, name: str) -> str:
+    """The arguments (compact JSON) the mock ``name`` calls a tool with ``parameters`` with."""
+    document = sample(parameters if parameters is not None else {"type": "object"}, name)
+    return msgspec.json.encode(document).decode()
+
+
+def tool_call(request: ChatRequest, name: str, request_no: int) -> ToolCall | None:
+    """The tool call that answers ``request`` (OpenAI's format), or None for a text answer.
+
+    Raises ``ValueError`` (a 400) when ``tool_choice`` names a function not offered.
+    """
+    choice = request.tool_choice
+    if not request.tools or choice == "none":
+        return None
+    if request.messages and request.messages[-1].role == "tool":
+        return None  # the tool loop's second turn: answer in words
+    functions = [t.function for t in request.tools if t.function is not None]
+    wanted = None if isinstance(choice, str) or choice is None else choice.function
+    if wanted is not None:
+        functions = [f for f in functions if f.name == wanted.name]
+        if not functions:
+            raise ValueError(f"tool_choice names {wanted.name!r}, which is not in tools")
+    if not functions:
+        return None
+    chosen = functions[0]
+    arguments = tool_arguments(chosen.parameters, name)
+    return ToolCall(f"call_mock{request_no}", chosen.name, arguments)
+
+
+def _tool_options(request: ChatRequest, options: dict[str, Any]) -> None:
+    if request.tools:
+        options["tools"] = len(request.tools)
+    if request.tool_choice is not None:
+        options["tool_choice"] = msgspec.to_builtins(request.tool_choice)
+    results = sum(1 for m in request.messages if m.role == "tool")
+    if results:
+        options["tool_results"] = results
+
+
 def logged_options(request: ChatRequest) -> dict[str, Any] | None:
     """What the stats log shows a request asked beyond text (a test reads it)."""
     options: dict[str, Any] = {}
@@ -91,4 +145,5 @@ def logged_options(request: ChatRequest) -> dict[str, Any] | None:
         options["reasoning_effort"] = request.reasoning_effort
     if request.logit_bias is not None:
         options["logit_bias"] = True
+    _tool_options(request, options)
     return options or None

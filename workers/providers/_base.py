@@ -2,7 +2,7 @@
 
 An adapter turns a job into an async iterator of ``StreamItem``:
 
-    TextDelta*  (Malformed)*  Finish
+    (TextDelta | ToolCallDelta)*  (Malformed)*  Finish
 
 It raises a ``ProviderError`` subclass (the tree in ``broker/_errors.py``) for
 every upstream failure, translated from httpx at the boundary. The worker, not
@@ -19,7 +19,7 @@ import httpx
 import msgspec
 
 from broker._config import PoolConfig
-from broker._protocol import Job, Usage
+from broker._protocol import Job, ToolCallDelta, Usage
 
 
 class TextDelta(msgspec.Struct, frozen=True):
@@ -37,7 +37,8 @@ class Finish(msgspec.Struct, frozen=True):
     usage: Usage | None = None
 
 
-StreamItem = TextDelta | Malformed | Finish
+# A fragment of a tool call is the wire's own ``ToolCallDelta`` (index, id, name, arguments).
+StreamItem = TextDelta | ToolCallDelta | Malformed | Finish
 
 
 class Provider(Protocol):

@@ -20,7 +20,7 @@ import msgspec
 
 from broker._config import PoolConfig
 from broker._errors import StreamInterrupted
-from broker._protocol import Job, Message, Usage
+from broker._protocol import Job, Message, ToolCallDelta, Usage
 from workers.providers._base import Finish, Malformed, StreamItem, TextDelta
 from workers.providers._errors_map import error_for_payload
 from workers.providers._http import (
@@ -33,6 +33,7 @@ from workers.providers._http import (
 )
 from workers.providers._sse import SSEEvent, SSEParser
 
+_TOOL_PARAMS = {"tool_choice": "tool_choice", "parallel_tool_calls": "parallel_tool_calls"}
 _PARAMS = {
     "max_tokens": "max_tokens",
     "temperature": "temperature",
@@ -42,8 +43,20 @@ _PARAMS = {
 }
 
 
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCallDelta(msgspec.Struct):
+    index: int = 0
+    id: str | None = None
+    function: _Function | None = None
+
+
 class _Delta(msgspec.Struct):
     content: str | None = None
+    tool_calls: list[_ToolCallDelta] | None = None
 
 
 class _Choice(msgspec.Struct):
@@ -67,10 +80,11 @@ _encoder = msgspec.json.Encoder()
 
 
 class OpenAIProvider:
-    """Adapter for ``kind: openai`` pools: structured output and reasoning effort pass
-    through as OpenAI's own ``response_format`` and ``reasoning_effort``."""
+    """Adapter for ``kind: openai`` pools: tools, tool calls and tool results, structured
+    output and reasoning effort pass through in OpenAI's own shapes; streamed tool-call
+    fragments become ``ToolCallDelta`` items."""
 
-    features: ClassVar[frozenset[str]] = frozenset({"response_format", "reasoning_effort"})
+    features: ClassVar[frozenset[str]] = frozenset({"tools", "response_format", "reasoning_effort"})
     kind = "openai"
 
     def __init__(self, pool: PoolConfig, client: httpx.AsyncClient) -> None:
@@ -112,6 +126,9 @@ def request_body(job: Job, model: str, prefill: str | None = None, kind: str = "
         "stream_options": {"include_usage": True},
         **job_params(job, _PARAMS),
     }
+    if job.tools:
+        body["tools"] = job.tools
+        body |= job_params(job, _TOOL_PARAMS)
     if job.response_format is not None and job.response_format.type != "text":
         body["response_format"] = job.response_format
     if job.reasoning_effort is not None:
@@ -149,6 +166,8 @@ class _StreamState:
             choice = chunk.choices[0]
             if choice.delta is not None and choice.delta.content:
                 items.append(TextDelta(choice.delta.content))
+            if choice.delta is not None and choice.delta.tool_calls:
+                items.extend(_tool_fragment(call) for call in choice.delta.tool_calls)
             self.reason = choice.finish_reason or self.reason
         if chunk.usage is not None:
             self.usage = Usage(
@@ -166,6 +185,12 @@ class _StreamState:
         if self.reason is None:
             raise StreamInterrupted(f"{where} before any finish_reason: answer truncated")
         return Finish(self.reason, self.usage)
+
+
+def _tool_fragment(call: _ToolCallDelta) -> ToolCallDelta:
+    fn = call.function
+    name, arguments = (fn.name, fn.arguments or "") if fn is not None else (None, "")
+    return ToolCallDelta(index=call.index, id=call.id, name=name, arguments=arguments)
 
 
 def _json_or_text(data: str) -> Any:
