@@ -14,11 +14,12 @@ import openai
 import pytest
 
 from broker import JobOptions
-from broker._protocol import FunctionDef, Tool
+from broker._protocol import FunctionCall, FunctionDef, Job, Message, Tool, ToolCall
 from devstack import MockProvider, expected_answer
 from devstack.fake_provider._structured import sample
 from gateway import serve_gateway
 from tests._harness import RelayStack, StartStack, upstream
+from workers.providers.anthropic import request_body as anthropic_body
 
 WEATHER: dict[str, Any] = {
     "type": "function",
@@ -149,13 +150,13 @@ async def test_a_stream_cut_mid_arguments_never_hands_over_half_a_call(
 async def test_tools_for_a_target_that_cannot_call_them_go_to_one_that_can(
     relay_stack: StartStack,
 ) -> None:
-    """Route [Anthropic, OpenAI]: the tool job goes to the OpenAI pool, never to Anthropic."""
-    claude, gpt = MockProvider(name="mock-b", tokens=4), MockProvider(name="mock-a", tokens=4)
-    pools = {"b": upstream(claude, "anthropic"), "a": upstream(gpt)}
+    """Route [Ollama, OpenAI]: the tool job goes to the OpenAI pool, never to Ollama."""
+    llama, gpt = MockProvider(name="mock-o", tokens=4), MockProvider(name="mock-a", tokens=4)
+    pools = {"b": upstream(llama, "ollama"), "a": upstream(gpt)}
     tool = Tool(
         function=FunctionDef(name="get_weather", parameters=WEATHER["function"]["parameters"])
     )
-    async with relay_stack(pools, {"chat": [("b", "claude"), ("a", "gpt")]}) as s:
+    async with relay_stack(pools, {"chat": [("b", "llama3"), ("a", "gpt")]}) as s:
         handle = await s.relay.submit("weather?", route="chat", options=JobOptions(tools=[tool]))
         await handle.text()
     assert handle.done is not None and handle.done.pool == "a"
@@ -163,7 +164,7 @@ async def test_tools_for_a_target_that_cannot_call_them_go_to_one_that_can(
     [call] = handle.tool_calls
     assert call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == expected_arguments("mock-a")
-    assert claude.stats()["requests"] == 0
+    assert llama.stats()["requests"] == 0
 
 
 @pytest.mark.parametrize("choice", ["none"])
@@ -179,3 +180,91 @@ async def test_tool_choice_none_gives_text(
         )
     assert reply.choices[0].message.content == expected_answer("mock-a", TOKENS)
     assert not reply.choices[0].message.tool_calls
+
+
+def test_anthropic_gets_tools_and_tool_turns_in_its_own_shape() -> None:
+    """What the Anthropic adapter sends for a tool loop's second turn."""
+    call = ToolCall(
+        id="call_1", function=FunctionCall(name="get_weather", arguments='{"city":"Oslo"}')
+    )
+    job = Job(
+        id="j",
+        route="chat",
+        reply_to="llm.reply.j",
+        deadline_ms=0,
+        messages=[
+            Message(role="user", content="Weather?"),
+            Message(role="assistant", tool_calls=[call]),
+            Message(role="tool", tool_call_id="call_1", content='{"sky":"clear"}'),
+            Message(role="tool", tool_call_id="call_2", content='{"sky":"grey"}'),
+        ],
+        tools=[Tool(function=FunctionDef(name="get_weather", parameters={"type": "object"}))],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        parallel_tool_calls=False,
+    )
+    body = json.loads(anthropic_body(job, "claude"))
+    assert body["tools"] == [{"name": "get_weather", "input_schema": {"type": "object"}}]
+    assert body["tool_choice"] == {
+        "type": "tool",
+        "name": "get_weather",
+        "disable_parallel_tool_use": True,
+    }
+    assert body["messages"][1] == {
+        "role": "assistant",
+        "content": [
+            {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Oslo"}}
+        ],
+    }
+    # Two tool results answer one assistant message: one user turn, two blocks.
+    assert body["messages"][2] == {
+        "role": "user",
+        "content": [
+            {"type": "tool_result", "tool_use_id": "call_1", "content": '{"sky":"clear"}'},
+            {"type": "tool_result", "tool_use_id": "call_2", "content": '{"sky":"grey"}'},
+        ],
+    }
+
+
+async def test_an_anthropic_tool_use_reaches_the_openai_sdk_as_a_tool_call(
+    relay_stack: StartStack, client_url: str
+) -> None:
+    """Tools offered in OpenAI's words, answered by an Anthropic upstream's tool_use
+    (input_json_delta fragments), and the tool result sent back as Anthropic's block."""
+    mock = MockProvider(name="mock-b", tokens=TOKENS)
+    async with (
+        relay_stack({"b": upstream(mock, "anthropic")}, {"chat": [("b", "claude")]}) as s,
+        serve_gateway(s.config, nats_url=client_url) as base_url,
+        openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
+    ):
+        stream = await client.chat.completions.create(
+            model="chat",
+            messages=ASK,
+            tools=[WEATHER],
+            stream=True,  # type: ignore[list-item]
+        )
+        calls = [
+            call
+            async for chunk in stream
+            for choice in chunk.choices
+            for call in choice.delta.tool_calls or []
+        ]
+        [call] = calls
+        assert call.function is not None and call.id is not None
+        history: list[Any] = [
+            *ASK,
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": call.id, "type": "function",
+                 "function": {"name": call.function.name, "arguments": call.function.arguments}}
+            ]},
+            {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "clear"}'},
+        ]  # fmt: skip
+        answer = await client.chat.completions.create(
+            model="chat",
+            messages=history,
+            tools=[WEATHER],  # type: ignore[list-item]
+        )
+        log = s.providers["b"].stats()["log"]
+    assert call.function.name == "get_weather" and call.id.startswith("toolu_")
+    assert json.loads(call.function.arguments or "") == expected_arguments("mock-b")
+    assert answer.choices[0].message.content == expected_answer("mock-b", TOKENS)
+    assert log[1]["options"].get("tool_results") == 1

@@ -2,6 +2,12 @@
 
 A conversation that ends with an assistant message is a prefill, and the answer
 continues it; like the real API, a prefill ending in whitespace is refused.
+
+A plan with a tool call (``Plan.tool``) is one ``tool_use`` block, streamed as
+Anthropic streams one: ``content_block_start`` names it (id, name, empty
+``input``), each token is an ``input_json_delta`` fragment of the input's JSON,
+and the message stops with ``tool_use``. A whole answer cut by ``max_tokens``
+carries an empty ``input``, as the partial JSON does not parse.
 """
 
 from __future__ import annotations
@@ -12,7 +18,13 @@ import msgspec
 
 from devstack.fake_provider._faults import ErrorKind
 from devstack.fake_provider._http import SSE
-from devstack.fake_provider._plan import ChatRequest, Plan, Prefill, trailing_assistant
+from devstack.fake_provider._plan import (
+    ChatRequest,
+    Plan,
+    Prefill,
+    ToolCall,
+    trailing_assistant,
+)
 
 __all__ = ["AnthropicFormat"]
 
@@ -52,9 +64,7 @@ class AnthropicFormat:
         message = {**self._message(plan, []), "stop_reason": None}
         message["usage"] = {"input_tokens": plan.prompt_tokens, "output_tokens": 1}
         start = {"type": "message_start", "message": message}
-        block = (
-            b'{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}'
-        )
+        block = _TEXT_START if plan.tool is None else _tool_start(plan.tool)
         return [
             _sse(b"message_start", msgspec.json.encode(start)),
             _sse(b"content_block_start", block),
@@ -62,8 +72,7 @@ class AnthropicFormat:
         ]
 
     def token_events(self, plan: Plan) -> list[bytes]:
-        prefix = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
-        prefix += b'"delta":{"type":"text_delta","text":'
+        prefix = _TEXT_DELTA if plan.tool is None else _JSON_DELTA
         return [prefix + text + b"}}\n\n" for text in plan.deltas()]
 
     def closing(self, plan: Plan) -> list[bytes]:
@@ -90,7 +99,7 @@ class AnthropicFormat:
         return {"type": "error", "error": {"type": kind.anthropic_type, "message": kind.message}}
 
     def full(self, plan: Plan) -> Any:
-        message = self._message(plan, [{"type": "text", "text": plan.answer}])
+        message = self._message(plan, [_block(plan)])
         usage = {"input_tokens": plan.prompt_tokens, "output_tokens": plan.tokens}
         return {**message, "stop_reason": self._stop_reason(plan), "usage": usage}
 
@@ -105,4 +114,26 @@ class AnthropicFormat:
         }
 
     def _stop_reason(self, plan: Plan) -> str:
-        return "max_tokens" if plan.length_limited else "end_turn"
+        if plan.length_limited:
+            return "max_tokens"
+        return "end_turn" if plan.tool is None else "tool_use"
+
+
+_TEXT_START = b'{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}'
+_DELTA = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+_TEXT_DELTA = _DELTA + b'"delta":{"type":"text_delta","text":'
+_JSON_DELTA = _DELTA + b'"delta":{"type":"input_json_delta","partial_json":'
+
+
+def _tool_start(tool: ToolCall) -> bytes:
+    block = {"type": "tool_use", "id": tool.id, "name": tool.name, "input": {}}
+    return msgspec.json.encode({"type": "content_block_start", "index": 0, "content_block": block})
+
+
+def _block(plan: Plan) -> dict[str, Any]:
+    """The one content block of a whole answer: its text, or its ``tool_use``."""
+    tool = plan.tool
+    if tool is None:
+        return {"type": "text", "text": plan.answer}
+    tool_input = {} if plan.length_limited else msgspec.json.decode(tool.arguments)
+    return {"type": "tool_use", "id": tool.id, "name": tool.name, "input": tool_input}

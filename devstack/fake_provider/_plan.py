@@ -11,9 +11,12 @@ it (a prefill); each format says when (``WireFormat.prefill``), and the plan
 then starts at the first token the prefill does not hold yet (``Plan.start``).
 Only the last message's role is looked at, so ordinary requests cost no more.
 
-OpenAI's ``tools`` and ``tool_choice`` are decoded too (and messages'
-``tool_calls``/``tool_call_id``); a plan that answers with a tool call carries
-it (``Plan.tool``), its arguments cut into the plan's tokens like a JSON answer.
+The ``tools`` and ``tool_choice`` of OpenAI and Anthropic are decoded into the
+same structs (``_Tool.spec``, ``ChatRequest.may_call_tools``/``named_tool``
+read either shape), and so are tool results (``_Msg.tool_results``: an OpenAI ``tool``
+message, or Anthropic's ``tool_result`` blocks); a plan that answers with a tool
+call carries it (``Plan.tool``), its arguments cut into the plan's tokens like
+a JSON answer.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ __all__ = [
 
 class _Block(msgspec.Struct):
     text: str = ""
+    type: str = ""  # of the block types, the mock looks only for Anthropic's ``tool_result``
 
 
 class _Function(msgspec.Struct, omit_defaults=True):
@@ -52,13 +56,30 @@ class _Function(msgspec.Struct, omit_defaults=True):
 
 class _Tool(msgspec.Struct):
     type: str = ""
-    function: _Function | None = None  # None: not a function tool (or Anthropic's shape)
+    function: _Function | None = None  # OpenAI's function tool
+    name: str = ""  # Anthropic's tool: its name and ``input_schema``
+    input_schema: Any = None
+
+    def spec(self) -> tuple[str, Any] | None:
+        """The tool's name and its arguments' schema; None for a tool the mock cannot call
+        (neither an OpenAI function nor an Anthropic tool with an ``input_schema``)."""
+        if self.function is not None:
+            return self.function.name, self.function.parameters
+        if self.input_schema is not None:
+            return self.name, self.input_schema
+        return None
 
 
 class _ToolChoice(msgspec.Struct, omit_defaults=True):
     type: str = ""
     function: _Function | None = None
     name: str | None = None  # Anthropic's ``{"type": "tool", "name": ...}``
+
+    def named(self) -> str | None:
+        """The tool this choice requires by name (OpenAI's ``function``, Anthropic's ``tool``)."""
+        if self.function is not None:
+            return self.function.name
+        return self.name if self.type == "tool" else None
 
 
 class _ToolCallMsg(msgspec.Struct):
@@ -72,6 +93,15 @@ class _Msg(msgspec.Struct):
     content: str | list[_Block] | None = None
     tool_calls: list[_ToolCallMsg] | None = None
     tool_call_id: str | None = None
+
+    def tool_results(self) -> int:
+        """How many tool results this message carries: an OpenAI ``tool`` message is one;
+        an Anthropic user message one per ``tool_result`` block."""
+        if self.role == "tool":
+            return 1
+        if isinstance(self.content, list):
+            return sum(1 for block in self.content if block.type == "tool_result")
+        return 0
 
 
 class _StreamOptions(msgspec.Struct):
@@ -125,7 +155,7 @@ class ChatRequest(msgspec.Struct):
     logit_bias: Any = None
     format: Any = None
     add_generation_prompt: bool | None = None
-    # OpenAI's function tools, and which of them the answer must call.
+    # OpenAI's function tools or Anthropic's tools, and which of them the answer must call.
     tools: list[_Tool] = []
     tool_choice: str | _ToolChoice | None = None
     # Gemini's: turns of role user/model, the system prompt, maxOutputTokens.
@@ -138,6 +168,19 @@ class ChatRequest(msgspec.Struct):
     )
     # Bedrock Converse's: inferenceConfig.maxTokens (its system is a list of text blocks).
     inference_config: _InferenceConfig | None = msgspec.field(default=None, name="inferenceConfig")
+
+    def may_call_tools(self) -> bool:
+        """Whether tools are offered and ``tool_choice`` is not none (OpenAI's ``"none"``,
+        Anthropic's ``{"type": "none"}``)."""
+        choice = self.tool_choice
+        if not self.tools or choice is None:
+            return bool(self.tools)
+        return choice != "none" if isinstance(choice, str) else choice.type != "none"
+
+    def named_tool(self) -> str | None:
+        """The tool ``tool_choice`` requires by name, if it names one."""
+        choice = self.tool_choice
+        return None if isinstance(choice, str) or choice is None else choice.named()
 
 
 _decoder = msgspec.json.Decoder(ChatRequest)

@@ -90,6 +90,8 @@ CHAT_PATHS: dict[bytes, WireFormat] = {
     b"/v1/messages": _ANTHROPIC,
     b"/api/chat": _OLLAMA,
 }
+# The formats that answer a request offering tools with a call, and their calls' ids.
+_TOOL_CALL_IDS: dict[WireFormat, str] = {_OPENAI: "call_mock", _ANTHROPIC: "toolu_mock"}
 
 
 class _Exchange(NamedTuple):
@@ -261,8 +263,8 @@ class MockProvider:
         start, refusal = (0, None) if prefill is None else _prefill(fmt, fault, prefill)
         configured = self.tokens if fault.tokens is None else fault.tokens
         number = self._stats.requests + 1
-        offers_tools = fmt is _OPENAI and prefill is None  # tool calls: OpenAI's format only
-        tool = tool_call(request, self.name, number) if offers_tools else None
+        call_prefix = _TOOL_CALL_IDS.get(fmt) if prefill is None else None
+        tool = tool_call(request, self.name, f"{call_prefix}{number}") if call_prefix else None
         if tool is None:
             texts = structured_texts(request, self.name, configured)
         else:

@@ -9,12 +9,13 @@ answered, numbers are 1, booleans true, arrays one item, ``enum``/``const`` thei
 first value), so that it validates. The answer is split into tokens like any
 other, so streams, cuts and prefills work on JSON as on text.
 
-**Tool calls** (OpenAI's format): a request that offers function ``tools``,
-with a ``tool_choice`` other than ``"none"`` and a last message that is not a
-``tool`` result, is answered by one call (``tool_call``) to the tool
-``tool_choice`` names, else the first, with ``tool_arguments(parameters, name)``
-as its arguments; after a tool result the answer is text again, so a two-turn
-tool loop ends.
+**Tool calls** (OpenAI's and Anthropic's formats): a request that offers
+``tools``, with a ``tool_choice`` other than none (``"none"``, ``{"type":
+"none"}``) and a last message that carries no tool result (an OpenAI ``tool``
+message, an Anthropic ``tool_result`` block), is answered by one call
+(``tool_call``) to the tool ``tool_choice`` names, else the first, with
+``tool_arguments(schema, name)`` as its arguments; after a tool result the
+answer is text again, so a two-turn tool loop ends.
 """
 
 from __future__ import annotations
@@ -96,27 +97,25 @@ def tool_arguments(parameters: Any, name: str) -> str:
     return msgspec.json.encode(document).decode()
 
 
-def tool_call(request: ChatRequest, name: str, request_no: int) -> ToolCall | None:
-    """The tool call that answers ``request`` (OpenAI's format), or None for a text answer.
+def tool_call(request: ChatRequest, name: str, call_id: str) -> ToolCall | None:
+    """The tool call ``call_id`` that answers ``request``, or None for a text answer.
 
-    Raises ``ValueError`` (a 400) when ``tool_choice`` names a function not offered.
+    Raises ``ValueError`` (a 400) when ``tool_choice`` names a tool not offered.
     """
-    choice = request.tool_choice
-    if not request.tools or choice == "none":
+    if not request.may_call_tools():
         return None
-    if request.messages and request.messages[-1].role == "tool":
+    if request.messages and request.messages[-1].tool_results():
         return None  # the tool loop's second turn: answer in words
-    functions = [t.function for t in request.tools if t.function is not None]
-    wanted = None if isinstance(choice, str) or choice is None else choice.function
+    specs = [spec for spec in (t.spec() for t in request.tools) if spec is not None]
+    wanted = request.named_tool()
     if wanted is not None:
-        functions = [f for f in functions if f.name == wanted.name]
-        if not functions:
-            raise ValueError(f"tool_choice names {wanted.name!r}, which is not in tools")
-    if not functions:
+        specs = [spec for spec in specs if spec[0] == wanted]
+        if not specs:
+            raise ValueError(f"tool_choice names {wanted!r}, which is not in tools")
+    if not specs:
         return None
-    chosen = functions[0]
-    arguments = tool_arguments(chosen.parameters, name)
-    return ToolCall(f"call_mock{request_no}", chosen.name, arguments)
+    tool, schema = specs[0]
+    return ToolCall(call_id, tool, tool_arguments(schema, name))
 
 
 def _tool_options(request: ChatRequest, options: dict[str, Any]) -> None:
@@ -124,7 +123,7 @@ def _tool_options(request: ChatRequest, options: dict[str, Any]) -> None:
         options["tools"] = len(request.tools)
     if request.tool_choice is not None:
         options["tool_choice"] = msgspec.to_builtins(request.tool_choice)
-    results = sum(1 for m in request.messages if m.role == "tool")
+    results = sum(m.tool_results() for m in request.messages)
     if results:
         options["tool_results"] = results
 

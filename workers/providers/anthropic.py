@@ -22,8 +22,8 @@ import httpx
 import msgspec
 
 from broker._config import PoolConfig
-from broker._errors import StreamInterrupted
-from broker._protocol import Job, Message, Usage
+from broker._errors import StreamInterrupted, UpstreamRejected
+from broker._protocol import Job, Message, Tool, ToolCallDelta, Usage
 from workers.providers._base import Finish, Malformed, StreamItem, TextDelta
 from workers.providers._errors_map import error_for_payload
 from workers.providers._http import (
@@ -69,11 +69,20 @@ class _Message(msgspec.Struct):
 class _Delta(msgspec.Struct):
     type: str | None = None
     text: str | None = None
+    partial_json: str | None = None
     stop_reason: str | None = None
+
+
+class _Block(msgspec.Struct):
+    type: str = ""
+    id: str | None = None
+    name: str | None = None
 
 
 class _Event(msgspec.Struct):
     type: str = ""
+    index: int = 0
+    content_block: _Block | None = None
     message: _Message | None = None
     delta: _Delta | None = None
     usage: _Usage | None = None
@@ -85,10 +94,12 @@ _encoder = msgspec.json.Encoder()
 
 
 class AnthropicProvider:
-    """Adapter for ``kind: anthropic`` pools. Structured output (a forced tool) and
-    reasoning (``thinking``) are not mapped yet: such jobs are refused."""
+    """Adapter for ``kind: anthropic`` pools. Tools map to Anthropic's (``tool_use`` and
+    ``tool_result`` blocks, ``input_json_delta`` streamed as argument fragments);
+    structured output (a forced tool) and reasoning (``thinking``) are not mapped
+    yet: such jobs go to a target that maps them."""
 
-    features: ClassVar[frozenset[str]] = frozenset()
+    features: ClassVar[frozenset[str]] = frozenset({"tools"})
 
     def __init__(self, pool: PoolConfig, client: httpx.AsyncClient) -> None:
         self._client = client
@@ -119,7 +130,7 @@ def request_body(job: Job, model: str, prefill: str = "") -> bytes:
     """The request; a ``prefill`` (without trailing whitespace, which the API refuses)
     is the last assistant turn, which the model continues."""
     system = "\n\n".join(m.content for m in job.messages if m.role == "system")
-    turns = [_turn(m) for m in job.messages if m.role != "system"]
+    turns = _merged([_turn(m) for m in job.messages if m.role != "system"])
     if prefill:
         turns.append({"role": "assistant", "content": prefill})
     body: dict[str, Any] = {
@@ -131,13 +142,76 @@ def request_body(job: Job, model: str, prefill: str = "") -> bytes:
     }
     if system:
         body["system"] = system
+    if job.tools:
+        body["tools"] = [_tool(t) for t in job.tools]
+        choice = _tool_choice(job.tool_choice, job.parallel_tool_calls)
+        if choice is not None:
+            body["tool_choice"] = choice
     return _encoder.encode(with_provider_options(body, job, "anthropic"))
 
 
-def _turn(message: Message) -> dict[str, str]:
-    # The Messages API has no "tool" role for plain-text results; they are user turns.
+def _turn(message: Message) -> dict[str, Any]:
+    """One turn: a tool result is a user turn's ``tool_result`` block, an assistant's
+    tool calls its ``tool_use`` blocks (after its text, if any)."""
+    if message.role == "tool":
+        result = {"type": "tool_result", "tool_use_id": message.tool_call_id,
+                  "content": message.content}  # fmt: skip
+        return {"role": "user", "content": [result]}
     role = "assistant" if message.role == "assistant" else "user"
-    return {"role": role, "content": message.content}
+    if not message.tool_calls:
+        return {"role": role, "content": message.content}
+    blocks: list[dict[str, Any]] = [{"type": "text", "text": message.content}]
+    blocks = blocks if message.content else []
+    for call in message.tool_calls:
+        blocks.append({"type": "tool_use", "id": call.id, "name": call.function.name,
+                       "input": _arguments(call.function.arguments)})  # fmt: skip
+    return {"role": role, "content": blocks}
+
+
+def _merged(turns: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive turns of one role as one (several tool results answer one message)."""
+    out: list[dict[str, Any]] = []
+    for turn in turns:
+        if out and out[-1]["role"] == turn["role"]:
+            out[-1] = {"role": turn["role"], "content": _blocks(out[-1]) + _blocks(turn)}
+        else:
+            out.append(turn)
+    return out
+
+
+def _blocks(turn: dict[str, Any]) -> list[dict[str, Any]]:
+    content = turn["content"]
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+
+
+def _arguments(text: str) -> Any:
+    """A tool call's arguments as the object ``tool_use.input`` wants."""
+    try:
+        value = msgspec.json.decode(text) if text else {}
+    except msgspec.DecodeError as exc:
+        raise UpstreamRejected(f"tool call arguments are not JSON: {text[:80]!r}") from exc
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def _tool(tool: Tool) -> dict[str, Any]:
+    fn = tool.function
+    out: dict[str, Any] = {"name": fn.name, "input_schema": fn.parameters or {"type": "object"}}
+    if fn.description:
+        out["description"] = fn.description
+    return out
+
+
+def _tool_choice(choice: str | dict[str, Any] | None, parallel: bool | None) -> Any:
+    """OpenAI's ``tool_choice`` (and ``parallel_tool_calls``) in Anthropic's words."""
+    if choice is None and parallel is None:
+        return None
+    if isinstance(choice, dict):
+        out: dict[str, Any] = {"type": "tool", "name": choice.get("function", {}).get("name")}
+    else:
+        out = {"type": {"required": "any", "none": "none"}.get(choice or "auto", "auto")}
+    if parallel is False and out["type"] != "none":
+        out["disable_parallel_tool_use"] = True
+    return out
 
 
 class _StreamState:
@@ -148,11 +222,13 @@ class _StreamState:
 
     def __init__(self, trailing: TrailingWhitespace | None = None) -> None:
         self._trailing = trailing or TrailingWhitespace(None)
+        self._tool_index: dict[int, int] = {}  # content block index -> tool call index
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.reason: str | None = None
         self._handlers: dict[str, Callable[[_Event], StreamItem | None]] = {
             "message_start": self._message_start,
+            "content_block_start": self._block_start,
             "content_block_delta": self._content_delta,
             "message_delta": self._message_delta,
             "message_stop": self._message_stop,
@@ -174,11 +250,24 @@ class _StreamState:
         usage = event.message.usage if event.message else None
         self._count(usage)
 
+    def _block_start(self, event: _Event) -> StreamItem | None:
+        """A ``tool_use`` block opens a tool call: its id and name (OpenAI numbers tool
+        calls 0, 1, ... where Anthropic numbers every content block)."""
+        block = event.content_block
+        if block is None or block.type != "tool_use":
+            return None
+        self._tool_index[event.index] = index = len(self._tool_index)
+        return ToolCallDelta(index=index, id=block.id, name=block.name)
+
     def _content_delta(self, event: _Event) -> StreamItem | None:
         delta = event.delta
         if delta is not None and delta.type == "text_delta" and delta.text:
             text = self._trailing.skip(delta.text)
             return TextDelta(text) if text else None
+        if delta is not None and delta.type == "input_json_delta" and delta.partial_json:
+            index = self._tool_index.get(event.index)
+            if index is not None:
+                return ToolCallDelta(index=index, arguments=delta.partial_json)
         return None
 
     def _message_delta(self, event: _Event) -> Finish | None:
