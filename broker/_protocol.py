@@ -45,15 +45,48 @@ class ToolCall(msgspec.Struct, kw_only=True):
     function: FunctionCall
 
 
+class ImageUrl(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """An image by URL: ``https://...``, or the image itself as ``data:<type>;base64,...``."""
+
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class InputAudio(msgspec.Struct, kw_only=True):
+    data: str  # base64
+    format: Literal["wav", "mp3"]
+
+
+class TextPart(msgspec.Struct, tag="text", tag_field="type", kw_only=True):
+    text: str
+
+
+class ImagePart(msgspec.Struct, tag="image_url", tag_field="type", kw_only=True):
+    image_url: ImageUrl
+
+
+class AudioPart(msgspec.Struct, tag="input_audio", tag_field="type", kw_only=True):
+    input_audio: InputAudio
+
+
+ContentPart = TextPart | ImagePart | AudioPart
+
+
 class Message(msgspec.Struct, omit_defaults=True, kw_only=True):
     """One chat message, OpenAI-style: an assistant message may carry ``tool_calls``
-    (and no text), a ``tool`` message answers the call ``tool_call_id`` names."""
+    (and no text), a ``tool`` message answers the call ``tool_call_id`` names.
+
+    ``content`` is the message's text. A message with images or audio also has
+    ``parts``, its whole content in order (OpenAI's content parts); ``content`` is
+    then the text of those parts, for targets and checks that read text only.
+    """
 
     role: Role
     content: str = ""
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    parts: list[ContentPart] | None = None
 
 
 class FunctionDef(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -358,6 +391,12 @@ def requested_features(job: Job) -> set[str]:
     wanted = set()
     if job.tools or any(m.tool_calls or m.role == "tool" for m in job.messages):
         wanted.add("tools")
+    for m in job.messages:
+        for part in m.parts or ():
+            if isinstance(part, ImagePart):
+                wanted.add("images")
+            elif isinstance(part, AudioPart):
+                wanted.add("audio")
     if job.response_format is not None and job.response_format.type != "text":
         wanted.add("response_format")
     if job.reasoning_effort is not None:

@@ -34,7 +34,7 @@ import msgspec
 
 from broker._config import Config, ProviderKind
 from broker._errors import InvalidJob, PayloadTooLarge
-from broker._protocol import Job, decode_job, encode
+from broker._protocol import ImagePart, Job, decode_job, encode
 from broker._subjects import REPLY_PREFIX, arrival, is_valid_name, tenant_of
 
 PREVIEW_BYTES = 2048
@@ -44,6 +44,8 @@ PROVIDER_KINDS: tuple[str, ...] = get_args(ProviderKind)
 MAX_TOKENS_LIMIT = 1_000_000
 # OpenAI's own limit on the functions one request may offer.
 MAX_TOOLS = 128
+# Where an image part may point: the web, or the image itself.
+IMAGE_URLS = ("https://", "http://", "data:image/")
 MAX_ID_CHARS = 128
 MAX_SUBJECT_CHARS = 256
 MAX_STOP_SEQUENCES = 16
@@ -205,6 +207,10 @@ def _check_messages(job: Job) -> None:
             raise _fail(f"messages[{i}].tool_calls", "only an assistant message makes tool calls")
         if message.role == "tool" and not message.tool_call_id:
             raise _fail(f"messages[{i}].tool_call_id", "a tool message names the call it answers")
+        for j, part in enumerate(message.parts or ()):
+            if isinstance(part, ImagePart) and not part.image_url.url.startswith(IMAGE_URLS):
+                where = f"messages[{i}].parts[{j}].image_url.url"
+                raise _fail(where, "an image is an http(s) URL or a data:image/... URL")
     if job.tools is not None and len(job.tools) > MAX_TOOLS:
         raise _fail("tools", f"at most {MAX_TOOLS} tools")
 

@@ -15,18 +15,21 @@ import msgspec
 
 from broker._client import JobOptions
 from broker._errors import InvalidRequest
-from broker._protocol import Message, ReasoningEffort, ResponseFormat, Tool, ToolCall
+from broker._protocol import (
+    ContentPart,
+    Message,
+    ReasoningEffort,
+    ResponseFormat,
+    TextPart,
+    Tool,
+    ToolCall,
+)
 from broker._validate import valid_traceparent
-
-
-class _ContentPart(msgspec.Struct):
-    type: str
-    text: str | None = None
 
 
 class _MessageIn(msgspec.Struct, kw_only=True):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[_ContentPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -51,11 +54,11 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     """The fields of an OpenAI chat completion request that llmrelay honours.
 
     Unknown fields are ignored; fields that would change the shape of the answer
-    and that llmrelay does not relay (``functions``, ``n`` > 1, non-text content
-    parts) are refused, so that a client never silently gets something else.
-    Tools, tool calls and tool results, ``response_format`` (text, JSON, JSON of a
-    schema) and ``reasoning_effort`` are relayed to targets that map them; with
-    none left the request is refused (``bad_request``).
+    and that llmrelay does not relay (``functions``, ``n`` > 1) are refused, so that
+    a client never silently gets something else. Tools, tool calls and tool
+    results, images and audio, ``response_format`` (text, JSON, JSON of a schema)
+    and ``reasoning_effort`` are relayed to targets that map them; with none left
+    the request is refused (``bad_request``).
     """
 
     model: str
@@ -141,8 +144,9 @@ def to_messages(req: ChatRequest) -> list[Message]:
             )
         role = "system" if m.role == "developer" else m.role
         content = "" if m.content is None and m.tool_calls else _text_of(m, i)
+        parts = _media_parts(m)
         out.append(Message(role=role, content=content, name=m.name, tool_calls=m.tool_calls,
-                           tool_call_id=m.tool_call_id))  # fmt: skip
+                           tool_call_id=m.tool_call_id, parts=parts))  # fmt: skip
     return out
 
 
@@ -151,15 +155,14 @@ def _text_of(m: _MessageIn, i: int) -> str:
         raise InvalidRequest(f"messages[{i}].content: a message needs content", f"messages[{i}]")
     if isinstance(m.content, str):
         return m.content
-    texts = []
-    for j, part in enumerate(m.content):
-        if part.type != "text" or part.text is None:
-            raise InvalidRequest(
-                f"messages[{i}].content[{j}]: only text parts are relayed, got {part.type!r}",
-                f"messages[{i}].content[{j}].type",
-            )
-        texts.append(part.text)
-    return "".join(texts)
+    return "".join(part.text for part in m.content if isinstance(part, TextPart))
+
+
+def _media_parts(m: _MessageIn) -> list[ContentPart] | None:
+    """The message's parts when it has images or audio (its text alone is ``content``)."""
+    if isinstance(m.content, list) and any(not isinstance(p, TextPart) for p in m.content):
+        return m.content
+    return None
 
 
 def job_options(req: ChatRequest, traceparent: str | None) -> JobOptions:

@@ -458,8 +458,13 @@ def user_says(content: Any) -> list[dict[str, Any]]:
         ),
         (
             body(messages=user_says([{"type": "image_url"}])),
+            "messages[0].content[0].image_url",
+            "missing required field",
+        ),
+        (
+            body(messages=user_says([{"type": "video", "video": {}}])),
             "messages[0].content[0].type",
-            "only text",
+            "video",
         ),
     ],
 )

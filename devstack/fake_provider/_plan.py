@@ -42,9 +42,20 @@ __all__ = [
 ]
 
 
+class _Media(msgspec.Struct):
+    """Where an image is: OpenAI's ``image_url.url``, Anthropic's ``source.type``."""
+
+    url: str = ""
+    type: str = ""
+
+
 class _Block(msgspec.Struct):
     text: str = ""
-    type: str = ""  # of the block types, the mock looks only for Anthropic's ``tool_result``
+    # Of the block types the mock looks for Anthropic's ``tool_result`` and images
+    # (OpenAI's ``image_url`` parts, Anthropic's ``image`` blocks), which it logs.
+    type: str = ""
+    image_url: _Media | None = None
+    source: _Media | None = None
 
 
 class _Function(msgspec.Struct, omit_defaults=True):

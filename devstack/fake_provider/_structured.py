@@ -145,4 +145,20 @@ def logged_options(request: ChatRequest) -> dict[str, Any] | None:
     if request.logit_bias is not None:
         options["logit_bias"] = True
     _tool_options(request, options)
+    images = _image_sources(request)
+    if images:
+        options["images"] = images
     return options or None
+
+
+def _image_sources(request: ChatRequest) -> list[str]:
+    """How each image came, in the provider's words: OpenAI ``url``/``data`` (a data
+    URL), Anthropic's ``source.type`` (``base64``/``url``)."""
+    found = []
+    for message in request.messages:
+        for block in message.content if isinstance(message.content, list) else ():
+            if block.type == "image_url" and block.image_url is not None:
+                found.append("data" if block.image_url.url.startswith("data:") else "url")
+            elif block.type == "image" and block.source is not None:
+                found.append(block.source.type)
+    return found

@@ -23,7 +23,16 @@ import msgspec
 
 from broker._config import PoolConfig
 from broker._errors import StreamInterrupted, UpstreamRejected
-from broker._protocol import Job, Message, Tool, ToolCallDelta, Usage
+from broker._protocol import (
+    ContentPart,
+    ImagePart,
+    Job,
+    Message,
+    TextPart,
+    Tool,
+    ToolCallDelta,
+    Usage,
+)
 from workers.providers._base import Finish, Malformed, StreamItem, TextDelta
 from workers.providers._errors_map import error_for_payload
 from workers.providers._http import (
@@ -95,11 +104,12 @@ _encoder = msgspec.json.Encoder()
 
 class AnthropicProvider:
     """Adapter for ``kind: anthropic`` pools. Tools map to Anthropic's (``tool_use`` and
-    ``tool_result`` blocks, ``input_json_delta`` streamed as argument fragments);
+    ``tool_result`` blocks, ``input_json_delta`` streamed as argument fragments), images
+    to ``image`` blocks (by URL, or base64 from a data URL);
     structured output (a forced tool) and reasoning (``thinking``) are not mapped
     yet: such jobs go to a target that maps them."""
 
-    features: ClassVar[frozenset[str]] = frozenset({"tools"})
+    features: ClassVar[frozenset[str]] = frozenset({"tools", "images"})
 
     def __init__(self, pool: PoolConfig, client: httpx.AsyncClient) -> None:
         self._client = client
@@ -158,6 +168,8 @@ def _turn(message: Message) -> dict[str, Any]:
                   "content": message.content}  # fmt: skip
         return {"role": "user", "content": [result]}
     role = "assistant" if message.role == "assistant" else "user"
+    if message.parts:
+        return {"role": role, "content": [_part(part) for part in message.parts]}
     if not message.tool_calls:
         return {"role": role, "content": message.content}
     blocks: list[dict[str, Any]] = [{"type": "text", "text": message.content}]
@@ -166,6 +178,19 @@ def _turn(message: Message) -> dict[str, Any]:
         blocks.append({"type": "tool_use", "id": call.id, "name": call.function.name,
                        "input": _arguments(call.function.arguments)})  # fmt: skip
     return {"role": role, "content": blocks}
+
+
+def _part(part: ContentPart) -> dict[str, Any]:
+    """A content part as Anthropic's block: an image by URL, or base64 from a data URL."""
+    if isinstance(part, TextPart):
+        return {"type": "text", "text": part.text}
+    if not isinstance(part, ImagePart):  # audio: refused before (``features``)
+        raise UpstreamRejected("audio parts are not supported by anthropic pools")
+    url = part.image_url.url
+    if url.startswith("data:"):
+        media, _, data = url[len("data:") :].partition(";base64,")
+        return {"type": "image", "source": {"type": "base64", "media_type": media, "data": data}}
+    return {"type": "image", "source": {"type": "url", "url": url}}
 
 
 def _merged(turns: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -84,7 +84,9 @@ class OpenAIProvider:
     output and reasoning effort pass through in OpenAI's own shapes; streamed tool-call
     fragments become ``ToolCallDelta`` items."""
 
-    features: ClassVar[frozenset[str]] = frozenset({"tools", "response_format", "reasoning_effort"})
+    features: ClassVar[frozenset[str]] = frozenset(
+        {"tools", "images", "audio", "response_format", "reasoning_effort"}
+    )
     kind = "openai"
 
     def __init__(self, pool: PoolConfig, client: httpx.AsyncClient) -> None:
@@ -121,7 +123,7 @@ def request_body(job: Job, model: str, prefill: str | None = None, kind: str = "
     OpenAI's own API refuses it with a 400, and the worker then restarts instead)."""
     body: dict[str, Any] = {
         "model": model,
-        "messages": job.messages,
+        "messages": _wire_messages(job.messages),
         "stream": True,
         "stream_options": {"include_usage": True},
         **job_params(job, _PARAMS),
@@ -185,6 +187,20 @@ class _StreamState:
         if self.reason is None:
             raise StreamInterrupted(f"{where} before any finish_reason: answer truncated")
         return Finish(self.reason, self.usage)
+
+
+def _wire_messages(messages: list[Message]) -> list[Any]:
+    """The messages in OpenAI's shape: one with images or audio has its parts as content."""
+    if not any(m.parts for m in messages):
+        return messages
+    return [m if not m.parts else _with_parts(m) for m in messages]
+
+
+def _with_parts(m: Message) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": m.role, "content": m.parts}
+    if m.name:
+        out["name"] = m.name
+    return out
 
 
 def _tool_fragment(call: _ToolCallDelta) -> ToolCallDelta:

@@ -1,0 +1,108 @@
+"""Images (and audio) in messages, through the `openai` SDK against the gateway: each
+upstream gets them in its own shape (the fake provider logs how each image came), and a
+target whose provider kind does not take them never gets the request."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import openai
+import pytest
+
+from devstack import MockProvider, expected_answer
+from gateway import serve_gateway
+from tests._harness import StartStack, upstream
+
+PIXEL = (
+    "data:image/png;base64,"
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
+LOOK: list[Any] = [
+    {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "What is in these pictures?"},
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+            {"type": "image_url", "image_url": {"url": PIXEL, "detail": "low"}},
+        ],
+    }
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "seen"), [("openai", ["url", "data"]), ("anthropic", ["url", "base64"])]
+)
+async def test_images_reach_each_upstream_in_its_own_shape(
+    relay_stack: StartStack, client_url: str, kind: str, seen: list[str]
+) -> None:
+    mock = MockProvider(name="mock-v", tokens=4)
+    async with (
+        relay_stack({"v": upstream(mock, kind)}, {"chat": [("v", "vision")]}) as s,
+        serve_gateway(s.config, nats_url=client_url) as base_url,
+        openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
+    ):
+        reply = await client.chat.completions.create(model="chat", messages=LOOK)
+        [call] = s.providers["v"].stats()["log"]
+    assert reply.choices[0].message.content == expected_answer("mock-v", 4)
+    assert call["options"]["images"] == seen
+
+
+async def test_images_for_a_text_only_kind_go_to_a_target_that_takes_them(
+    relay_stack: StartStack, client_url: str
+) -> None:
+    llama, gpt = MockProvider(name="mock-o", tokens=4), MockProvider(name="mock-a", tokens=4)
+    pools = {"o": upstream(llama, "ollama"), "a": upstream(gpt)}
+    async with (
+        relay_stack(pools, {"chat": [("o", "llama3"), ("a", "gpt-4o")]}) as s,
+        serve_gateway(s.config, nats_url=client_url) as base_url,
+        openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
+    ):
+        reply = await client.chat.completions.create(model="chat", messages=LOOK)
+        plain = await client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "hi"}]
+        )
+        _ = s
+    assert reply.model == "gpt-4o" and plain.model == "llama3"
+    assert llama.stats()["requests"] == 1  # the text request only
+
+
+async def test_audio_to_a_kind_that_takes_none_is_refused_by_name(
+    relay_stack: StartStack, client_url: str
+) -> None:
+    mock = MockProvider(name="mock-b", tokens=4)
+    sound = [{"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]
+    async with (
+        relay_stack({"b": upstream(mock, "anthropic")}, {"chat": [("b", "claude")]}) as s,
+        serve_gateway(s.config, nats_url=client_url) as base_url,
+        openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
+    ):
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(
+                model="chat",
+                messages=[{"role": "user", "content": sound}],  # type: ignore[list-item]
+            )
+        _ = s
+    assert caught.value.code == "bad_request" and "audio" in caught.value.message
+    assert mock.stats()["requests"] == 0
+
+
+async def test_an_image_that_is_not_a_url_is_refused_naming_the_field(
+    relay_stack: StartStack, client_url: str
+) -> None:
+    mock = MockProvider(name="mock-v", tokens=4)
+    async with (
+        relay_stack({"v": upstream(mock)}, {"chat": [("v", "vision")]}) as s,
+        serve_gateway(s.config, nats_url=client_url) as base_url,
+        openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
+    ):
+        bad = [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}],
+            }
+        ]
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(model="chat", messages=bad)  # type: ignore[arg-type]
+        _ = s
+    assert caught.value.code == "invalid_job"
+    assert "image_url.url" in caught.value.message and mock.stats()["requests"] == 0
