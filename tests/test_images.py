@@ -50,20 +50,48 @@ async def test_images_reach_each_upstream_in_its_own_shape(
 async def test_images_for_a_text_only_kind_go_to_a_target_that_takes_them(
     relay_stack: StartStack, client_url: str
 ) -> None:
-    llama, gpt = MockProvider(name="mock-o", tokens=4), MockProvider(name="mock-a", tokens=4)
-    pools = {"o": upstream(llama, "ollama"), "a": upstream(gpt)}
+    """Route [Gemini (text only here), OpenAI]: the image request goes to the OpenAI pool;
+    so does a linked image on an Ollama pool, which takes images as data only."""
+    gemini, llama = MockProvider(name="mock-g", tokens=4), MockProvider(name="mock-o", tokens=4)
+    gpt = MockProvider(name="mock-a", tokens=4)
+    pools = {"g": upstream(gemini, "gemini"), "o": upstream(llama, "ollama"), "a": upstream(gpt)}
+    routes = {
+        "chat": [("g", "gemini"), ("a", "gpt-4o")],
+        "local": [("o", "llava"), ("a", "gpt-4o")],
+    }
     async with (
-        relay_stack(pools, {"chat": [("o", "llama3"), ("a", "gpt-4o")]}) as s,
+        relay_stack(pools, routes) as s,
         serve_gateway(s.config, nats_url=client_url) as base_url,
         openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
     ):
         reply = await client.chat.completions.create(model="chat", messages=LOOK)
+        linked = await client.chat.completions.create(model="local", messages=LOOK)
         plain = await client.chat.completions.create(
             model="chat", messages=[{"role": "user", "content": "hi"}]
         )
         _ = s
-    assert reply.model == "gpt-4o" and plain.model == "llama3"
-    assert llama.stats()["requests"] == 1  # the text request only
+    assert reply.model == "gpt-4o" and linked.model == "gpt-4o" and plain.model == "gemini"
+    assert gemini.stats()["requests"] == 1 and llama.stats()["requests"] == 0
+
+
+async def test_an_ollama_pool_gets_images_as_base64(
+    relay_stack: StartStack, client_url: str
+) -> None:
+    mock = MockProvider(name="mock-o", tokens=4)
+    data_only = [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": PIXEL}},
+    ]}]  # fmt: skip
+    async with (
+        relay_stack({"o": upstream(mock, "ollama")}, {"chat": [("o", "llava")]}) as s,
+        serve_gateway(s.config, nats_url=client_url) as base_url,
+        openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
+    ):
+        reply = await client.chat.completions.create(model="chat", messages=data_only)  # type: ignore[arg-type]
+        [call] = mock.stats()["log"]
+        _ = s
+    assert reply.choices[0].message.content == expected_answer("mock-o", 4)
+    assert call["options"]["images"] == ["base64"]
 
 
 async def test_audio_to_a_kind_that_takes_none_is_refused_by_name(

@@ -249,10 +249,13 @@ async def test_tool_choice_naming_an_unknown_tool_is_a_400(client: httpx.AsyncCl
     assert "nope" in response.json()["error"]["message"]
 
 
-async def test_ollama_answers_a_request_with_tools_in_words(
+async def test_ollama_answers_a_request_with_tools_with_a_call(
     client: httpx.AsyncClient,
 ) -> None:
-    """The fake's Ollama format does not call tools (Anthropic's does: its own tests)."""
+    """Ollama's format calls the first tool too (its wire shapes: test_mock_ollama_tools)."""
     ollama = {"model": "m", "messages": ASK, "tools": TOOLS, "stream": False}
-    response = await client.post("/api/chat", json=ollama)
-    assert response.json()["message"]["content"] == expected_answer(NAME, TOKENS)
+    message = (await client.post("/api/chat", json=ollama)).json()["message"]
+    assert message["content"] == ""
+    [call] = message["tool_calls"]
+    arguments = json.loads(tool_arguments(WEATHER, NAME))
+    assert call == {"function": {"name": "get_weather", "arguments": arguments}}

@@ -150,13 +150,13 @@ async def test_a_stream_cut_mid_arguments_never_hands_over_half_a_call(
 async def test_tools_for_a_target_that_cannot_call_them_go_to_one_that_can(
     relay_stack: StartStack,
 ) -> None:
-    """Route [Ollama, OpenAI]: the tool job goes to the OpenAI pool, never to Ollama."""
-    llama, gpt = MockProvider(name="mock-o", tokens=4), MockProvider(name="mock-a", tokens=4)
-    pools = {"b": upstream(llama, "ollama"), "a": upstream(gpt)}
+    """Route [Gemini, OpenAI]: the tool job goes to the OpenAI pool, never to Gemini."""
+    gemini, gpt = MockProvider(name="mock-g", tokens=4), MockProvider(name="mock-a", tokens=4)
+    pools = {"b": upstream(gemini, "gemini"), "a": upstream(gpt)}
     tool = Tool(
         function=FunctionDef(name="get_weather", parameters=WEATHER["function"]["parameters"])
     )
-    async with relay_stack(pools, {"chat": [("b", "llama3"), ("a", "gpt")]}) as s:
+    async with relay_stack(pools, {"chat": [("b", "gemini"), ("a", "gpt")]}) as s:
         handle = await s.relay.submit("weather?", route="chat", options=JobOptions(tools=[tool]))
         await handle.text()
     assert handle.done is not None and handle.done.pool == "a"
@@ -164,7 +164,7 @@ async def test_tools_for_a_target_that_cannot_call_them_go_to_one_that_can(
     [call] = handle.tool_calls
     assert call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == expected_arguments("mock-a")
-    assert llama.stats()["requests"] == 0
+    assert gemini.stats()["requests"] == 0
 
 
 @pytest.mark.parametrize("choice", ["none"])
@@ -267,4 +267,40 @@ async def test_an_anthropic_tool_use_reaches_the_openai_sdk_as_a_tool_call(
     assert call.function.name == "get_weather" and call.id.startswith("toolu_")
     assert json.loads(call.function.arguments or "") == expected_arguments("mock-b")
     assert answer.choices[0].message.content == expected_answer("mock-b", TOKENS)
+    assert log[1]["options"].get("tool_results") == 1
+
+
+async def test_an_ollama_tool_call_reaches_the_openai_sdk_and_the_result_goes_back(
+    relay_stack: StartStack, client_url: str
+) -> None:
+    """Ollama sends a call whole (arguments as an object, no id): the SDK gets a normal
+    tool call with an id, and the tool result goes back with the tool's name."""
+    mock = MockProvider(name="mock-o", tokens=TOKENS)
+    async with (
+        relay_stack({"o": upstream(mock, "ollama")}, {"chat": [("o", "llama3.1")]}) as s,
+        serve_gateway(s.config, nats_url=client_url) as base_url,
+        openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
+    ):
+        first = await client.chat.completions.create(
+            model="chat",
+            messages=ASK,
+            tools=[WEATHER],  # type: ignore[arg-type, list-item]
+        )
+        message = first.choices[0].message
+        assert message.tool_calls
+        [call] = message.tool_calls
+        history: list[Any] = [
+            *ASK,
+            message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "clear"}'},
+        ]
+        second = await client.chat.completions.create(
+            model="chat",
+            messages=history,
+            tools=[WEATHER],  # type: ignore[list-item]
+        )
+        log = s.providers["o"].stats()["log"]
+    assert first.choices[0].finish_reason == "tool_calls" and call.id
+    assert json.loads(call.function.arguments) == expected_arguments("mock-o")
+    assert second.choices[0].message.content == expected_answer("mock-o", TOKENS)
     assert log[1]["options"].get("tool_results") == 1

@@ -2,6 +2,11 @@
 
 A conversation that ends with an assistant message is a prefill, and the answer
 continues it, as Ollama does.
+
+A plan with a tool call (``Plan.tool``) is sent as Ollama sends one: the whole
+call in one line (``message.tool_calls``, its ``arguments`` a JSON object, no
+id), then the ``done`` line; the plan's tokens only count (``eval_count``). An
+answer cut by ``num_predict`` calls with ``{}``, as the partial JSON does not parse.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import msgspec
 
 from devstack.fake_provider._faults import ErrorKind
 from devstack.fake_provider._http import NDJSON
-from devstack.fake_provider._plan import ChatRequest, Plan, Prefill, trailing_assistant
+from devstack.fake_provider._plan import ChatRequest, Plan, Prefill, ToolCall, trailing_assistant
 
 __all__ = ["OllamaFormat"]
 
@@ -46,6 +51,9 @@ class OllamaFormat:
             msgspec.json.encode(plan.model),
             _iso(plan.created).encode(),
         )
+        if plan.tool is not None:
+            calls = msgspec.json.encode(_tool_calls(plan.tool, plan))
+            return [prefix + b'"","tool_calls":%s},"done":false}\n' % calls]
         return [prefix + text + b'},"done":false}\n' for text in plan.deltas()]
 
     def closing(self, plan: Plan) -> list[bytes]:
@@ -64,7 +72,11 @@ class OllamaFormat:
         return {"error": kind.message}
 
     def full(self, plan: Plan) -> Any:
-        return self._final(plan, plan.answer)
+        if plan.tool is None:
+            return self._final(plan, plan.answer)
+        final = self._final(plan, "")
+        final["message"]["tool_calls"] = _tool_calls(plan.tool, plan)
+        return final
 
     def _final(self, plan: Plan, content: str) -> dict[str, Any]:
         return {
@@ -76,6 +88,12 @@ class OllamaFormat:
             "prompt_eval_count": plan.prompt_tokens,
             "eval_count": plan.tokens,
         }
+
+
+def _tool_calls(tool: ToolCall, plan: Plan) -> list[dict[str, Any]]:
+    """``tool`` as Ollama's ``tool_calls``: the whole call, its arguments an object."""
+    arguments = {} if plan.length_limited else msgspec.json.decode(tool.arguments)
+    return [{"function": {"name": tool.name, "arguments": arguments}}]
 
 
 def _iso(unix_s: int) -> str:

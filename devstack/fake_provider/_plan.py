@@ -11,10 +11,11 @@ it (a prefill); each format says when (``WireFormat.prefill``), and the plan
 then starts at the first token the prefill does not hold yet (``Plan.start``).
 Only the last message's role is looked at, so ordinary requests cost no more.
 
-The ``tools`` and ``tool_choice`` of OpenAI and Anthropic are decoded into the
+The ``tools`` and ``tool_choice`` of OpenAI and Anthropic (and Ollama's tools,
+OpenAI's shape without ``tool_choice``) are decoded into the
 same structs (``_Tool.spec``, ``ChatRequest.may_call_tools``/``named_tool``
-read either shape), and so are tool results (``_Msg.tool_results``: an OpenAI ``tool``
-message, or Anthropic's ``tool_result`` blocks); a plan that answers with a tool
+read either shape), and so are tool results (``_Msg.tool_results``: an OpenAI or
+Ollama ``tool`` message, or Anthropic's ``tool_result`` blocks); a plan that answers with a tool
 call carries it (``Plan.tool``), its arguments cut into the plan's tokens like
 a JSON answer.
 """
@@ -104,6 +105,7 @@ class _Msg(msgspec.Struct):
     content: str | list[_Block] | None = None
     tool_calls: list[_ToolCallMsg] | None = None
     tool_call_id: str | None = None
+    images: list[str] | None = None  # Ollama's: base64 images beside the text
 
     def tool_results(self) -> int:
         """How many tool results this message carries: an OpenAI ``tool`` message is one;

@@ -68,12 +68,7 @@ from devstack.fake_provider._plan import (
     estimate_prompt_tokens,
 )
 from devstack.fake_provider._stats import Stats
-from devstack.fake_provider._structured import (
-    json_tokens_of,
-    logged_options,
-    structured_texts,
-    tool_call,
-)
+from devstack.fake_provider._structured import answer_texts, logged_options
 
 __all__ = ["CHAT_PATHS", "MockProvider"]
 
@@ -90,8 +85,13 @@ CHAT_PATHS: dict[bytes, WireFormat] = {
     b"/v1/messages": _ANTHROPIC,
     b"/api/chat": _OLLAMA,
 }
-# The formats that answer a request offering tools with a call, and their calls' ids.
-_TOOL_CALL_IDS: dict[WireFormat, str] = {_OPENAI: "call_mock", _ANTHROPIC: "toolu_mock"}
+# The formats that answer a request offering tools with a call, and their calls' ids
+# (Ollama's calls carry none on the wire).
+_TOOL_CALL_IDS: dict[WireFormat, str] = {
+    _OPENAI: "call_mock",
+    _ANTHROPIC: "toolu_mock",
+    _OLLAMA: "ollama_mock",
+}
 
 
 class _Exchange(NamedTuple):
@@ -263,12 +263,9 @@ class MockProvider:
         start, refusal = (0, None) if prefill is None else _prefill(fmt, fault, prefill)
         configured = self.tokens if fault.tokens is None else fault.tokens
         number = self._stats.requests + 1
-        call_prefix = _TOOL_CALL_IDS.get(fmt) if prefill is None else None
-        tool = tool_call(request, self.name, f"{call_prefix}{number}") if call_prefix else None
-        if tool is None:
-            texts = structured_texts(request, self.name, configured)
-        else:
-            texts = json_tokens_of(tool.arguments, configured)
+        prefix = _TOOL_CALL_IDS.get(fmt) if prefill is None else None
+        call_id = None if prefix is None else f"{prefix}{number}"
+        tool, texts = answer_texts(request, self.name, configured, call_id)
         total = configured if texts is None else len(texts)
         remaining = max(total - start, 0)
         limit = fmt.limit(request)

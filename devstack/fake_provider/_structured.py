@@ -9,13 +9,14 @@ answered, numbers are 1, booleans true, arrays one item, ``enum``/``const`` thei
 first value), so that it validates. The answer is split into tokens like any
 other, so streams, cuts and prefills work on JSON as on text.
 
-**Tool calls** (OpenAI's and Anthropic's formats): a request that offers
+**Tool calls** (OpenAI's, Anthropic's and Ollama's formats): a request that offers
 ``tools``, with a ``tool_choice`` other than none (``"none"``, ``{"type":
 "none"}``) and a last message that carries no tool result (an OpenAI ``tool``
 message, an Anthropic ``tool_result`` block), is answered by one call
 (``tool_call``) to the tool ``tool_choice`` names, else the first, with
 ``tool_arguments(schema, name)`` as its arguments; after a tool result the
-answer is text again, so a two-turn tool loop ends.
+answer is text again, so a two-turn tool loop ends. ``answer_texts`` picks, for
+the server, between a tool call, a JSON answer and text (None).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from devstack.fake_provider._answer import expected_answer
 from devstack.fake_provider._plan import ChatRequest, ToolCall
 
 __all__ = [
+    "answer_texts",
     "json_answer",
     "json_tokens_of",
     "logged_options",
@@ -118,6 +120,18 @@ def tool_call(request: ChatRequest, name: str, call_id: str) -> ToolCall | None:
     return ToolCall(call_id, tool, tool_arguments(schema, name))
 
 
+def answer_texts(
+    request: ChatRequest, name: str, tokens: int, call_id: str | None
+) -> tuple[ToolCall | None, tuple[str, ...] | None]:
+    """The tool call that answers ``request`` (only if ``call_id`` is given: the format
+    calls tools) and the answer's tokens: the call's arguments, a JSON answer, or None
+    for text. Raises ``ValueError`` as ``tool_call`` does."""
+    tool = None if call_id is None else tool_call(request, name, call_id)
+    if tool is None:
+        return None, structured_texts(request, name, tokens)
+    return tool, json_tokens_of(tool.arguments, tokens)
+
+
 def _tool_options(request: ChatRequest, options: dict[str, Any]) -> None:
     if request.tools:
         options["tools"] = len(request.tools)
@@ -153,9 +167,11 @@ def logged_options(request: ChatRequest) -> dict[str, Any] | None:
 
 def _image_sources(request: ChatRequest) -> list[str]:
     """How each image came, in the provider's words: OpenAI ``url``/``data`` (a data
-    URL), Anthropic's ``source.type`` (``base64``/``url``)."""
+    URL), Anthropic's ``source.type`` (``base64``/``url``), Ollama's ``images`` (``base64``)."""
     found = []
     for message in request.messages:
+        if message.images:
+            found += ["base64"] * len(message.images)
         for block in message.content if isinstance(message.content, list) else ():
             if block.type == "image_url" and block.image_url is not None:
                 found.append("data" if block.image_url.url.startswith("data:") else "url")

@@ -16,8 +16,8 @@ import httpx
 import msgspec
 
 from broker._config import PoolConfig
-from broker._errors import StreamInterrupted
-from broker._protocol import Job, Usage
+from broker._errors import FeatureUnsupported, StreamInterrupted, UpstreamRejected
+from broker._protocol import ImagePart, Job, Message, ToolCallDelta, Usage
 from workers.providers._base import Finish, Malformed, StreamItem, TextDelta
 from workers.providers._errors_map import error_for_payload
 from workers.providers._http import (
@@ -39,8 +39,18 @@ _OPTIONS = {
 }
 
 
+class _Function(msgspec.Struct):
+    name: str = ""
+    arguments: Any = None
+
+
+class _ToolCall(msgspec.Struct):
+    function: _Function | None = None
+
+
 class _Message(msgspec.Struct):
     content: str = ""
+    tool_calls: list[_ToolCall] | None = None
 
 
 class _Line(msgspec.Struct):
@@ -58,9 +68,11 @@ _encoder = msgspec.json.Encoder()
 
 class OllamaProvider:
     """Adapter for ``kind: ollama`` pools: structured output is Ollama's ``format``
-    (``"json"``, or the JSON schema itself)."""
+    (``"json"``, or the JSON schema itself); tools pass in OpenAI's shape and a call
+    comes back whole in one line (arguments as an object, no id: ids are made up
+    from the call's place); images go as a message's base64 ``images``."""
 
-    features: ClassVar[frozenset[str]] = frozenset({"response_format"})
+    features: ClassVar[frozenset[str]] = frozenset({"tools", "images", "response_format"})
 
     def __init__(self, pool: PoolConfig, client: httpx.AsyncClient) -> None:
         self._client = client
@@ -75,8 +87,9 @@ class OllamaProvider:
         headers = job_headers(self._headers, job)
         body_bytes = request_body(job, model, prefill)
         async with open_stream(self._client, self._url, headers=headers, body=body_bytes) as body:
+            lines = _Lines()
             async for line in body.items(NDJSONParser()):
-                for item in _items(line):
+                for item in lines.items(line):
                     body.complete = isinstance(item, Finish)
                     yield item
                     if body.complete:
@@ -86,10 +99,13 @@ class OllamaProvider:
 
 def request_body(job: Job, model: str, prefill: str | None = None) -> bytes:
     """The request; a ``prefill`` is a last assistant message, which Ollama continues."""
-    messages = [{"role": m.role, "content": m.content} for m in job.messages]
+    names = {c.id: c.function.name for m in job.messages for c in m.tool_calls or ()}
+    messages = [_message(m, names) for m in job.messages]
     if prefill:
         messages.append({"role": "assistant", "content": prefill})
     body: dict[str, Any] = {"model": model, "messages": messages, "stream": True}
+    if job.tools:
+        body["tools"] = job.tools
     options = job_params(job, _OPTIONS)
     if options:
         body["options"] = options
@@ -101,17 +117,66 @@ def request_body(job: Job, model: str, prefill: str | None = None) -> bytes:
     return _encoder.encode(with_provider_options(body, job, "ollama"))
 
 
-def _items(line: bytes) -> list[StreamItem]:
+def _message(m: Message, names: dict[str, str]) -> dict[str, Any]:
+    """One message in Ollama's words: tool calls with object arguments, a tool result
+    with the name of the tool it answers, images as base64 data."""
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [
+            {"function": {"name": c.function.name, "arguments": _object(c.function.arguments)}}
+            for c in m.tool_calls
+        ]
+    if m.role == "tool" and m.tool_call_id in names:
+        out["tool_name"] = names[m.tool_call_id]
+    images = [_base64(p.image_url.url) for p in m.parts or () if isinstance(p, ImagePart)]
+    if images:
+        out["images"] = images
+    return out
+
+
+def _object(arguments: str) -> Any:
     try:
-        decoded = _line_decoder.decode(line)
-    except msgspec.DecodeError:
-        return [Malformed(line.decode("utf-8", "replace"))]
-    if decoded.error is not None:
-        raise error_for_payload({"error": decoded.error})
-    items: list[StreamItem] = []
-    if decoded.message is not None and decoded.message.content:
-        items.append(TextDelta(decoded.message.content))
-    if decoded.done:
-        usage = Usage(prompt_tokens=decoded.prompt_eval_count, completion_tokens=decoded.eval_count)
-        items.append(Finish(decoded.done_reason or "stop", usage))
-    return items
+        return msgspec.json.decode(arguments) if arguments else {}
+    except msgspec.DecodeError as exc:
+        raise UpstreamRejected(f"tool call arguments are not JSON: {arguments[:80]!r}") from exc
+
+
+def _base64(url: str) -> str:
+    """An image's data: Ollama takes base64 only, not URLs to fetch."""
+    if not url.startswith("data:") or ";base64," not in url:
+        raise FeatureUnsupported(
+            "images: ollama pools take images as data: URLs (base64), not links",
+            features=frozenset({"images"}),
+        )
+    return url.partition(";base64,")[2]
+
+
+class _Lines:
+    """Items of the NDJSON lines; tool calls are numbered across lines."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def items(self, line: bytes) -> list[StreamItem]:
+        try:
+            decoded = _line_decoder.decode(line)
+        except msgspec.DecodeError:
+            return [Malformed(line.decode("utf-8", "replace"))]
+        if decoded.error is not None:
+            raise error_for_payload({"error": decoded.error})
+        items: list[StreamItem] = []
+        message = decoded.message
+        if message is not None and message.content:
+            items.append(TextDelta(message.content))
+        for call in (message.tool_calls or ()) if message is not None else ():
+            fn = call.function or _Function()
+            arguments = msgspec.json.encode(fn.arguments or {}).decode()
+            items.append(ToolCallDelta(index=self.calls, id=f"call_{self.calls}",
+                                       name=fn.name, arguments=arguments))  # fmt: skip
+            self.calls += 1
+        if decoded.done:
+            usage = Usage(prompt_tokens=decoded.prompt_eval_count,
+                          completion_tokens=decoded.eval_count)  # fmt: skip
+            reason = "tool_calls" if self.calls else decoded.done_reason or "stop"
+            items.append(Finish(reason, usage))
+        return items
