@@ -15,7 +15,7 @@ back to the pool for reuse instead of being torn down.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -25,6 +25,7 @@ import httpx
 from broker._config import PoolConfig
 from broker._errors import StreamInterrupted, UpstreamRejected
 from broker._protocol import Job
+from workers.providers._base import Finish, StreamItem
 from workers.providers._errors_map import error_for_status, error_for_transport
 
 T = TypeVar("T")
@@ -188,3 +189,23 @@ def with_provider_options(body: dict[str, Any], job: Job, kind: str) -> dict[str
             "use the job's own field"
         )
     return {**body, **extra}
+
+
+async def answer_items(
+    body: UpstreamBody, parser: Parser[T], to_items: Callable[[T], Iterable[StreamItem]]
+) -> AsyncGenerator[StreamItem, None]:
+    """The stream items of ``body`` up to its ``Finish``: each parsed event (an SSE event,
+    an NDJSON line, an event-stream frame) becomes ``to_items(event)``. At the ``Finish``
+    the body is marked complete (drained for reuse on the way out) and reading stops;
+    a body that ends first is the adapter's to judge (``body.complete`` is False)."""
+    async for raw in body.items(parser):
+        for item in to_items(raw):
+            body.complete = isinstance(item, Finish)
+            yield item
+            if body.complete:
+                return
+
+
+def optional(item: StreamItem | None) -> tuple[StreamItem, ...]:
+    """An event handler's one item, or none, as ``answer_items`` takes them."""
+    return () if item is None else (item,)

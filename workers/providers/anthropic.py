@@ -16,6 +16,7 @@ are normalised to OpenAI's words (``end_turn`` -> ``stop``, ``max_tokens`` ->
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any, ClassVar
 
 import httpx
@@ -36,10 +37,12 @@ from broker._protocol import (
 from workers.providers._base import Finish, Malformed, StreamItem, TextDelta
 from workers.providers._errors_map import error_for_payload
 from workers.providers._http import (
+    answer_items,
     job_headers,
     job_params,
     join_url,
     open_stream,
+    optional,
     static_headers,
     with_provider_options,
 )
@@ -126,14 +129,12 @@ class AnthropicProvider:
         body_bytes = request_body(job, model, trailing.sent)
         async with open_stream(self._client, self._url, headers=headers, body=body_bytes) as body:
             state = _StreamState(trailing)
-            async for event in body.items(SSEParser()):
-                item = state.on_event(event)
-                if item is not None:
-                    body.complete = isinstance(item, Finish)
+            parse = lambda event: optional(state.on_event(event))  # noqa: E731
+            async with aclosing(answer_items(body, SSEParser(), parse)) as items:
+                async for item in items:
                     yield item
-                    if body.complete:
-                        return
-            yield state.at_end_of_body()
+            if not body.complete:
+                yield state.at_end_of_body()
 
 
 def request_body(job: Job, model: str, prefill: str = "") -> bytes:

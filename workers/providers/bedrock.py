@@ -28,6 +28,7 @@ context length when the message says so). A frame that fails its CRC is a
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any, ClassVar
 from urllib.parse import quote
 
@@ -41,10 +42,12 @@ from workers.providers._base import Finish, Malformed, StreamItem, TextDelta
 from workers.providers._errors_map import error_for_payload, error_for_status
 from workers.providers._eventstream import BadFrame, EventMessage, EventStreamParser
 from workers.providers._http import (
+    answer_items,
     job_headers,
     job_params,
     join_url,
     open_stream,
+    optional,
     static_headers,
     with_provider_options,
 )
@@ -135,14 +138,12 @@ class BedrockProvider:
         headers = self._signed_headers(job, url, body_bytes)
         async with open_stream(self._client, url, headers=headers, body=body_bytes) as body:
             state = _StreamState(trailing)
-            async for message in body.items(EventStreamParser()):
-                item = state.on_message(message)
-                if item is not None:
-                    body.complete = isinstance(item, Finish)
+            parse = lambda message: optional(state.on_message(message))  # noqa: E731
+            async with aclosing(answer_items(body, EventStreamParser(), parse)) as items:
+                async for item in items:
                     yield item
-                    if body.complete:
-                        return
-            yield state.at_end_of_body()
+            if not body.complete:
+                yield state.at_end_of_body()
 
 
 def _reveal(secret: Any) -> str:

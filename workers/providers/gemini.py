@@ -21,6 +21,7 @@ the safety family -> ``content_filter``).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any, ClassVar
 from urllib.parse import quote
 
@@ -33,6 +34,7 @@ from broker._protocol import Job, Message, Usage
 from workers.providers._base import Finish, Malformed, StreamItem, TextDelta
 from workers.providers._errors_map import error_for_payload
 from workers.providers._http import (
+    answer_items,
     job_headers,
     job_params,
     join_url,
@@ -115,13 +117,11 @@ class GeminiProvider:
         url = self._url(model)
         async with open_stream(self._client, url, headers=headers, body=body_bytes) as body:
             state = _StreamState()
-            async for event in body.items(SSEParser()):
-                for item in state.on_event(event):
-                    body.complete = isinstance(item, Finish)
+            async with aclosing(answer_items(body, SSEParser(), state.on_event)) as items:
+                async for item in items:
                     yield item
-                    if body.complete:
-                        return
-            yield state.at_end_of_body()
+            if not body.complete:
+                yield state.at_end_of_body()
 
 
 def request_body(job: Job, prefill: str | None = None) -> bytes:

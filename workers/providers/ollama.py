@@ -10,6 +10,7 @@ parameters live under ``options`` (``num_predict`` is Ollama's max_tokens).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any, ClassVar
 
 import httpx
@@ -21,6 +22,7 @@ from broker._protocol import ImagePart, Job, Message, ToolCallDelta, Usage
 from workers.providers._base import Finish, Malformed, StreamItem, TextDelta
 from workers.providers._errors_map import error_for_payload
 from workers.providers._http import (
+    answer_items,
     job_headers,
     job_params,
     join_url,
@@ -87,13 +89,11 @@ class OllamaProvider:
         headers = job_headers(self._headers, job)
         body_bytes = request_body(job, model, prefill)
         async with open_stream(self._client, self._url, headers=headers, body=body_bytes) as body:
-            lines = _Lines()
-            async for line in body.items(NDJSONParser()):
-                for item in lines.items(line):
-                    body.complete = isinstance(item, Finish)
+            async with aclosing(answer_items(body, NDJSONParser(), _Lines().items)) as items:
+                async for item in items:
                     yield item
-                    if body.complete:
-                        return
+            if body.complete:
+                return
         raise StreamInterrupted("the stream ended before done: true: answer truncated")
 
 

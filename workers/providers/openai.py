@@ -13,6 +13,7 @@ without any ``finish_reason`` is a truncated answer and raises
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any, ClassVar
 
 import httpx
@@ -24,6 +25,7 @@ from broker._protocol import Job, Message, ToolCallDelta, Usage
 from workers.providers._base import Finish, Malformed, StreamItem, TextDelta
 from workers.providers._errors_map import error_for_payload
 from workers.providers._http import (
+    answer_items,
     job_headers,
     job_params,
     join_url,
@@ -108,13 +110,11 @@ class OpenAIProvider:
         url = self._url(model)
         async with open_stream(self._client, url, headers=headers, body=body_bytes) as body:
             state = _StreamState()
-            async for event in body.items(SSEParser()):
-                for item in state.on_event(event):
-                    body.complete = isinstance(item, Finish)
+            async with aclosing(answer_items(body, SSEParser(), state.on_event)) as items:
+                async for item in items:
                     yield item
-                    if body.complete:
-                        return
-            yield state.at_end_of_body()
+            if not body.complete:
+                yield state.at_end_of_body()
 
 
 def request_body(job: Job, model: str, prefill: str | None = None, kind: str = "openai") -> bytes:
