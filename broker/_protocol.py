@@ -26,6 +26,7 @@ import uuid
 from typing import Any, Literal
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 Role = Literal["system", "user", "assistant", "tool"]
 
@@ -209,8 +210,14 @@ class Job(msgspec.Struct, omit_defaults=True, kw_only=True):
 
 
 class Usage(msgspec.Struct, omit_defaults=False, kw_only=True):
+    """Tokens of an answer. ``cached_tokens`` (of the prompt, read from the provider's
+    cache) and ``reasoning_tokens`` (of the completion, spent thinking) appear only
+    when the provider reports them."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int | UnsetType = UNSET
+    reasoning_tokens: int | UnsetType = UNSET
 
 
 class Timings(msgspec.Struct, kw_only=True):

@@ -20,18 +20,37 @@ from starlette.responses import Response
 from broker._protocol import Done, ToolCall
 
 
+class PromptTokensDetails(msgspec.Struct, frozen=True, kw_only=True):
+    cached_tokens: int
+
+
+class CompletionTokensDetails(msgspec.Struct, frozen=True, kw_only=True):
+    reasoning_tokens: int
+
+
 class CompletionUsage(msgspec.Struct, frozen=True, kw_only=True):
+    """OpenAI's usage object; the details only when the upstream reported them."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | UnsetType = UNSET
+    completion_tokens_details: CompletionTokensDetails | UnsetType = UNSET
 
     @classmethod
     def of(cls, done: Done) -> CompletionUsage:
         u = done.usage
+        cached, reasoning = u.cached_tokens, u.reasoning_tokens
         return cls(
             prompt_tokens=u.prompt_tokens,
             completion_tokens=u.completion_tokens,
             total_tokens=u.prompt_tokens + u.completion_tokens,
+            prompt_tokens_details=UNSET
+            if isinstance(cached, UnsetType)
+            else PromptTokensDetails(cached_tokens=cached),
+            completion_tokens_details=UNSET
+            if isinstance(reasoning, UnsetType)
+            else CompletionTokensDetails(reasoning_tokens=reasoning),
         )
 
 

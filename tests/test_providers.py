@@ -459,7 +459,7 @@ async def test_anthropic_counts_usage_maps_stop_reason_and_ignores_ping() -> Non
     items = await canned_items("anthropic", AN_START + AN_PING + AN_TEXT + end)
     assert items == [
         TextDelta("Yo"),
-        Finish("length", Usage(prompt_tokens=15, completion_tokens=3)),
+        Finish("length", Usage(prompt_tokens=15, completion_tokens=3, cached_tokens=4)),
     ]
 
 
@@ -471,7 +471,8 @@ async def test_anthropic_stream_without_stop_reason_is_interrupted() -> None:
 async def test_anthropic_message_stop_alone_finishes() -> None:
     stop = an("message_stop", {"type": "message_stop"})
     items = await canned_items("anthropic", AN_START + AN_TEXT + stop)
-    assert items[-1] == Finish("stop", Usage(prompt_tokens=15, completion_tokens=0))
+    usage = Usage(prompt_tokens=15, completion_tokens=0, cached_tokens=4)  # cache reads
+    assert items[-1] == Finish("stop", usage)
 
 
 async def test_anthropic_overloaded_error_event() -> None:

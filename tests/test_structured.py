@@ -170,3 +170,32 @@ async def test_gemini_gets_structured_output_as_its_response_json_schema(
         "response_mime_type": "application/json",
         "response_json_schema": True,
     }
+
+
+async def test_cached_and_reasoning_tokens_reach_the_sdk(
+    relay_stack: StartStack, client_url: str
+) -> None:
+    """Usage details the upstream reports (cached prompt tokens, reasoning tokens) reach
+    the OpenAI SDK, whole and streamed; an upstream that reports none gets none."""
+    mock = MockProvider(name="mock-a", tokens=6)
+    routes = {"chat": [("a", "o3+cached=3+reasoning=2")], "plain": [("a", "gpt")]}
+    async with (
+        relay_stack({"a": upstream(mock)}, routes) as s,
+        serve_gateway(s.config, nats_url=client_url) as base_url,
+        openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
+    ):
+        ask: Any = [{"role": "user", "content": "think"}]
+        whole = await client.chat.completions.create(model="chat", messages=ask)
+        stream = await client.chat.completions.create(
+            model="chat", messages=ask, stream=True, stream_options={"include_usage": True}
+        )
+        last = [chunk async for chunk in stream][-1]
+        plain = await client.chat.completions.create(model="plain", messages=ask)
+        _ = s
+    for usage in (whole.usage, last.usage):
+        assert usage is not None and usage.completion_tokens == 6
+        assert usage.prompt_tokens_details is not None
+        assert usage.prompt_tokens_details.cached_tokens == 3
+        assert usage.completion_tokens_details is not None
+        assert usage.completion_tokens_details.reasoning_tokens == 2
+    assert plain.usage is not None and plain.usage.prompt_tokens_details is None

@@ -295,9 +295,8 @@ class JobRun:
         self.ctx.circuits.record_success(self.model)
         await self._announce_resume()  # a continuation with nothing to add still keeps the text
         total_s = time.monotonic() - self.started
-        answer_usage = Usage(
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens + self.cont.prior_tokens,
+        answer_usage = msgspec.structs.replace(
+            usage, completion_tokens=usage.completion_tokens + self.cont.prior_tokens
         )
         done = Done(attempt=self.attempt, finish_reason=finish.reason, usage=answer_usage,
                     pool=self.ctx.pool_name, model=self.model, degraded=self.degraded,

@@ -64,6 +64,10 @@ per request as suffixes of the model name, which win over the default, e.g.
                       failure faults (503 if none is given); later ones succeed
                       (timing keys still apply). ``set_fault`` and /control/reset
                       restart the count.
+    cached=N          OpenAI format: the usage reports N prompt tokens read from a
+                      cache (``prompt_tokens_details.cached_tokens``)
+    reasoning=N       OpenAI format: ... N completion tokens spent on reasoning
+                      (``completion_tokens_details.reasoning_tokens``)
 
 ``/stats`` counts requests, TCP connections, in-flight and peak concurrency,
 prefills continued (``prefills``) and refused (``prefills_refused``), and logs

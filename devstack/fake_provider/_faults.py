@@ -78,8 +78,11 @@ FAULT_KEYS: dict[str, Callable[[str], Any]] = {
     "token_delay_ms": _millis,
     "tokens": _count,
     "fail_first": _count,
+    "cached": _count,
+    "reasoning": _count,
 }
-_TIMING_KEYS = ("ttft_ms", "token_delay_ms", "tokens")
+# Keys that shape a good answer (its timing, length and reported usage), not a failure.
+_TIMING_KEYS = ("ttft_ms", "token_delay_ms", "tokens", "cached", "reasoning")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -102,6 +105,8 @@ class Fault:
     token_delay_ms: float | None = None
     tokens: int | None = None
     fail_first: int | None = None
+    cached: int | None = None  # prompt tokens the usage reports as read from a cache
+    reasoning: int | None = None  # completion tokens the usage reports as reasoning
 
     def fails(self) -> bool:
         """True when this fault makes the answer fail in some way (not just slow or short)."""

@@ -148,8 +148,14 @@ def _message(plan: Plan) -> dict[str, Any]:
 
 def _openai_usage(plan: Plan) -> bytes:
     total = plan.prompt_tokens + plan.tokens
-    return b'{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}' % (
+    usage = b'{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d' % (
         plan.prompt_tokens,
         plan.tokens,
         total,
     )
+    fault = plan.fault
+    if fault.cached is not None:
+        usage += b',"prompt_tokens_details":{"cached_tokens":%d}' % fault.cached
+    if fault.reasoning is not None:
+        usage += b',"completion_tokens_details":{"reasoning_tokens":%d}' % fault.reasoning
+    return usage + b"}"

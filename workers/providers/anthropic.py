@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import httpx
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from broker._config import PoolConfig
 from broker._errors import StreamInterrupted, UpstreamRejected
@@ -251,6 +252,7 @@ class _StreamState:
         self._tool_index: dict[int, int] = {}  # content block index -> tool call index
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens: int | UnsetType = UNSET  # read from the prompt cache, if said
         self.reason: str | None = None
         self._handlers: dict[str, Callable[[_Event], StreamItem | None]] = {
             "message_start": self._message_start,
@@ -319,7 +321,10 @@ class _StreamState:
             self.prompt_tokens = prompt
         if usage.output_tokens is not None:
             self.completion_tokens = usage.output_tokens
+        if usage.cache_read_input_tokens is not None:
+            self.cached_tokens = usage.cache_read_input_tokens
 
     def _finish(self) -> Finish:
-        usage = Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens)
+        usage = Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                      cached_tokens=self.cached_tokens)  # fmt: skip
         return Finish(self.reason or "stop", usage)

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import httpx
 import msgspec
+from msgspec import UNSET
 
 from broker._config import PoolConfig
 from broker._errors import StreamInterrupted
@@ -66,9 +67,31 @@ class _Choice(msgspec.Struct):
     finish_reason: str | None = None
 
 
+class _PromptDetails(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
+class _CompletionDetails(msgspec.Struct):
+    reasoning_tokens: int | None = None
+
+
 class _Usage(msgspec.Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prompt_tokens_details: _PromptDetails | None = None
+    completion_tokens_details: _CompletionDetails | None = None
+
+    def usage(self) -> Usage:
+        """As llmrelay counts it: the cached and reasoning parts when reported."""
+        cached = self.prompt_tokens_details.cached_tokens if self.prompt_tokens_details else None
+        details = self.completion_tokens_details
+        reasoning = details.reasoning_tokens if details else None
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            cached_tokens=UNSET if cached is None else cached,
+            reasoning_tokens=UNSET if reasoning is None else reasoning,
+        )
 
 
 class _Chunk(msgspec.Struct):
@@ -172,10 +195,7 @@ class _StreamState:
                 items.extend(_tool_fragment(call) for call in choice.delta.tool_calls)
             self.reason = choice.finish_reason or self.reason
         if chunk.usage is not None:
-            self.usage = Usage(
-                prompt_tokens=chunk.usage.prompt_tokens,
-                completion_tokens=chunk.usage.completion_tokens,
-            )
+            self.usage = chunk.usage.usage()
             if self.reason is not None:
                 items.append(self._finish("usage came"))
         return items
