@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import anyio
+import openai
 import yaml
 from nats.aio.client import Client as NATS
 
@@ -28,6 +29,7 @@ from broker._config import parse_config
 from broker._server import CLIENT_USER
 from broker._subjects import inbox_prefix
 from devstack import MockProvider, WorkerProcess, wait_for_workers
+from gateway import serve_gateway
 from tests._builders import make_config
 from workers._worker import Worker
 
@@ -183,3 +185,20 @@ async def process_primary(
         yield config, primary
     finally:
         primary.stop()
+
+
+@asynccontextmanager
+async def start_sdk_stack(
+    urls: NatsUrls, pools: Mapping[str, Upstream], routes: dict[str, Any], **options: Any
+) -> AsyncIterator[tuple[RelayStack, openai.AsyncOpenAI]]:
+    """``start_stack`` plus a gateway on it and an ``openai`` SDK client of that gateway
+    (no SDK retries): what a test through the OpenAI API needs."""
+    async with (
+        start_stack(urls, pools, routes, **options) as stack,
+        serve_gateway(stack.config, nats_url=urls.client) as base_url,
+        openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
+    ):
+        yield stack, client
+
+
+StartSdkStack = Callable[..., AbstractAsyncContextManager[tuple[RelayStack, openai.AsyncOpenAI]]]

@@ -19,7 +19,7 @@ from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
 from broker._server import CLIENT_USER, WORKER_USER, NatsServer
-from tests._harness import NatsUrls, StartStack, start_stack
+from tests._harness import NatsUrls, StartSdkStack, StartStack, start_sdk_stack, start_stack
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -90,3 +90,10 @@ async def nc(worker_url: str) -> AsyncIterator[NATS]:
 def relay_stack(worker_url: str, client_url: str) -> StartStack:
     """``async with relay_stack(pools, routes, ...) as s``: see ``tests._harness.start_stack``."""
     return functools.partial(start_stack, NatsUrls(worker_url, client_url))
+
+
+@pytest.fixture
+def sdk_stack(worker_url: str, client_url: str) -> StartSdkStack:
+    """``async with sdk_stack(pools, routes) as (s, client)``: a relay, a gateway and an
+    ``openai`` client of it (``tests._harness.start_sdk_stack``)."""
+    return functools.partial(start_sdk_stack, NatsUrls(worker_url, client_url))

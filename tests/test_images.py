@@ -10,8 +10,7 @@ import openai
 import pytest
 
 from devstack import MockProvider, expected_answer
-from gateway import serve_gateway
-from tests._harness import StartStack, upstream
+from tests._harness import StartSdkStack, upstream
 
 PIXEL = (
     "data:image/png;base64,"
@@ -33,14 +32,10 @@ LOOK: list[Any] = [
     ("kind", "seen"), [("openai", ["url", "data"]), ("anthropic", ["url", "base64"])]
 )
 async def test_images_reach_each_upstream_in_its_own_shape(
-    relay_stack: StartStack, client_url: str, kind: str, seen: list[str]
+    sdk_stack: StartSdkStack, kind: str, seen: list[str]
 ) -> None:
     mock = MockProvider(name="mock-v", tokens=4)
-    async with (
-        relay_stack({"v": upstream(mock, kind)}, {"chat": [("v", "vision")]}) as s,
-        serve_gateway(s.config, nats_url=client_url) as base_url,
-        openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
-    ):
+    async with sdk_stack({"v": upstream(mock, kind)}, {"chat": [("v", "vision")]}) as (s, client):
         reply = await client.chat.completions.create(model="chat", messages=LOOK)
         [call] = s.providers["v"].stats()["log"]
     assert reply.choices[0].message.content == expected_answer("mock-v", 4)
@@ -48,7 +43,7 @@ async def test_images_reach_each_upstream_in_its_own_shape(
 
 
 async def test_images_for_a_text_only_kind_go_to_a_target_that_takes_them(
-    relay_stack: StartStack, client_url: str
+    sdk_stack: StartSdkStack,
 ) -> None:
     """Route [Gemini (text only here), OpenAI]: the image request goes to the OpenAI pool;
     so does a linked image on an Ollama pool, which takes images as data only."""
@@ -59,70 +54,49 @@ async def test_images_for_a_text_only_kind_go_to_a_target_that_takes_them(
         "chat": [("g", "gemini"), ("a", "gpt-4o")],
         "local": [("o", "llava"), ("a", "gpt-4o")],
     }
-    async with (
-        relay_stack(pools, routes) as s,
-        serve_gateway(s.config, nats_url=client_url) as base_url,
-        openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
-    ):
+    async with sdk_stack(pools, routes) as (_, client):
         reply = await client.chat.completions.create(model="chat", messages=LOOK)
         linked = await client.chat.completions.create(model="local", messages=LOOK)
         plain = await client.chat.completions.create(
             model="chat", messages=[{"role": "user", "content": "hi"}]
         )
-        _ = s
     assert reply.model == "gpt-4o" and linked.model == "gpt-4o" and plain.model == "gemini"
     assert gemini.stats()["requests"] == 1 and llama.stats()["requests"] == 0
 
 
-async def test_an_ollama_pool_gets_images_as_base64(
-    relay_stack: StartStack, client_url: str
-) -> None:
+async def test_an_ollama_pool_gets_images_as_base64(sdk_stack: StartSdkStack) -> None:
     mock = MockProvider(name="mock-o", tokens=4)
     data_only = [{"role": "user", "content": [
         {"type": "text", "text": "What is this?"},
         {"type": "image_url", "image_url": {"url": PIXEL}},
     ]}]  # fmt: skip
-    async with (
-        relay_stack({"o": upstream(mock, "ollama")}, {"chat": [("o", "llava")]}) as s,
-        serve_gateway(s.config, nats_url=client_url) as base_url,
-        openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
-    ):
+    stack = sdk_stack({"o": upstream(mock, "ollama")}, {"chat": [("o", "llava")]})
+    async with stack as (_, client):
         reply = await client.chat.completions.create(model="chat", messages=data_only)  # type: ignore[arg-type]
         [call] = mock.stats()["log"]
-        _ = s
     assert reply.choices[0].message.content == expected_answer("mock-o", 4)
     assert call["options"]["images"] == ["base64"]
 
 
-async def test_audio_to_a_kind_that_takes_none_is_refused_by_name(
-    relay_stack: StartStack, client_url: str
-) -> None:
+async def test_audio_to_a_kind_that_takes_none_is_refused_by_name(sdk_stack: StartSdkStack) -> None:
     mock = MockProvider(name="mock-b", tokens=4)
     sound = [{"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]
-    async with (
-        relay_stack({"b": upstream(mock, "anthropic")}, {"chat": [("b", "claude")]}) as s,
-        serve_gateway(s.config, nats_url=client_url) as base_url,
-        openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
-    ):
+    stack = sdk_stack({"b": upstream(mock, "anthropic")}, {"chat": [("b", "claude")]})
+    async with stack as (_, client):
         with pytest.raises(openai.BadRequestError) as caught:
             await client.chat.completions.create(
                 model="chat",
                 messages=[{"role": "user", "content": sound}],  # type: ignore[list-item]
             )
-        _ = s
     assert caught.value.code == "bad_request" and "audio" in caught.value.message
     assert mock.stats()["requests"] == 0
 
 
 async def test_an_image_that_is_not_a_url_is_refused_naming_the_field(
-    relay_stack: StartStack, client_url: str
+    sdk_stack: StartSdkStack,
 ) -> None:
     mock = MockProvider(name="mock-v", tokens=4)
-    async with (
-        relay_stack({"v": upstream(mock)}, {"chat": [("v", "vision")]}) as s,
-        serve_gateway(s.config, nats_url=client_url) as base_url,
-        openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
-    ):
+    async with sdk_stack({"v": upstream(mock)}, {"chat": [("v", "vision")]}) as (_, client):
         bad = [
             {
                 "role": "user",
@@ -131,6 +105,5 @@ async def test_an_image_that_is_not_a_url_is_refused_naming_the_field(
         ]
         with pytest.raises(openai.BadRequestError) as caught:
             await client.chat.completions.create(model="chat", messages=bad)  # type: ignore[arg-type]
-        _ = s
     assert caught.value.code == "invalid_job"
     assert "image_url.url" in caught.value.message and mock.stats()["requests"] == 0

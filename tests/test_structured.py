@@ -19,8 +19,7 @@ import pytest
 from broker import Job, JobOptions, Message, RequestFailed
 from broker._protocol import JsonSchemaFormat, ResponseFormat
 from devstack import MockProvider
-from gateway import serve_gateway
-from tests._harness import StartStack, upstream
+from tests._harness import StartSdkStack, StartStack, upstream
 from workers.providers.ollama import request_body as ollama_body
 from workers.providers.openai import request_body as openai_body
 
@@ -43,14 +42,10 @@ JSON_SCHEMA = {
 
 
 async def test_a_json_schema_response_format_gives_json_that_validates(
-    relay_stack: StartStack, client_url: str
+    sdk_stack: StartSdkStack,
 ) -> None:
     pools = {"a": upstream(MockProvider(name="mock-a", tokens=6))}
-    async with (
-        relay_stack(pools, {"chat": [("a", "gpt-4o")]}) as s,
-        serve_gateway(s.config, nats_url=client_url) as base_url,
-        openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
-    ):
+    async with sdk_stack(pools, {"chat": [("a", "gpt-4o")]}) as (s, client):
         whole = await client.chat.completions.create(
             model="chat",
             messages=[{"role": "user", "content": "a city, as JSON"}],
@@ -73,15 +68,12 @@ async def test_a_json_schema_response_format_gives_json_that_validates(
 
 
 async def test_a_target_that_cannot_serve_a_feature_refuses_it_by_name(
-    relay_stack: StartStack, client_url: str
+    sdk_stack: StartSdkStack,
 ) -> None:
     """An Anthropic pool does not map structured output yet: 400, never a text answer."""
     mock = MockProvider(name="mock-b", tokens=6)
-    async with (
-        relay_stack({"b": upstream(mock, "anthropic")}, {"chat": [("b", "claude")]}) as s,
-        serve_gateway(s.config, nats_url=client_url) as base_url,
-        openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
-    ):
+    stack = sdk_stack({"b": upstream(mock, "anthropic")}, {"chat": [("b", "claude")]})
+    async with stack as (_, client):
         with pytest.raises(openai.BadRequestError) as caught:
             await client.chat.completions.create(
                 model="chat",
@@ -173,17 +165,13 @@ async def test_gemini_gets_structured_output_as_its_response_json_schema(
 
 
 async def test_cached_and_reasoning_tokens_reach_the_sdk(
-    relay_stack: StartStack, client_url: str
+    sdk_stack: StartSdkStack,
 ) -> None:
     """Usage details the upstream reports (cached prompt tokens, reasoning tokens) reach
     the OpenAI SDK, whole and streamed; an upstream that reports none gets none."""
     mock = MockProvider(name="mock-a", tokens=6)
     routes = {"chat": [("a", "o3+cached=3+reasoning=2")], "plain": [("a", "gpt")]}
-    async with (
-        relay_stack({"a": upstream(mock)}, routes) as s,
-        serve_gateway(s.config, nats_url=client_url) as base_url,
-        openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
-    ):
+    async with sdk_stack({"a": upstream(mock)}, routes) as (_, client):
         ask: Any = [{"role": "user", "content": "think"}]
         whole = await client.chat.completions.create(model="chat", messages=ask)
         stream = await client.chat.completions.create(
@@ -191,7 +179,6 @@ async def test_cached_and_reasoning_tokens_reach_the_sdk(
         )
         last = [chunk async for chunk in stream][-1]
         plain = await client.chat.completions.create(model="plain", messages=ask)
-        _ = s
     for usage in (whole.usage, last.usage):
         assert usage is not None and usage.completion_tokens == 6
         assert usage.prompt_tokens_details is not None

@@ -6,19 +6,15 @@ NATS, real workers, and a fake OpenAI-format provider that calls the tool it is 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
-import openai
 import pytest
 
 from broker import JobOptions
 from broker._protocol import FunctionCall, FunctionDef, Job, Message, Tool, ToolCall
 from devstack import MockProvider, expected_answer
 from devstack.fake_provider._structured import sample
-from gateway import serve_gateway
-from tests._harness import RelayStack, StartStack, upstream
+from tests._harness import StartSdkStack, StartStack, Upstream, upstream
 from workers.providers.anthropic import request_body as anthropic_body
 
 WEATHER: dict[str, Any] = {
@@ -41,27 +37,17 @@ def expected_arguments(name: str) -> dict[str, Any]:
     return sample(WEATHER["function"]["parameters"], name)  # type: ignore[no-any-return]
 
 
-@asynccontextmanager
-async def sdk(
-    relay_stack: StartStack, client_url: str, **route: Any
-) -> AsyncIterator[tuple[RelayStack, openai.AsyncOpenAI]]:
+def pair() -> tuple[dict[str, Upstream], dict[str, Any]]:
+    """Pools and routes: route ``chat`` is pool a (OpenAI format), then pool b (Anthropic)."""
     pools = {
         "a": upstream(MockProvider(name="mock-a", tokens=TOKENS), max_retries=0),
         "b": upstream(MockProvider(name="mock-b", tokens=TOKENS), "anthropic"),
     }
-    routes = {"chat": {"targets": [("a", "gpt"), ("b", "claude")], **route}}
-    async with (
-        relay_stack(pools, routes) as s,
-        serve_gateway(s.config, nats_url=client_url) as base_url,
-        openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
-    ):
-        yield s, client
+    return pools, {"chat": [("a", "gpt"), ("b", "claude")]}
 
 
-async def test_a_streamed_tool_call_reaches_the_sdk_whole(
-    relay_stack: StartStack, client_url: str
-) -> None:
-    async with sdk(relay_stack, client_url) as (s, client):
+async def test_a_streamed_tool_call_reaches_the_sdk_whole(sdk_stack: StartSdkStack) -> None:
+    async with sdk_stack(*pair()) as (s, client):
         stream = await client.chat.completions.create(
             model="chat",
             messages=ASK,
@@ -86,10 +72,8 @@ async def test_a_streamed_tool_call_reaches_the_sdk_whole(
     assert options["tools"] == 1
 
 
-async def test_a_two_turn_tool_loop_ends_in_the_answer(
-    relay_stack: StartStack, client_url: str
-) -> None:
-    async with sdk(relay_stack, client_url) as (s, client):
+async def test_a_two_turn_tool_loop_ends_in_the_answer(sdk_stack: StartSdkStack) -> None:
+    async with sdk_stack(*pair()) as (s, client):
         first = await client.chat.completions.create(
             model="chat",
             messages=ASK,
@@ -116,7 +100,7 @@ async def test_a_two_turn_tool_loop_ends_in_the_answer(
 
 
 async def test_a_stream_cut_mid_arguments_never_hands_over_half_a_call(
-    relay_stack: StartStack, client_url: str
+    sdk_stack: StartSdkStack,
 ) -> None:
     """The primary breaks in the middle of the arguments: the caller gets whole tool
     calls only (the gateway holds them until the answer is done), the backup's."""
@@ -125,11 +109,7 @@ async def test_a_stream_cut_mid_arguments_never_hands_over_half_a_call(
         "c": upstream(MockProvider(name="mock-c", tokens=TOKENS), max_retries=0),
     }
     routes = {"chat": [("a", "gpt+cut=2"), ("c", "gpt")]}
-    async with (
-        relay_stack(pools, routes) as s,
-        serve_gateway(s.config, nats_url=client_url) as base_url,
-        openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
-    ):
+    async with sdk_stack(pools, routes) as (_, client):
         stream = await client.chat.completions.create(
             model="chat",
             messages=ASK,
@@ -168,10 +148,8 @@ async def test_tools_for_a_target_that_cannot_call_them_go_to_one_that_can(
 
 
 @pytest.mark.parametrize("choice", ["none"])
-async def test_tool_choice_none_gives_text(
-    relay_stack: StartStack, client_url: str, choice: str
-) -> None:
-    async with sdk(relay_stack, client_url) as (_, client):
+async def test_tool_choice_none_gives_text(sdk_stack: StartSdkStack, choice: str) -> None:
+    async with sdk_stack(*pair()) as (_, client):
         reply = await client.chat.completions.create(
             model="chat",
             messages=ASK,  # type: ignore[arg-type]
@@ -226,16 +204,13 @@ def test_anthropic_gets_tools_and_tool_turns_in_its_own_shape() -> None:
 
 
 async def test_an_anthropic_tool_use_reaches_the_openai_sdk_as_a_tool_call(
-    relay_stack: StartStack, client_url: str
+    sdk_stack: StartSdkStack,
 ) -> None:
     """Tools offered in OpenAI's words, answered by an Anthropic upstream's tool_use
     (input_json_delta fragments), and the tool result sent back as Anthropic's block."""
     mock = MockProvider(name="mock-b", tokens=TOKENS)
-    async with (
-        relay_stack({"b": upstream(mock, "anthropic")}, {"chat": [("b", "claude")]}) as s,
-        serve_gateway(s.config, nats_url=client_url) as base_url,
-        openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
-    ):
+    stack = sdk_stack({"b": upstream(mock, "anthropic")}, {"chat": [("b", "claude")]})
+    async with stack as (s, client):
         stream = await client.chat.completions.create(
             model="chat",
             messages=ASK,
@@ -271,16 +246,13 @@ async def test_an_anthropic_tool_use_reaches_the_openai_sdk_as_a_tool_call(
 
 
 async def test_an_ollama_tool_call_reaches_the_openai_sdk_and_the_result_goes_back(
-    relay_stack: StartStack, client_url: str
+    sdk_stack: StartSdkStack,
 ) -> None:
     """Ollama sends a call whole (arguments as an object, no id): the SDK gets a normal
     tool call with an id, and the tool result goes back with the tool's name."""
     mock = MockProvider(name="mock-o", tokens=TOKENS)
-    async with (
-        relay_stack({"o": upstream(mock, "ollama")}, {"chat": [("o", "llama3.1")]}) as s,
-        serve_gateway(s.config, nats_url=client_url) as base_url,
-        openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
-    ):
+    stack = sdk_stack({"o": upstream(mock, "ollama")}, {"chat": [("o", "llama3.1")]})
+    async with stack as (s, client):
         first = await client.chat.completions.create(
             model="chat",
             messages=ASK,
