@@ -31,6 +31,7 @@ from broker._protocol import (
     Attempt,
     Chunk,
     Done,
+    EmbedRequest,
     Error,
     Event,
     Job,
@@ -42,6 +43,7 @@ from broker._protocol import (
 from broker._schema import json_schema
 from broker._server import NatsServer
 from broker._topology import ensure_topology
+from broker._vectors import Embeddings
 
 __all__ = [
     "ERROR_CODES",
@@ -57,6 +59,8 @@ __all__ = [
     "DeadlineExceeded",
     "Done",
     "DuplicateRequest",
+    "EmbedRequest",
+    "Embeddings",
     "Error",
     "Event",
     "InternalError",

@@ -5,6 +5,8 @@
         async for event in handle.events():   # Chunk | Notice | Done | Error
             ...
         # or: text = await handle.text()
+        # an embeddings route: one vector per text
+        vectors = (await relay.embed("embed", ["a text", "another"])).vectors
 
 ``submit`` subscribes to the job's reply subject before publishing, so no event
 is missed, and publishes with ``Nats-Msg-Id`` = request id, so a retried submit
@@ -62,12 +64,14 @@ from broker._jsapi import consumer_info
 from broker._nats import connect, nats_errors
 from broker._protocol import (
     Done,
+    EmbedRequest,
     Event,
     Job,
     Message,
     Notice,
     ReasoningEffort,
     ResponseFormat,
+    TokenLogprob,
     Tool,
     ToolCall,
     encode,
@@ -86,6 +90,7 @@ from broker._subjects import (
     route_subject,
 )
 from broker._validate import validate_job
+from broker._vectors import Embeddings
 
 DEFAULT_TIMEOUT_S = 120.0
 # Events a reply subscription buffers before nats-py drops them (a slow consumer);
@@ -105,10 +110,14 @@ class JobOptions(msgspec.Struct, kw_only=True, omit_defaults=True):
     traceparent: str | None = None
     response_format: ResponseFormat | None = None
     reasoning_effort: ReasoningEffort | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
     provider_options: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # An embeddings job's texts (then no messages: ``build_embed_job``).
+    embed: EmbedRequest | None = None
 
 
 class JobHandle:
@@ -127,6 +136,8 @@ class JobHandle:
         self.done: Done | None = None
         self.notices: list[Notice] = []
         self.tool_calls: list[ToolCall] = []  # the answer's tool calls, after ``text()``
+        self.reasoning = ""  # the reasoning streamed beside the answer, after ``text()``
+        self.logprobs: list[TokenLogprob] = []  # of the answer's tokens (``logprobs``)
         self.job_seq: int | None = None  # the job's stream sequence, from its PubAck
 
     @property
@@ -166,6 +177,8 @@ class JobHandle:
             raise error_from_event(e.code, e.message, e.retryable, e.attempts)
         self.done = answer.done
         self.tool_calls = answer.tool_calls
+        self.reasoning = answer.reasoning_text
+        self.logprobs = answer.logprobs
         return answer.text
 
     async def cancel(self) -> None:
@@ -271,12 +284,56 @@ class RelayClient:
             traceparent=o.traceparent,
             response_format=o.response_format,
             reasoning_effort=o.reasoning_effort,
+            logprobs=o.logprobs,
+            top_logprobs=o.top_logprobs,
             provider_options=dict(o.provider_options),
             tools=o.tools,
             tool_choice=o.tool_choice,
             parallel_tool_calls=o.parallel_tool_calls,
+            embed=o.embed,
             cancel_key=secrets.token_urlsafe(18),
         )
+
+    def build_embed_job(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        route: str,
+        dimensions: int | None = None,
+        pool: str | None = None,
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+        options: JobOptions | None = None,
+    ) -> Job:
+        """An embeddings job: one vector per text of ``inputs`` (the rest as ``build_job``;
+        of ``options`` only ``metadata`` and ``traceparent`` apply)."""
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        o = options or JobOptions()
+        embed = EmbedRequest(input=texts, dimensions=dimensions)
+        kept = JobOptions(metadata=o.metadata, traceparent=o.traceparent, embed=embed)
+        return self.build_job([], route=route, pool=pool, timeout_s=timeout_s,
+                              request_id=request_id, options=kept)  # fmt: skip
+
+    async def embed(
+        self,
+        route: str,
+        inputs: str | Sequence[str],
+        *,
+        dimensions: int | None = None,
+        pool: str | None = None,
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+        options: JobOptions | None = None,
+    ) -> Embeddings:
+        """Embed ``inputs`` (one text, or a batch) on ``route``; the vectors, in order.
+        Raises the matching ``RelayError`` when the job fails, as ``JobHandle.text``."""
+        job = self.build_embed_job(inputs, route=route, dimensions=dimensions, pool=pool,
+                                   timeout_s=timeout_s, request_id=request_id,
+                                   options=options)  # fmt: skip
+        handle = await self.submit_job(job)
+        await handle.text()
+        assert handle.done is not None
+        return Embeddings.of(handle.done)
 
     def _route_timeout(self, route: str) -> float:
         if self.config and route in self.config.routes:

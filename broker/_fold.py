@@ -48,6 +48,7 @@ from broker._protocol import (
     Event,
     FunctionCall,
     Notice,
+    TokenLogprob,
     ToolCall,
     ToolCallDelta,
 )
@@ -81,6 +82,8 @@ class Fold:
         self.error: Error | None = None
         self.chars = 0  # characters of the answer so far
         self.tool_fragments: list[ToolCallDelta] = []  # the answer's tool calls, in pieces
+        self.reasoning_parts: list[str] = []  # the reasoning streamed beside the answer
+        self.logprobs: list[TokenLogprob] = []  # of the answer's tokens, when asked for
 
     def accepts(self, event: Event) -> bool:
         """Would ``event`` count: this job's, of its current or a newer attempt, not ended?"""
@@ -99,9 +102,13 @@ class Fold:
         elif event.attempt > self.attempt and _starts_over(event):
             self._void_all(event.attempt, f"attempt {event.attempt} started over")
         match event:
-            case Chunk(delta=delta, tool_calls=calls):
+            case Chunk(delta=delta, tool_calls=calls, reasoning=reasoning, logprobs=logprobs):
                 if calls:
                     self.tool_fragments.extend(calls)
+                if reasoning:
+                    self.reasoning_parts.append(reasoning)
+                if logprobs:
+                    self.logprobs.extend(logprobs)
                 self.chars += len(delta)
                 return self._text(delta) if delta else ""
             case Notice(reset=True):
@@ -131,6 +138,7 @@ class Fold:
             return
         if offset < self.chars:
             self._keep(offset, reset_reason(notice))
+            self.logprobs = _within(self.logprobs, offset)
         self.chars = offset
         self.attempt = max(self.attempt, notice.attempt)
 
@@ -138,6 +146,13 @@ class Fold:
         self._void(attempt, reason)
         self.chars = 0
         self.tool_fragments = []
+        self.reasoning_parts = []
+        self.logprobs = []
+
+    @property
+    def reasoning_text(self) -> str:
+        """The reasoning ("thinking") text of the attempts whose answer counts."""
+        return "".join(self.reasoning_parts)
 
     @property
     def tool_calls(self) -> list[ToolCall]:
@@ -193,6 +208,17 @@ def reset_reason(notice: Notice) -> str:
     where = f" from {notice.from_pool} to {notice.to_pool}" if notice.to_pool else ""
     detail = f": {notice.message}" if notice.message else ""
     return f"{notice.kind}{where}{detail}"
+
+
+def _within(logprobs: list[TokenLogprob], chars: int) -> list[TokenLogprob]:
+    """The log probabilities of the tokens in the answer's first ``chars`` characters."""
+    kept, length = [], 0
+    for entry in logprobs:
+        length += len(entry.token)
+        if length > chars:
+            break
+        kept.append(entry)
+    return kept
 
 
 def assemble_tool_calls(fragments: list[ToolCallDelta]) -> list[ToolCall]:

@@ -114,6 +114,24 @@ class ToolCallDelta(msgspec.Struct, omit_defaults=True, kw_only=True):
     arguments: str = ""
 
 
+class TopLogprob(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """One of the likeliest tokens at a place in the answer, with its log probability."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A token of the answer with its log probability (``Job.logprobs``), in OpenAI's shape;
+    ``top_logprobs``: the ``Job.top_logprobs`` likeliest tokens at its place."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = msgspec.field(default_factory=list)
+
+
 class Attempt(msgspec.Struct, omit_defaults=True, kw_only=True):
     """One failed try of a job on one pool, kept in the job and in errors."""
 
@@ -164,6 +182,14 @@ class ResponseFormat(msgspec.Struct, omit_defaults=True, kw_only=True):
 ReasoningEffort = Literal["minimal", "low", "medium", "high"]
 
 
+class EmbedRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """What an embeddings job asks: one vector per text of ``input``, of ``dimensions``
+    numbers where the model can shorten its vectors (None: the model's own size)."""
+
+    input: list[str]
+    dimensions: int | None = None
+
+
 class Job(msgspec.Struct, omit_defaults=True, kw_only=True):
     """A chat request plus its routing state.
 
@@ -203,10 +229,17 @@ class Job(msgspec.Struct, omit_defaults=True, kw_only=True):
     # ``features``); a target that cannot serve one refuses the job (bad_request).
     response_format: ResponseFormat | None = None
     reasoning_effort: ReasoningEffort | None = None
+    # Log probabilities of the answer's tokens (and of the ``top_logprobs`` likeliest at
+    # each place), for the targets that report them; they come back on the chunks.
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
     # Provider parameters llmrelay does not model, by provider kind
     # (``{"openai": {"logit_bias": {...}}}``): merged into that kind's request body;
     # a key llmrelay sets itself is refused, never overridden.
     provider_options: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    # An embeddings job (its ``messages`` are empty): answered by a ``Done`` whose
+    # ``embeddings`` hold the vectors; a target that cannot embed refuses it.
+    embed: EmbedRequest | None = None
 
 
 class Usage(msgspec.Struct, omit_defaults=False, kw_only=True):
@@ -240,6 +273,11 @@ class Chunk(msgspec.Struct, tag="chunk", tag_field="type", kw_only=True, omit_de
     model: str | None = None
     # Fragments of tool calls (``delta`` is then usually "").
     tool_calls: list[ToolCallDelta] | None = None
+    # Reasoning text ("thinking") the model streamed beside the answer; never part
+    # of ``delta``, and not kept across a failover (the continuation is the answer's).
+    reasoning: str = ""
+    # The log probabilities of ``delta``'s tokens, when the job asked for them.
+    logprobs: list[TokenLogprob] | None = None
     # The job's stream sequence as its client published it (0: not from a delivery).
     job_seq: int = 0
 
@@ -282,6 +320,9 @@ class Done(msgspec.Struct, tag="done", tag_field="type", kw_only=True):
     attempts: list[Attempt] = msgspec.field(default_factory=list)
     # The job's stream sequence as its client published it (0: not from a delivery).
     job_seq: int = 0
+    # An embeddings job's vectors, one per input in order: each the base64 of its
+    # little-endian float32 numbers (``broker/_vectors.py``); absent from a chat answer.
+    embeddings: list[str] | UnsetType = UNSET
 
 
 class Error(msgspec.Struct, tag="error", tag_field="type", kw_only=True):
@@ -408,6 +449,10 @@ def requested_features(job: Job) -> set[str]:
         wanted.add("response_format")
     if job.reasoning_effort is not None:
         wanted.add("reasoning_effort")
+    if job.embed is not None:
+        wanted.add("embeddings")
+    if job.logprobs:
+        wanted.add("logprobs")
     return wanted
 
 

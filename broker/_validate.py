@@ -59,6 +59,11 @@ MAX_NAME_CHARS = 64
 DEFAULT_DEADLINE_S = 120.0
 # Room left in a job for the routing state workers add on failover (attempts).
 ROUTING_RESERVE_FRACTION = 16
+# OpenAI's own limit on the texts of one embeddings request; their total size is
+# bounded by the job's (``max_job_bytes``).
+MAX_EMBED_INPUTS = 2048
+# No embedding model makes longer vectors (the largest are ~4096 numbers).
+MAX_EMBED_DIMENSIONS = 65_536
 
 _ID_RE = re.compile(r"[A-Za-z0-9_-]+")
 # W3C Trace Context, version 00 layout (lowercase hex only).
@@ -73,7 +78,10 @@ _INT64_MAX = 2**63 - 1
 def validate_job(job: Job, config: Config, now_ms: int) -> Job:
     """``job`` fit to serve, its deadline clamped; raise ``InvalidJob`` naming the field."""
     _check_identity(job)
-    _check_messages(job)
+    if job.embed is None:
+        _check_messages(job)
+    else:
+        _check_embed(job)
     _check_sampling(job)
     _check_metadata(job)
     _check_provider_options(job)
@@ -215,11 +223,30 @@ def _check_messages(job: Job) -> None:
         raise _fail("tools", f"at most {MAX_TOOLS} tools")
 
 
+def _check_embed(job: Job) -> None:
+    """An embeddings job: texts to embed, no conversation."""
+    assert job.embed is not None
+    if job.messages:
+        raise _fail("messages", "an embeddings job has no messages (its texts are embed.input)")
+    texts = job.embed.input
+    if not 0 < len(texts) <= MAX_EMBED_INPUTS:
+        raise _fail("embed.input", f"1 to {MAX_EMBED_INPUTS} texts")
+    for i, text in enumerate(texts):
+        if not text:
+            raise _fail(f"embed.input[{i}]", "an empty text has no embedding")
+    dims = job.embed.dimensions
+    if dims is not None and not 0 < dims <= MAX_EMBED_DIMENSIONS:
+        raise _fail("embed.dimensions", f"must be between 1 and {MAX_EMBED_DIMENSIONS}")
+
+
 def _check_sampling(job: Job) -> None:
     if job.max_tokens is not None and not 1 <= job.max_tokens <= MAX_TOKENS_LIMIT:
         raise _fail("max_tokens", f"must be between 1 and {MAX_TOKENS_LIMIT}")
     _check_range("temperature", job.temperature, 0.0, 2.0)
     _check_range("top_p", job.top_p, 0.0, 1.0)
+    _check_range("top_logprobs", job.top_logprobs, 0, 20)  # OpenAI's bounds
+    if job.top_logprobs and not job.logprobs:
+        raise _fail("top_logprobs", "needs logprobs: true")
     if job.seed is not None and not -_INT64_MAX - 1 <= job.seed <= _INT64_MAX:
         raise _fail("seed", "must fit in 64 bits")
     if job.stop is not None:

@@ -3,8 +3,10 @@
 One ``Gateway`` holds the config, one NATS connection (as the ``client`` user)
 with the ``RelayClient`` that submits every job, the API keys and the metrics.
 It is an async context manager: entering connects to NATS; ``asgi()`` is the
-Starlette app. A chat completion is checked and submitted here, then handed to
-an ``Exchange`` (``gateway._exchange``) with only what it needs.
+Starlette app. A chat completion (``/v1/chat/completions``, OpenAI's API) or a
+message (``/v1/messages``, Anthropic's) is checked and submitted here, the same
+way for both (each API is a ``Dialect``, ``gateway._dialect``), then handed to an
+``Exchange`` (``gateway._exchange``) with only what it needs.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ from broker._nats import connect, nats_errors
 from broker._protocol import Job
 from broker._subjects import JOBS_STREAM, cancel_subject, route_consumer
 from gateway._apierror import ApiError, error_from_exception, http_error
+from gateway._dialect import CHAT, Call, Dialect
+from gateway._embeddings import EMBEDDINGS
 from gateway._exchange import EventStreamResponse, Exchange, ExchangeContext
 from gateway._keys import ApiKeys
+from gateway._messages import MESSAGES, count_tokens
 from gateway._metrics import GatewayMetrics
-from gateway._request import ChatRequest, job_options, parse_request, to_messages
 from gateway._responses import Status, json_response, model_card, model_list
 
 _UNKNOWN_ROUTE_LABEL = "_unknown"
@@ -111,6 +115,9 @@ class Gateway:
 
         routes = [
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/messages", self.messages, methods=["POST"]),
+            Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
+            Route("/v1/embeddings", self.embeddings, methods=["POST"]),
             Route("/v1/models", self.list_models, methods=["GET"]),
             Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
@@ -168,25 +175,34 @@ class Gateway:
             return self._error(exc).response()
         return json_response(model_card(name))
 
-    # --- chat completions
+    # --- chat completions and messages
 
     async def chat_completions(self, request: Request) -> Response:
+        return await self._answer(request, CHAT)
+
+    async def messages(self, request: Request) -> Response:
+        return await self._answer(request, MESSAGES)
+
+    async def embeddings(self, request: Request) -> Response:
+        return await self._answer(request, EMBEDDINGS)
+
+    async def _answer(self, request: Request, dialect: Dialect) -> Response:
         started = time.monotonic()
         label, stream = _UNKNOWN_ROUTE_LABEL, False
         try:
-            self._check_key(request)
-            req = parse_request(await self._read_body(request))
-            stream = req.stream
-            label = req.model if req.model in self.config.routes else label
-            handle = await self._submit(self._job(req, request))
+            self._keys.check(dialect.credential(request.headers))
+            call = dialect.parse(await self._read_body(request))
+            stream = call.stream
+            label = call.route if call.route in self.config.routes else label
+            handle = await self._submit(self._job(call, request))
         except RelayError as exc:
             err = self._error(exc)
             self.metrics.finished(label, stream, err.code, time.monotonic() - started)
-            return err.response()
+            return dialect.error_response(err)
         except ClientDisconnect:
             return Response(status_code=499)
-        exchange = Exchange(self.context, handle, req, label=label, started=started)
-        if req.stream:
+        exchange = Exchange(self.context, handle, call.writer, label=label, started=started)
+        if call.stream:
             return EventStreamResponse(exchange)
         return await exchange.complete(request.receive)
 
@@ -203,12 +219,13 @@ class Gateway:
             await _cancel_quietly(nc, job)
             raise BrokerUnavailable(f"NATS did not confirm the job: {exc.message}") from exc
 
-    def _job(self, req: ChatRequest, request: Request) -> Job:
+    def _job(self, call: Call, request: Request) -> Job:
+        messages, options = call.parts(request.headers.get("traceparent"))
         return self.relay.build_job(
-            to_messages(req),
-            route=req.model,
+            messages,
+            route=call.route,
             timeout_s=self.settings.request_timeout_s,
-            options=job_options(req, request.headers.get("traceparent")),
+            options=options,
         )
 
     async def _read_body(self, request: Request) -> bytes:

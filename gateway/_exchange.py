@@ -17,6 +17,17 @@ the route name); a whole answer's ``model`` is ``done.model``.
 request is open, the job is cancelled (``llm.cancel.<id>``); the worker aborts
 the provider call and answers ``cancelled``.
 
+**APIs.** What an exchange writes is its ``Writer``'s (``gateway._dialect``):
+OpenAI's chat completion objects and chunks, or Anthropic's message and named
+events; an error before any text is the writer's error response, one after it
+the writer's error event. The policy above is the same for every API.
+
+**Reasoning.** The reasoning text (``Chunk.reasoning``) of the attempts whose
+text stands is kept beside the answer and, in a stream, written as it arrives
+(a writer without a place for it writes nothing). It is not held back; once
+some was sent, a reset that voids it ends the stream with ``stream_interrupted``,
+as a reset after sent text does.
+
 An exchange gets what it needs from the gateway in an ``ExchangeContext``
 (settings and metrics), not the gateway itself.
 """
@@ -42,10 +53,10 @@ from broker._config import GatewaySettings
 from broker._errors import BrokerUnavailable, DeadlineExceeded, RelayError, StreamReset
 from broker._protocol import Chunk, Done, Error, Event, Notice
 from gateway._apierror import ApiError, api_error, error_from_event
+from gateway._dialect import Reply, Writer
 from gateway._fold import ReplyFold
 from gateway._metrics import GatewayMetrics
-from gateway._request import ChatRequest
-from gateway._responses import CompletionIds, SseWriter, completion, json_response, sse_data
+from gateway._responses import json_response
 
 log = logging.getLogger("llmrelay.gateway")
 
@@ -66,23 +77,22 @@ class ExchangeContext:
 
 
 class Exchange:
-    """One HTTP request and the job answering it."""
+    """One HTTP request and the job answering it; ``writer`` writes its answer."""
 
     def __init__(
         self,
         ctx: ExchangeContext,
         handle: JobHandle,
-        req: ChatRequest,
+        writer: Writer,
         *,
         label: str,
         started: float,
     ) -> None:
         self.ctx = ctx
         self.handle = handle
-        self.req = req
+        self.writer = writer
         self.label = label
         self.started = started
-        self.ids = CompletionIds(f"chatcmpl-{handle.id}", int(time.time()), req.model)
         self.answered = False  # the worker sent done/error: nothing to cancel
         self.headers = {"x-request-id": handle.id}
 
@@ -113,10 +123,15 @@ class Exchange:
             await self.finish(_outcome_label(outcome), stream=False)
         if isinstance(outcome, Done):
             headers = {**self.headers, "x-llmrelay-pool": outcome.pool}
-            body = completion(self.ids, fold.finish(), outcome, fold.tool_calls)
+            reply = Reply(fold.finish(), fold.reasoning_text, fold.tool_calls, fold.logprobs)
+            try:
+                body = self.writer.whole(self.handle.id, reply, outcome)
+            except RelayError as exc:  # an answer this API cannot express (tool arguments)
+                err = api_error(exc.code, exc.message, headers=self.headers)
+                return self.writer.error_response(err)
             return json_response(body, headers=headers)
         if isinstance(outcome, Error):
-            return self.error(outcome).response()
+            return self.writer.error_response(self.error(outcome))
         return Response(status_code=499)  # the client is gone; nobody reads this
 
     async def _collect(self, fold: ReplyFold) -> Done | Error:
@@ -164,7 +179,7 @@ async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> N
 
 
 class EventStreamResponse(Response):
-    """A streamed answer: OpenAI SSE chunks, under the reset policy (see module docstring).
+    """A streamed answer in its writer's SSE, under the reset policy (see module docstring).
 
     Headers go out with the first text (or a keep-alive): an error before that is
     a plain HTTP error; after it, an SSE error event that ends the stream.
@@ -175,11 +190,12 @@ class EventStreamResponse(Response):
         self.x = exchange
         self.metrics = exchange.ctx.metrics
         self.fold = ReplyFold(exchange.ctx.settings.stream_holdback_ms / 1000)
-        self.sse = SseWriter(exchange.ids, exchange.req.include_usage)
+        self.sse = exchange.writer.stream(exchange.handle.id)
         self.outcome = "disconnected"
         self._scope: Scope = {"type": "http"}
         self._send: Send | None = None
         self._started = False
+        self._text_sent = False
         self._last_write = time.monotonic()
         # With nothing to send for this long, the stream sends its headers (if not
         # yet sent) and an SSE comment, so that proxies and clients do not time out.
@@ -256,7 +272,15 @@ class EventStreamResponse(Response):
     async def _chunk(self, chunk: Chunk) -> None:
         if chunk.model is not None and chunk.attempt >= self.fold.attempt:
             self.sse.model = chunk.model  # who answers, from its first chunk
-        await self._text(self.fold.chunk(chunk, time.monotonic()))
+        text = self.fold.chunk(chunk, time.monotonic())
+        await self._reasoning(self.fold.take_reasoning())
+        await self._text(text)
+
+    async def _reasoning(self, text: str) -> None:
+        data = self.sse.reasoning(text) if text else b""
+        if data:
+            self.fold.reasoning_sent = True
+            await self._write(data)
 
     async def _tick(self) -> None:
         now = time.monotonic()
@@ -269,15 +293,16 @@ class EventStreamResponse(Response):
     async def _text(self, text: str) -> None:
         if not text:
             return
-        if not self.sse.role_sent:
+        if not self._text_sent:
+            self._text_sent = True
             self.metrics.first_text(self.x.label, time.monotonic() - self.x.started)
-        await self._write(self.sse.text(text))
+        await self._write(self.sse.text(text, self.fold.take_logprobs()))
 
     async def _done(self, done: Done) -> None:
         if self.fold.resets:
             self.metrics.reset(self.x.label, "hidden")
         text = self.fold.finish()
-        head = self.sse.text(text) if text else b""
+        head = self.sse.text(text, self.fold.take_logprobs()) if text else b""
         if self.fold.tool_fragments:  # held until now: a restart leaves no half call
             head += self.sse.tool_calls(self.fold.tool_calls)
         await self._write(head + self.sse.end(done), more=False)
@@ -286,9 +311,9 @@ class EventStreamResponse(Response):
         if not self._started:
             # Nothing sent yet: a plain HTTP error with its status code.
             assert self._send is not None
-            await err.response()(self._scope, _no_receive, self._send)
+            await self.x.writer.error_response(err)(self._scope, _no_receive, self._send)
             return
-        await self._write(sse_data(err.body()), more=False)
+        await self._write(self.x.writer.error_event(err), more=False)
 
     async def _write(self, data: bytes, *, more: bool = True) -> None:
         assert self._send is not None

@@ -18,6 +18,9 @@ already sent over HTTP cannot be taken back, so ``ReplyFold`` adds the policy:
   SSE error event (``code: stream_interrupted``, never ``[DONE]``) and the job,
   whose new attempt nobody would read, is cancelled. The client sees the same
   thing as when a provider's own stream breaks, never a mix of two attempts.
+- Reasoning text is sent as it arrives (never held back); once some was sent, a
+  reset raises ``StreamReset`` as one after sent text does, so a caller never
+  reads two attempts' reasoning. Log probabilities go with the text they belong to.
 - With ``stream_holdback_ms: N`` the first text of a stream is held until it is
   N ms old (or the answer is done), so a provider that fails within N ms of its
   first token is replaced invisibly, at the cost of up to N ms added to the
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 from broker._errors import StreamReset
 from broker._fold import Fold
-from broker._protocol import Chunk, Notice
+from broker._protocol import Chunk, Notice, TokenLogprob
 
 
 class ReplyFold(Fold):
@@ -49,9 +52,24 @@ class ReplyFold(Fold):
         self.holdback_s = holdback_s
         self.sent_chars = 0
         self.resets = 0
+        self.reasoning_sent = False  # then a void raises StreamReset, as after sent text
         self._held: list[str] = []
         self._held_since: float | None = None
         self._now = 0.0
+        self._reasoning_taken = 0
+        self._logprobs_taken = 0
+
+    def take_reasoning(self) -> str:
+        """The reasoning that arrived since the last call (it is never held back)."""
+        new = self.reasoning_parts[self._reasoning_taken :]
+        self._reasoning_taken = len(self.reasoning_parts)
+        return "".join(new)
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The log probabilities that arrived since the last call (sent with the text)."""
+        new = self.logprobs[self._logprobs_taken :]
+        self._logprobs_taken = len(self.logprobs)
+        return new
 
     def chunk(self, chunk: Chunk, now: float) -> str:
         self._now = now
@@ -100,6 +118,12 @@ class ReplyFold(Fold):
                 f"the answer was restarted ({reason}) after {self.sent_chars} characters "
                 "had been sent; they are void and the request was cancelled: retry it"
             )
+        if self.reasoning_sent:
+            raise StreamReset(
+                f"the answer was restarted ({reason}) after its reasoning had been sent; "
+                "it is void and the request was cancelled: retry it"
+            )
+        self._reasoning_taken = self._logprobs_taken = 0
         if self._held:
             self.resets += 1
         self._held.clear()

@@ -9,7 +9,7 @@ names the field, as OpenAI's error object does.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -56,9 +56,9 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     Unknown fields are ignored; fields that would change the shape of the answer
     and that llmrelay does not relay (``functions``, ``n`` > 1) are refused, so that
     a client never silently gets something else. Tools, tool calls and tool
-    results, images and audio, ``response_format`` (text, JSON, JSON of a schema)
-    and ``reasoning_effort`` are relayed to targets that map them; with none left
-    the request is refused (``bad_request``).
+    results, images and audio, ``response_format`` (text, JSON, JSON of a schema),
+    ``reasoning_effort`` and ``logprobs``/``top_logprobs`` are relayed to targets
+    that map them; with none left the request is refused (``bad_request``).
     """
 
     model: str
@@ -80,6 +80,8 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     functions: list[Any] | None = None
     response_format: ResponseFormat | None = None
     reasoning_effort: ReasoningEffort | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
     # Not OpenAI's: parameters for one provider kind that llmrelay does not model
     # (``extra_body={"provider_options": {"anthropic": {"top_k": 5}}}`` in the SDK).
     provider_options: dict[str, dict[str, Any]] | None = None
@@ -89,21 +91,28 @@ class ChatRequest(msgspec.Struct, kw_only=True):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+T = TypeVar("T")
 _request_decoder = msgspec.json.Decoder(ChatRequest)
 _AT_RE = re.compile(r" - at `\$\.?(.*)`$")
 _MISSING_RE = re.compile(r"missing required field `([^`]+)`")
 
 
-def parse_request(body: bytes) -> ChatRequest:
-    """Decode and check a request body; raise ``InvalidRequest`` naming the field."""
+def decode_body(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
+    """A request body decoded by ``decoder``; raises ``InvalidRequest`` naming the field
+    (every front door's requests: chat completions, messages, embeddings)."""
     try:
-        req = _request_decoder.decode(body)
+        return decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise _invalid_field(str(exc)) from exc
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from exc
     except RecursionError as exc:  # msgspec's guard against deep nesting
         raise InvalidRequest("the request body is nested too deeply") from exc
+
+
+def parse_request(body: bytes) -> ChatRequest:
+    """Decode and check a request body; raise ``InvalidRequest`` naming the field."""
+    req = decode_body(_request_decoder, body)
     _refuse_unsupported(req)
     return req
 
@@ -187,6 +196,8 @@ def job_options(req: ChatRequest, traceparent: str | None) -> JobOptions:
         traceparent=traceparent,
         response_format=req.response_format,
         reasoning_effort=req.reasoning_effort,
+        logprobs=req.logprobs,
+        top_logprobs=req.top_logprobs,
         provider_options=dict(req.provider_options or {}),
         tools=req.tools,
         tool_choice=_tool_choice(req),

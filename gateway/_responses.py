@@ -17,7 +17,7 @@ import msgspec
 from msgspec import UNSET, UnsetType
 from starlette.responses import Response
 
-from broker._protocol import Done, ToolCall
+from broker._protocol import Done, TokenLogprob, ToolCall
 
 
 class PromptTokensDetails(msgspec.Struct, frozen=True, kw_only=True):
@@ -78,12 +78,21 @@ class ChatCompletionMessage(msgspec.Struct, frozen=True, kw_only=True):
     content: str | None
     refusal: None = None
     tool_calls: list[ToolCallOut] | UnsetType = UNSET
+    # Not OpenAI's: the reasoning text, under the name vLLM and DeepSeek use.
+    reasoning_content: str | UnsetType = UNSET
+
+
+class ChoiceLogprobs(msgspec.Struct, frozen=True, kw_only=True):
+    """``choices[].logprobs``: the answer's tokens with their log probabilities."""
+
+    content: list[TokenLogprob]
+    refusal: None = None
 
 
 class Choice(msgspec.Struct, frozen=True, kw_only=True):
     index: int = 0
     message: ChatCompletionMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str
 
 
@@ -102,13 +111,14 @@ class ChatCompletion(msgspec.Struct, frozen=True, kw_only=True):
 class ChoiceDelta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallOut] | None = None
 
 
 class ChunkChoice(msgspec.Struct, frozen=True, kw_only=True):
     index: int = 0
     delta: ChoiceDelta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -203,15 +213,25 @@ class CompletionIds(msgspec.Struct, frozen=True):
 
 
 def completion(
-    ids: CompletionIds, text: str, done: Done, tool_calls: list[ToolCall] | None = None
+    ids: CompletionIds,
+    text: str,
+    done: Done,
+    tool_calls: list[ToolCall] | None = None,
+    *,
+    reasoning: str = "",
+    logprobs: list[TokenLogprob] | None = None,
 ) -> ChatCompletion:
-    """The ``chat.completion`` object of a whole answer (with its tool calls, if any)."""
+    """The ``chat.completion`` object of a whole answer (with its tool calls, reasoning
+    and log probabilities, if any: ``logprobs`` None when the request did not ask)."""
+    thought = reasoning or UNSET
     if tool_calls:
         calls = [ToolCallOut.of(call) for call in tool_calls]
-        message = ChatCompletionMessage(content=text or None, tool_calls=calls)
+        message = ChatCompletionMessage(content=text or None, tool_calls=calls,
+                                        reasoning_content=thought)  # fmt: skip
     else:
-        message = ChatCompletionMessage(content=text)
-    choice = Choice(message=message, finish_reason=done.finish_reason)
+        message = ChatCompletionMessage(content=text, reasoning_content=thought)
+    scores = None if logprobs is None else ChoiceLogprobs(content=logprobs)
+    choice = Choice(message=message, logprobs=scores, finish_reason=done.finish_reason)
     return ChatCompletion(
         id=ids.id,
         created=ids.created,
@@ -230,11 +250,21 @@ class SseWriter:
         self.role_sent = False
         self.model: str | None = None  # the upstream model, once a chunk names it
 
-    def text(self, text: str) -> bytes:
-        delta = ChoiceDelta(content=text)
-        if not self.role_sent:
-            delta = ChoiceDelta(role="assistant", content=text)
-            self.role_sent = True
+    def text(self, text: str, logprobs: list[TokenLogprob] | None = None) -> bytes:
+        scores = ChoiceLogprobs(content=logprobs) if logprobs else None
+        choice = ChunkChoice(delta=ChoiceDelta(role=self._role(), content=text), logprobs=scores)
+        return self._frame(self.model or self.ids.route, [choice])
+
+    def _role(self) -> Literal["assistant"] | None:
+        """``assistant`` on the answer's first delta only."""
+        if self.role_sent:
+            return None
+        self.role_sent = True
+        return "assistant"
+
+    def reasoning(self, text: str) -> bytes:
+        """Reasoning text as ``delta.reasoning_content`` (vLLM's and DeepSeek's name)."""
+        delta = ChoiceDelta(role=self._role(), reasoning_content=text)
         return self._frame(self.model or self.ids.route, [ChunkChoice(delta=delta)])
 
     def tool_calls(self, calls: list[ToolCall]) -> bytes:

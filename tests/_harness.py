@@ -202,3 +202,26 @@ async def start_sdk_stack(
 
 
 StartSdkStack = Callable[..., AbstractAsyncContextManager[tuple[RelayStack, openai.AsyncOpenAI]]]
+
+
+class StreamedCalls(NamedTuple):
+    """The tool calls of a streamed chat completion as the SDK user puts them together."""
+
+    calls: list[dict[str, str]]  # by index: id, name, arguments (fragments joined)
+    finish_reason: str | None
+
+
+async def streamed_tool_calls(client: openai.AsyncOpenAI, **ask: Any) -> StreamedCalls:
+    """Stream ``ask`` and join the tool-call fragments of each index, as OpenAI documents."""
+    stream = await client.chat.completions.create(**ask, stream=True)
+    calls: dict[int, dict[str, str]] = {}
+    finish = None
+    async for chunk in stream:
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            for call in choice.delta.tool_calls or []:
+                seen = calls.setdefault(call.index, {"id": "", "name": "", "arguments": ""})
+                seen["id"] += call.id or ""
+                seen["name"] += (call.function.name or "") if call.function else ""
+                seen["arguments"] += (call.function.arguments or "") if call.function else ""
+    return StreamedCalls([calls[i] for i in sorted(calls)], finish)

@@ -151,7 +151,7 @@ def _job(**fields: Any) -> Job:
     messages = [
         Message(role="system", content="Be terse."),
         Message(role="user", content="Hi"),
-        Message(role="tool", content="42"),
+        Message(role="tool", tool_call_id="tooluse_1", content="42"),
         Message(role="assistant", content="Hello."),
     ]
     return Job(id="j1", route="chat", messages=messages, reply_to="r", deadline_ms=0, **fields)
@@ -161,12 +161,15 @@ def test_the_request_is_converse_shaped_with_alternating_turns() -> None:
     body = msgspec.json.decode(request_body(_job(max_tokens=9, top_p=0.5, stop=["x"]), "So"))
     assert body == {
         "messages": [
-            {"role": "user", "content": [{"text": "Hi"}, {"text": "42"}]},
+            {"role": "user", "content": [
+                {"text": "Hi"},
+                {"toolResult": {"toolUseId": "tooluse_1", "content": [{"text": "42"}]}},
+            ]},
             {"role": "assistant", "content": [{"text": "Hello."}, {"text": "So"}]},
         ],
         "system": [{"text": "Be terse."}],
         "inferenceConfig": {"maxTokens": 9, "topP": 0.5, "stopSequences": ["x"]},
-    }
+    }  # fmt: skip
 
 
 def _event(event_type: str, payload: Any) -> EventMessage:

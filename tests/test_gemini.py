@@ -25,6 +25,7 @@ from workers.providers import (
     GeminiProvider,
     Malformed,
     RateLimited,
+    ReasoningDelta,
     StreamInterrupted,
     StreamItem,
     TextDelta,
@@ -195,14 +196,15 @@ async def test_finish_reasons_in_openais_words(reason: str, word: str) -> None:
     assert items == [TextDelta("a"), Finish(word, None)]
 
 
-async def test_thought_parts_are_not_the_answer_but_their_tokens_count() -> None:
+async def test_thought_parts_are_reasoning_not_the_answer_and_their_tokens_count() -> None:
     parts = [{"text": "thinking...", "thought": True}, {"text": "Answer"}]
     usage = {"promptTokenCount": 3, "candidatesTokenCount": 1, "thoughtsTokenCount": 5}
     chunk = {"candidates": [{"content": {"parts": parts}, "finishReason": "STOP"}]}
     items, _ = await _stream(_sse({**chunk, "usageMetadata": usage}))
     assert items == [
+        ReasoningDelta("thinking..."),
         TextDelta("Answer"),
-        Finish("stop", Usage(prompt_tokens=3, completion_tokens=6)),
+        Finish("stop", Usage(prompt_tokens=3, completion_tokens=6, reasoning_tokens=5)),
     ]
 
 

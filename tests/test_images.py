@@ -29,8 +29,10 @@ LOOK: list[Any] = [
 
 
 @pytest.mark.parametrize(
-    ("kind", "seen"), [("openai", ["url", "data"]), ("anthropic", ["url", "base64"])]
-)
+    ("kind", "seen"),
+    [("openai", ["url", "data"]), ("anthropic", ["url", "base64"]),
+     ("gemini", ["url", "base64"])],  # Gemini's fileData and inlineData parts
+)  # fmt: skip
 async def test_images_reach_each_upstream_in_its_own_shape(
     sdk_stack: StartSdkStack, kind: str, seen: list[str]
 ) -> None:
@@ -42,11 +44,13 @@ async def test_images_reach_each_upstream_in_its_own_shape(
     assert call["options"]["images"] == seen
 
 
-async def test_images_for_a_text_only_kind_go_to_a_target_that_takes_them(
+async def test_images_a_kind_cannot_take_go_to_a_target_that_takes_them(
     sdk_stack: StartSdkStack,
 ) -> None:
-    """Route [Gemini (text only here), OpenAI]: the image request goes to the OpenAI pool;
-    so does a linked image on an Ollama pool, which takes images as data only."""
+    """Route [Gemini, OpenAI]: an image linked over plain http goes to the OpenAI pool, as
+    Gemini fetches https links only; so does a linked image on an Ollama pool, which
+    takes images as data only. (A kind that takes no images at all is refused before
+    any call the same way: see the audio test below.)"""
     gemini, llama = MockProvider(name="mock-g", tokens=4), MockProvider(name="mock-o", tokens=4)
     gpt = MockProvider(name="mock-a", tokens=4)
     pools = {"g": upstream(gemini, "gemini"), "o": upstream(llama, "ollama"), "a": upstream(gpt)}
@@ -54,8 +58,12 @@ async def test_images_for_a_text_only_kind_go_to_a_target_that_takes_them(
         "chat": [("g", "gemini"), ("a", "gpt-4o")],
         "local": [("o", "llava"), ("a", "gpt-4o")],
     }
+    http_link = [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}},
+    ]}]  # fmt: skip
     async with sdk_stack(pools, routes) as (_, client):
-        reply = await client.chat.completions.create(model="chat", messages=LOOK)
+        reply = await client.chat.completions.create(model="chat", messages=http_link)  # type: ignore[arg-type]
         linked = await client.chat.completions.create(model="local", messages=LOOK)
         plain = await client.chat.completions.create(
             model="chat", messages=[{"role": "user", "content": "hi"}]

@@ -17,9 +17,10 @@ import openai
 import pytest
 
 from broker import Job, JobOptions, Message, RequestFailed
-from broker._protocol import JsonSchemaFormat, ResponseFormat
+from broker._protocol import FunctionDef, JsonSchemaFormat, ResponseFormat, Tool
 from devstack import MockProvider
 from tests._harness import StartSdkStack, StartStack, upstream
+from workers.providers.anthropic import request_body as anthropic_body
 from workers.providers.ollama import request_body as ollama_body
 from workers.providers.openai import request_body as openai_body
 
@@ -34,6 +35,11 @@ SCHEMA: dict[str, Any] = {
     },
     "required": ["city", "population", "coastal", "districts", "kind"],
     "additionalProperties": False,
+}
+AWS: dict[str, Any] = {
+    "region": "us-east-1",
+    "aws_access_key_id": "AKIDEXAMPLE",
+    "aws_secret_access_key": "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
 }
 JSON_SCHEMA = {
     "type": "json_schema",
@@ -70,9 +76,9 @@ async def test_a_json_schema_response_format_gives_json_that_validates(
 async def test_a_target_that_cannot_serve_a_feature_refuses_it_by_name(
     sdk_stack: StartSdkStack,
 ) -> None:
-    """An Anthropic pool does not map structured output yet: 400, never a text answer."""
+    """A Bedrock pool does not map structured output: 400, never a text answer."""
     mock = MockProvider(name="mock-b", tokens=6)
-    stack = sdk_stack({"b": upstream(mock, "anthropic")}, {"chat": [("b", "claude")]})
+    stack = sdk_stack({"b": upstream(mock, "bedrock", **AWS)}, {"chat": [("b", "claude")]})
     async with stack as (_, client):
         with pytest.raises(openai.BadRequestError) as caught:
             await client.chat.completions.create(
@@ -82,7 +88,7 @@ async def test_a_target_that_cannot_serve_a_feature_refuses_it_by_name(
             )
         calls = mock.stats()["requests"]
     assert caught.value.code == "bad_request"
-    assert "response_format" in caught.value.message and "anthropic" in caught.value.message
+    assert "response_format" in caught.value.message and "bedrock" in caught.value.message
     assert calls == 0  # never sent without it
 
 
@@ -125,10 +131,10 @@ def test_ollama_gets_the_schema_as_its_format_and_openai_the_format_itself() -> 
 async def test_a_job_a_target_cannot_serve_goes_to_one_that_can(
     relay_stack: StartStack,
 ) -> None:
-    """Route [Anthropic, OpenAI]: structured output goes to the OpenAI pool at once; the
-    Anthropic provider is never called; text jobs stay on the primary."""
+    """Route [Bedrock, OpenAI]: structured output goes to the OpenAI pool at once; the
+    Bedrock provider is never called; text jobs stay on the primary."""
     claude, gpt = MockProvider(name="mock-b", tokens=4), MockProvider(name="mock-a", tokens=4)
-    pools = {"b": upstream(claude, "anthropic"), "a": upstream(gpt)}
+    pools = {"b": upstream(claude, "bedrock", **AWS), "a": upstream(gpt)}
     async with relay_stack(pools, {"chat": [("b", "claude"), ("a", "gpt")]}) as s:
         fmt = ResponseFormat(type="json_object")
         handle = await s.relay.submit("hi", route="chat", options=JobOptions(response_format=fmt))
@@ -186,3 +192,47 @@ async def test_cached_and_reasoning_tokens_reach_the_sdk(
         assert usage.completion_tokens_details is not None
         assert usage.completion_tokens_details.reasoning_tokens == 2
     assert plain.usage is not None and plain.usage.prompt_tokens_details is None
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_anthropic_answers_a_json_schema_through_a_forced_tool(
+    sdk_stack: StartSdkStack, stream: bool
+) -> None:
+    """The schema goes to Anthropic as the input schema of a tool it must call; the call's
+    input comes back as the answer's text (never as a tool call) and validates."""
+    mock = MockProvider(name="mock-b", tokens=6)
+    pools = {"b": upstream(mock, "anthropic")}
+    async with sdk_stack(pools, {"chat": [("b", "claude")]}) as (s, client):
+        asked: dict[str, Any] = {
+            "model": "chat",
+            "messages": [{"role": "user", "content": "a city, as JSON"}],
+            "response_format": JSON_SCHEMA,
+        }
+        if stream:
+            chunks = [c async for c in await client.chat.completions.create(**asked, stream=True)]
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+            calls = [c for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+        else:
+            whole = await client.chat.completions.create(**asked)
+            text = whole.choices[0].message.content or ""
+            finish, calls = (
+                whole.choices[0].finish_reason,
+                whole.choices[0].message.tool_calls or [],
+            )
+        [call] = s.providers["b"].stats()["log"]
+    jsonschema.validate(json.loads(text), SCHEMA)
+    assert (finish, calls) == ("stop", [])
+    assert call["options"]["tools"] == 1
+    assert call["options"]["tool_choice"] == {"type": "tool", "name": "json_answer"}
+
+
+def test_anthropic_json_beside_the_caller_s_tools_lets_the_model_call_either() -> None:
+    tool = Tool(function=FunctionDef(name="lookup", parameters={"type": "object"}))
+    fmt = ResponseFormat(type="json_schema", json_schema=JsonSchemaFormat(name="c", schema=SCHEMA))
+    body = json.loads(anthropic_body(make_job(response_format=fmt, tools=[tool]), "claude"))
+    assert [t["name"] for t in body["tools"]] == ["lookup", "json_answer"]
+    assert body["tools"][1]["input_schema"] == SCHEMA
+    assert body["tool_choice"] == {"type": "any"}
+    named = make_job(response_format=fmt, tools=[tool], tool_choice="none")
+    assert json.loads(anthropic_body(named, "claude"))["tools"][0]["name"] == "json_answer"

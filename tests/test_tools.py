@@ -10,11 +10,10 @@ from typing import Any
 
 import pytest
 
-from broker import JobOptions
 from broker._protocol import FunctionCall, FunctionDef, Job, Message, Tool, ToolCall
 from devstack import MockProvider, expected_answer
 from devstack.fake_provider._structured import sample
-from tests._harness import StartSdkStack, StartStack, Upstream, upstream
+from tests._harness import StartSdkStack, Upstream, streamed_tool_calls, upstream
 from workers.providers.anthropic import request_body as anthropic_body
 
 WEATHER: dict[str, Any] = {
@@ -48,24 +47,11 @@ def pair() -> tuple[dict[str, Upstream], dict[str, Any]]:
 
 async def test_a_streamed_tool_call_reaches_the_sdk_whole(sdk_stack: StartSdkStack) -> None:
     async with sdk_stack(*pair()) as (s, client):
-        stream = await client.chat.completions.create(
-            model="chat",
-            messages=ASK,
-            tools=[WEATHER],
-            stream=True,  # type: ignore[list-item]
+        calls, finish = await streamed_tool_calls(
+            client, model="chat", messages=ASK, tools=[WEATHER]
         )
-        calls: dict[int, dict[str, str]] = {}
-        finish = None
-        async for chunk in stream:
-            for choice in chunk.choices:
-                finish = choice.finish_reason or finish
-                for call in choice.delta.tool_calls or []:
-                    seen = calls.setdefault(call.index, {"id": "", "name": "", "arguments": ""})
-                    seen["id"] += call.id or ""
-                    seen["name"] += (call.function.name or "") if call.function else ""
-                    seen["arguments"] += (call.function.arguments or "") if call.function else ""
         options = s.providers["a"].stats()["log"][0]["options"]
-    [call] = calls.values()
+    [call] = calls
     assert call["name"] == "get_weather" and call["id"].startswith("call_")
     assert json.loads(call["arguments"]) == expected_arguments("mock-a")
     assert finish == "tool_calls"
@@ -125,26 +111,6 @@ async def test_a_stream_cut_mid_arguments_never_hands_over_half_a_call(
         ]
     assert len(pieces) == 1  # one whole call, no fragments of the broken one
     assert json.loads(pieces[0]) == expected_arguments("mock-c")
-
-
-async def test_tools_for_a_target_that_cannot_call_them_go_to_one_that_can(
-    relay_stack: StartStack,
-) -> None:
-    """Route [Gemini, OpenAI]: the tool job goes to the OpenAI pool, never to Gemini."""
-    gemini, gpt = MockProvider(name="mock-g", tokens=4), MockProvider(name="mock-a", tokens=4)
-    pools = {"b": upstream(gemini, "gemini"), "a": upstream(gpt)}
-    tool = Tool(
-        function=FunctionDef(name="get_weather", parameters=WEATHER["function"]["parameters"])
-    )
-    async with relay_stack(pools, {"chat": [("b", "gemini"), ("a", "gpt")]}) as s:
-        handle = await s.relay.submit("weather?", route="chat", options=JobOptions(tools=[tool]))
-        await handle.text()
-    assert handle.done is not None and handle.done.pool == "a"
-    assert handle.done.finish_reason == "tool_calls"
-    [call] = handle.tool_calls
-    assert call.function.name == "get_weather"
-    assert json.loads(call.function.arguments) == expected_arguments("mock-a")
-    assert gemini.stats()["requests"] == 0
 
 
 @pytest.mark.parametrize("choice", ["none"])

@@ -7,7 +7,8 @@ restarting it:
 - **prefill**: the provider gets the text as the last assistant message and
   writes what follows (``Provider.stream(..., prefill=text)``); every delta is
   published as it arrives.
-- **restart, spliced**: a pool with ``prefill: false``, or a model that refused
+- **restart, spliced**: a pool with ``prefill: false``, a structured answer
+  (``response_format``: its grammar starts at the beginning), or a model that refused
   the prefill (a 400 to the prefilled request: it is asked again at once
   without one, and this worker stops sending that model prefills), writes the
   answer from the start. Its text is held until it is as long as what the
@@ -87,7 +88,10 @@ class Continuation:
         resume = job.resume
         self.have = resume.text if resume is not None else ""
         self.prior_tokens = resume.completion_tokens if resume is not None else 0
-        self.prefill = bool(self.have) and pool.prefill and model not in refused
+        # A structured answer is never prefilled: a JSON grammar (or Anthropic's forced
+        # answer tool) starts at the answer's beginning, not after the caller's text.
+        structured = job.response_format is not None and job.response_format.type != "text"
+        self.prefill = bool(self.have) and pool.prefill and model not in refused and not structured
         self._splice = Splice(self.have) if self.have and not self.prefill else None
         self._sent: list[str] = []
         self._announced = not self.have  # nothing to announce for a fresh answer

@@ -52,6 +52,7 @@ from broker._protocol import (
     Job,
     Notice,
     Timings,
+    TokenLogprob,
     ToolCallDelta,
     Usage,
     encode,
@@ -71,9 +72,9 @@ from workers._decide import (
 )
 from workers._delivery import Delivery
 from workers._intake import DLQ_RETRY_S, read_job, resolve_model, unsupported
-from workers._ratelimit import estimate_tokens
+from workers._ratelimit import job_estimate, prompt_chars
 from workers._upstream import RunCancel, UpstreamCall
-from workers.providers._base import Finish, Malformed, StreamItem, TextDelta
+from workers.providers._base import Finish, Malformed, ReasoningDelta, StreamItem, TextDelta
 
 log = logging.getLogger("llmrelay.worker")
 
@@ -163,7 +164,7 @@ class JobRun:
         if not self.ctx.circuits.allow(self.model):
             circuit = CircuitOpen(f"circuit of {self.ctx.pool_name}/{self.model} is open")
             return await self._failed(job, circuit)
-        estimate = estimate_tokens(sum(len(m.content) for m in job.messages), job.max_tokens)
+        estimate = job_estimate(job)
         self.ctx.budget.charge_tokens(estimate)
         try:
             with self.cancel_scope.scope() as scope:
@@ -242,13 +243,16 @@ class JobRun:
             self._first_token()
             assert self.cont is not None
             text = self.cont.feed(item.text)
-            if text:
-                await self._chunk(text)
+            if text:  # a spliced restart's logprobs would not match the text sent
+                await self._chunk(text, logprobs=item.logprobs if text == item.text else None)
             return None
-        if isinstance(item, ToolCallDelta):
+        if isinstance(item, ToolCallDelta | ReasoningDelta):
             self._first_token()
-            self.tool_calls_sent = True
-            await self._chunk("", [item])
+            if isinstance(item, ToolCallDelta):
+                self.tool_calls_sent = True
+                await self._chunk("", [item])
+            elif item.text:
+                await self._chunk("", reasoning=item.text)
             return None
         if isinstance(item, Malformed):
             self.ctx.metrics.malformed_event()
@@ -266,13 +270,15 @@ class JobRun:
             self.first_token_at = time.monotonic()
             self.ctx.metrics.first_token(self.model_label, self.first_token_at - self.started)
 
-    async def _chunk(self, text: str, tool_calls: list[ToolCallDelta] | None = None) -> None:
+    async def _chunk(
+        self, text: str, tool_calls: list[ToolCallDelta] | None = None,
+        reasoning: str = "", logprobs: list[TokenLogprob] | None = None,
+    ) -> None:  # fmt: skip
         await self._announce_resume()
+        chunk = Chunk(seq=self.seq, attempt=self.attempt, delta=text, tool_calls=tool_calls,
+                      reasoning=reasoning, logprobs=logprobs)  # fmt: skip
         if self.seq == 0:
-            chunk = Chunk(seq=0, attempt=self.attempt, delta=text, tool_calls=tool_calls,
-                          pool=self.ctx.pool_name, model=self.model)  # fmt: skip
-        else:
-            chunk = Chunk(seq=self.seq, attempt=self.attempt, delta=text, tool_calls=tool_calls)
+            chunk.pool, chunk.model = self.ctx.pool_name, self.model
         await self._publish(chunk)
         self.seq += 1
 
@@ -287,10 +293,8 @@ class JobRun:
 
     async def _succeeded(self, job: Job, finish: Finish, estimate: int) -> None:
         assert self.cont is not None
-        usage = finish.usage or Usage(
-            prompt_tokens=max(1, sum(len(m.content) for m in job.messages) // 4),
-            completion_tokens=self.seq,
-        )
+        usage = finish.usage or Usage(prompt_tokens=max(1, prompt_chars(job) // 4),
+                                      completion_tokens=self.seq)  # fmt: skip
         self.ctx.budget.charge_tokens(usage.prompt_tokens + usage.completion_tokens - estimate)
         self.ctx.circuits.record_success(self.model)
         await self._announce_resume()  # a continuation with nothing to add still keeps the text
@@ -300,7 +304,8 @@ class JobRun:
         )
         done = Done(attempt=self.attempt, finish_reason=finish.reason, usage=answer_usage,
                     pool=self.ctx.pool_name, model=self.model, degraded=self.degraded,
-                    timings=self._timings(job, total_s), attempts=job.attempts)  # fmt: skip
+                    timings=self._timings(job, total_s), attempts=job.attempts,
+                    embeddings=finish.embeddings)  # fmt: skip
         await self._publish(done)
         await self.delivery.ack()
         await self._close_upstream()

@@ -18,6 +18,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from broker._protocol import Job
+
 Clock = Callable[[], float]
 
 # No one request costs more tokens (the largest context windows are ~2M).
@@ -183,3 +185,18 @@ def estimate_tokens(text_chars: int, max_tokens: int | None, default_completion:
     """Rough prompt+completion estimate before the call (~4 chars per token)."""
     completion = max_tokens if max_tokens is not None and max_tokens > 0 else default_completion
     return min(MAX_CHARGE_TOKENS, max(1, text_chars // 4) + completion)
+
+
+def prompt_chars(job: Job) -> int:
+    """The characters a job sends: its messages' text, or an embeddings job's inputs."""
+    if job.embed is not None:
+        return sum(len(text) for text in job.embed.input)
+    return sum(len(m.content) for m in job.messages)
+
+
+def job_estimate(job: Job) -> int:
+    """What a job is charged before its call: an embeddings job writes nothing, so it
+    costs its inputs alone (~4 chars per token)."""
+    if job.embed is not None:
+        return estimate_tokens(prompt_chars(job), None, default_completion=0)
+    return estimate_tokens(prompt_chars(job), job.max_tokens)

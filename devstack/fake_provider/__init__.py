@@ -13,6 +13,9 @@ wire formats llmrelay's adapters speak (and Azure's paths), chosen by path:
                                                    needs ``x-goog-api-key`` or ``?key=``)
     POST /model/<id>/converse-stream               Bedrock ConverseStream (binary event stream;
                                                    ``/converse``: JSON; needs SigV4 auth)
+    POST /v1/embeddings, /embeddings, /api/embed   embeddings, OpenAI's shape (and Azure's,
+                                                   at ``/openai/deployments/<d>/embeddings``)
+                                                   or Ollama's: ``expected_embedding``
     GET  /stats   POST /control/reset   POST|GET /control/faults   GET /healthz
 
 It is written on raw asyncio streams (no framework) with keep-alive and chunked
@@ -68,6 +71,11 @@ per request as suffixes of the model name, which win over the default, e.g.
                       cache (``prompt_tokens_details.cached_tokens``)
     reasoning=N       OpenAI format: ... N completion tokens spent on reasoning
                       (``completion_tokens_details.reasoning_tokens``)
+    think=N           stream N reasoning deltas (``expected_reasoning(N)``) before the
+                      answer, in each format's own shape: OpenAI-compatible
+                      ``delta.reasoning_content``, an Anthropic ``thinking`` block, Ollama's
+                      ``message.thinking``, Gemini's ``thought`` parts, Bedrock's
+                      ``reasoningContent``
 
 ``/stats`` counts requests, TCP connections, in-flight and peak concurrency,
 prefills continued (``prefills``) and refused (``prefills_refused``), and logs
@@ -82,8 +90,9 @@ mock-provider`` as a child process (the benchmark), which prints
 **Modules:** ``_answer`` (the deterministic text), ``_faults`` (fault parsing and
 the error kinds), ``_http`` (raw HTTP/1.1), ``_plan`` (the request and the plan
 of its answer), ``_openai``/``_anthropic``/``_ollama``/``_gemini`` (one wire
-format each), ``_stats``, ``_server`` (``MockProvider``), ``_process`` (``serve``
-and ``MockProviderProcess``).
+format each), ``_embeddings`` (the embeddings endpoints), ``_azure`` (Azure's paths),
+``_stats``, ``_server`` (``MockProvider``), ``_process`` (``serve`` and
+``MockProviderProcess``).
 """
 
 from devstack.fake_provider._answer import (
@@ -91,7 +100,9 @@ from devstack.fake_provider._answer import (
     answer_tokens,
     continuation,
     expected_answer,
+    expected_reasoning,
 )
+from devstack.fake_provider._embeddings import expected_embedding
 from devstack.fake_provider._faults import (
     ERROR_KINDS,
     FAULT_KEYS,
@@ -119,6 +130,8 @@ __all__ = [
     "answer_tokens",
     "continuation",
     "expected_answer",
+    "expected_embedding",
+    "expected_reasoning",
     "listening_line",
     "parse_fault",
     "serve",

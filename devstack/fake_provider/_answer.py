@@ -13,6 +13,7 @@ it, and prefill plus continuation is A's full answer, byte for byte.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 import msgspec
 
@@ -21,8 +22,11 @@ __all__ = [
     "answer_tokens",
     "continuation",
     "expected_answer",
+    "expected_reasoning",
     "json_tokens",
     "prefilled_tokens",
+    "reasoning_tokens",
+    "token_logprob",
 ]
 
 DEFAULT_TOKENS = 16
@@ -48,6 +52,34 @@ def answer_tokens(name: str, tokens: int) -> tuple[str, ...]:
 def expected_answer(name: str, tokens: int) -> str:
     """The full text a mock provider called ``name`` streams for ``tokens`` tokens."""
     return "".join(answer_tokens(name, tokens))
+
+
+@lru_cache(maxsize=256)
+def reasoning_tokens(tokens: int) -> tuple[str, ...]:
+    """The reasoning ("thinking") deltas a ``think=N`` fault streams before the answer."""
+    return tuple(f"Thought {i + 1}. " for i in range(tokens))
+
+
+def expected_reasoning(tokens: int) -> str:
+    """The reasoning text of ``think=tokens``."""
+    return "".join(reasoning_tokens(tokens))
+
+
+# Every answer token is said to have this log probability; the k-th alternative a lower one.
+TOKEN_LOGPROB = -0.25
+
+
+def token_logprob(token: str, top: int) -> dict[str, Any]:
+    """The log probability entry of ``token`` with ``top`` alternatives, in OpenAI's shape."""
+    alternatives = [(token, TOKEN_LOGPROB)] + [(f" alt{k}", -1.0 - k) for k in range(1, top)]
+    return {
+        "token": token,
+        "logprob": TOKEN_LOGPROB,
+        "bytes": list(token.encode()),
+        "top_logprobs": [
+            {"token": t, "logprob": p, "bytes": list(t.encode())} for t, p in alternatives[:top]
+        ],
+    }
 
 
 @lru_cache(maxsize=1024)

@@ -8,6 +8,9 @@ Anthropic streams one: ``content_block_start`` names it (id, name, empty
 ``input``), each token is an ``input_json_delta`` fragment of the input's JSON,
 and the message stops with ``tool_use``. A whole answer cut by ``max_tokens``
 carries an empty ``input``, as the partial JSON does not parse.
+
+Reasoning (``think=N``) is a ``thinking`` block at index 0, before the answer's
+block: ``thinking_delta`` events, then a ``signature_delta``.
 """
 
 from __future__ import annotations
@@ -64,15 +67,18 @@ class AnthropicFormat:
         message = {**self._message(plan, []), "stop_reason": None}
         message["usage"] = {"input_tokens": plan.prompt_tokens, "output_tokens": 1}
         start = {"type": "message_start", "message": message}
-        block = _TEXT_START if plan.tool is None else _tool_start(plan.tool)
+        index = _answer_index(plan)
+        block = _text_start(index) if plan.tool is None else _tool_start(plan.tool, index)
         return [
             _sse(b"message_start", msgspec.json.encode(start)),
+            *_thinking_events(plan),
             _sse(b"content_block_start", block),
             _sse(b"ping", b'{"type": "ping"}'),
         ]
 
     def token_events(self, plan: Plan) -> list[bytes]:
-        prefix = _TEXT_DELTA if plan.tool is None else _JSON_DELTA
+        kind = _TEXT_DELTA if plan.tool is None else _JSON_DELTA
+        prefix = _DELTA % _answer_index(plan) + kind
         return [prefix + text + b"}}\n\n" for text in plan.deltas()]
 
     def closing(self, plan: Plan) -> list[bytes]:
@@ -82,7 +88,7 @@ class AnthropicFormat:
             "usage": {"output_tokens": plan.tokens},
         }
         return [
-            _sse(b"content_block_stop", b'{"type":"content_block_stop","index":0}'),
+            _sse(b"content_block_stop", _STOP % _answer_index(plan)),
             _sse(b"message_delta", msgspec.json.encode(delta)),
         ]
 
@@ -99,7 +105,8 @@ class AnthropicFormat:
         return {"type": "error", "error": {"type": kind.anthropic_type, "message": kind.message}}
 
     def full(self, plan: Plan) -> Any:
-        message = self._message(plan, [_block(plan)])
+        thinking = [_thinking_block(plan)] if plan.reasoning else []
+        message = self._message(plan, [*thinking, _block(plan)])
         usage = {"input_tokens": plan.prompt_tokens, "output_tokens": plan.tokens}
         return {**message, "stop_reason": self._stop_reason(plan), "usage": usage}
 
@@ -119,15 +126,52 @@ class AnthropicFormat:
         return "end_turn" if plan.tool is None else "tool_use"
 
 
-_TEXT_START = b'{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}'
-_DELTA = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
-_TEXT_DELTA = _DELTA + b'"delta":{"type":"text_delta","text":'
-_JSON_DELTA = _DELTA + b'"delta":{"type":"input_json_delta","partial_json":'
+_DELTA = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+_TEXT_DELTA = b'"delta":{"type":"text_delta","text":'
+_JSON_DELTA = b'"delta":{"type":"input_json_delta","partial_json":'
+_STOP = b'{"type":"content_block_stop","index":%d}'
+_SIGNATURE = "c2lnbmF0dXJl"  # what a real thinking block carries, to be sent back with it
 
 
-def _tool_start(tool: ToolCall) -> bytes:
+def _answer_index(plan: Plan) -> int:
+    """The answer's block: after the thinking block, when there is one."""
+    return 1 if plan.reasoning else 0
+
+
+def _text_start(index: int) -> bytes:
+    block = {"type": "content_block_start", "index": index,
+             "content_block": {"type": "text", "text": ""}}  # fmt: skip
+    return msgspec.json.encode(block)
+
+
+def _tool_start(tool: ToolCall, index: int) -> bytes:
     block = {"type": "tool_use", "id": tool.id, "name": tool.name, "input": {}}
-    return msgspec.json.encode({"type": "content_block_start", "index": 0, "content_block": block})
+    return msgspec.json.encode(
+        {"type": "content_block_start", "index": index, "content_block": block}
+    )
+
+
+def _thinking_events(plan: Plan) -> list[bytes]:
+    """A ``thinking`` block at index 0: its deltas, then its signature."""
+    if not plan.reasoning:
+        return []
+    block = {"type": "thinking", "thinking": "", "signature": ""}
+    start = {"type": "content_block_start", "index": 0, "content_block": block}
+    deltas = [{"type": "thinking_delta", "thinking": text} for text in plan.reasoning]
+    deltas.append({"type": "signature_delta", "signature": _SIGNATURE})
+    return [
+        _sse(b"content_block_start", msgspec.json.encode(start)),
+        *(
+            _sse(b"content_block_delta", msgspec.json.encode(
+                {"type": "content_block_delta", "index": 0, "delta": delta}))
+            for delta in deltas
+        ),
+        _sse(b"content_block_stop", _STOP % 0),
+    ]  # fmt: skip
+
+
+def _thinking_block(plan: Plan) -> dict[str, Any]:
+    return {"type": "thinking", "thinking": "".join(plan.reasoning), "signature": _SIGNATURE}
 
 
 def _block(plan: Plan) -> dict[str, Any]:

@@ -16,6 +16,13 @@ Errors are Bedrock's ``{"message": ...}``; mid-stream an ``exception`` frame
 frame whose message CRC is wrong. A last assistant message is a prefill, which
 the answer continues (refused when it ends in whitespace, as Anthropic's models
 on Bedrock refuse it).
+
+A plan with a tool call (``Plan.tool``: a request whose ``toolConfig`` offers
+tools, ``_structured.tool_call``) is one ``toolUse`` block, streamed as Converse
+streams one: ``contentBlockStart`` names it (``toolUseId``, ``name``), each token
+is a ``contentBlockDelta`` whose ``delta.toolUse.input`` is a fragment of the
+input's JSON, and the message stops with ``tool_use``. A whole answer cut by
+``maxTokens`` carries an empty ``input``, as the partial JSON does not parse.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import msgspec
 
 from devstack.fake_provider._faults import ErrorKind
 from devstack.fake_provider._http import HttpRequest, json_response
-from devstack.fake_provider._plan import ChatRequest, Plan, Prefill, trailing_assistant
+from devstack.fake_provider._plan import ChatRequest, Plan, Prefill, ToolCall, trailing_assistant
 
 __all__ = ["BEDROCK_PREFIX", "EVENT_STREAM", "BedrockFormat", "bedrock_refusal", "frame"]
 
@@ -94,18 +101,17 @@ class BedrockFormat:
         return self.error_body(_NOPREFILL)
 
     def opening(self, plan: Plan) -> list[bytes]:
-        return [_event(b"messageStart", {"role": "assistant"})]
+        start = [_event(b"messageStart", {"role": "assistant"}), *_reasoning_events(plan)]
+        return start if plan.tool is None else [*start, _tool_start(plan.tool, _index(plan))]
 
     def token_events(self, plan: Plan) -> list[bytes]:
-        return [
-            _event(b"contentBlockDelta", b'{"contentBlockIndex":0,"delta":{"text":%s}}' % text)
-            for text in plan.deltas()
-        ]
+        template, index = (_TEXT_DELTA if plan.tool is None else _TOOL_DELTA), _index(plan)
+        return [_event(b"contentBlockDelta", template % (index, t)) for t in plan.deltas()]
 
     def closing(self, plan: Plan) -> list[bytes]:
         # metadata comes after messageStop, and nothing after it: no terminator.
         return [
-            _event(b"contentBlockStop", {"contentBlockIndex": 0}),
+            _event(b"contentBlockStop", {"contentBlockIndex": _index(plan)}),
             _event(b"messageStop", {"stopReason": self._stop_reason(plan)}),
             _event(b"metadata", {"usage": self._usage(plan), "metrics": {"latencyMs": 1}}),
         ]
@@ -127,7 +133,11 @@ class BedrockFormat:
         return {"message": kind.message}
 
     def full(self, plan: Plan) -> Any:
-        message = {"role": "assistant", "content": [{"text": plan.answer}]}
+        content = [_block(plan)]
+        if plan.reasoning:
+            reasoning = {"reasoningText": {"text": "".join(plan.reasoning)}}
+            content.insert(0, {"reasoningContent": reasoning})
+        message = {"role": "assistant", "content": content}
         return {
             "output": {"message": message},
             "stopReason": self._stop_reason(plan),
@@ -136,7 +146,9 @@ class BedrockFormat:
         }
 
     def _stop_reason(self, plan: Plan) -> str:
-        return "max_tokens" if plan.length_limited else "end_turn"
+        if plan.length_limited:
+            return "max_tokens"
+        return "end_turn" if plan.tool is None else "tool_use"
 
     def _usage(self, plan: Plan) -> dict[str, int]:
         return {
@@ -144,6 +156,41 @@ class BedrockFormat:
             "outputTokens": plan.tokens,
             "totalTokens": plan.prompt_tokens + plan.tokens,
         }
+
+
+_TEXT_DELTA = b'{"contentBlockIndex":%d,"delta":{"text":%s}}'
+_TOOL_DELTA = b'{"contentBlockIndex":%d,"delta":{"toolUse":{"input":%s}}}'
+
+
+def _index(plan: Plan) -> int:
+    """The answer's content block: after the reasoning block, when there is one."""
+    return 1 if plan.reasoning else 0
+
+
+def _reasoning_events(plan: Plan) -> list[bytes]:
+    """Reasoning (``think=N``) as block 0: ``reasoningContent`` deltas, then its stop."""
+    if not plan.reasoning:
+        return []
+    deltas = [
+        _event(b"contentBlockDelta",
+               {"contentBlockIndex": 0, "delta": {"reasoningContent": {"text": text}}})
+        for text in plan.reasoning
+    ]  # fmt: skip
+    return [*deltas, _event(b"contentBlockStop", {"contentBlockIndex": 0})]
+
+
+def _tool_start(tool: ToolCall, index: int) -> bytes:
+    start = {"toolUse": {"toolUseId": tool.id, "name": tool.name}}
+    return _event(b"contentBlockStart", {"contentBlockIndex": index, "start": start})
+
+
+def _block(plan: Plan) -> dict[str, Any]:
+    """The one content block of a whole answer: its text, or its ``toolUse``."""
+    tool = plan.tool
+    if tool is None:
+        return {"text": plan.answer}
+    tool_input = {} if plan.length_limited else msgspec.json.decode(tool.arguments)
+    return {"toolUse": {"toolUseId": tool.id, "name": tool.name, "input": tool_input}}
 
 
 def bedrock_refusal(request: HttpRequest) -> bytes | None:

@@ -80,9 +80,10 @@ FAULT_KEYS: dict[str, Callable[[str], Any]] = {
     "fail_first": _count,
     "cached": _count,
     "reasoning": _count,
+    "think": _count,
 }
 # Keys that shape a good answer (its timing, length and reported usage), not a failure.
-_TIMING_KEYS = ("ttft_ms", "token_delay_ms", "tokens", "cached", "reasoning")
+_TIMING_KEYS = ("ttft_ms", "token_delay_ms", "tokens", "cached", "reasoning", "think")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -107,6 +108,7 @@ class Fault:
     fail_first: int | None = None
     cached: int | None = None  # prompt tokens the usage reports as read from a cache
     reasoning: int | None = None  # completion tokens the usage reports as reasoning
+    think: int | None = None  # reasoning deltas streamed before the answer (``reasoning_tokens``)
 
     def fails(self) -> bool:
         """True when this fault makes the answer fail in some way (not just slow or short)."""

@@ -9,6 +9,13 @@ and nothing follows it. Errors are Google's body (``{"error": {"code",
 error mid-stream is a blocked prompt (``promptFeedback.blockReason``), as
 Gemini says it. A last ``contents`` turn of role ``model`` is a prefill, which
 the answer continues.
+
+A plan with a tool call (``Plan.tool``) is one ``functionCall`` part, whole in one
+event (``args`` an object, and an ``id``, as a recent API gives one), then the last
+chunk, whose ``finishReason`` is ``STOP`` as Gemini's is after calls; a whole
+answer cut by ``maxOutputTokens`` calls with ``{}``. A turn of ``functionResponse``
+parts that does not answer the call turn just before it, call for call, is refused
+with Google's 400.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import msgspec
 
 from devstack.fake_provider._faults import ErrorKind
 from devstack.fake_provider._http import SSE, HttpRequest, json_response
-from devstack.fake_provider._plan import ChatRequest, Plan, Prefill
+from devstack.fake_provider._plan import ChatRequest, Plan, Prefill, ToolCall
 
 __all__ = ["GEMINI_PREFIX", "GeminiFormat", "gemini_refusal"]
 
@@ -40,6 +47,13 @@ _NOPREFILL = ErrorKind(
     400, "invalid_request_error", None, "invalid_request_error",
     "Please ensure that multiturn requests end with a user role or a function response.",
 )  # fmt: skip
+_NO_CALL_TURN = (
+    "Please ensure that function response turn comes immediately after a function call turn."
+)
+_UNANSWERED = (
+    "Please ensure that the number of function response parts is equal to the number of "
+    "function call parts of the function call turn."
+)
 
 
 class GeminiFormat:
@@ -59,6 +73,7 @@ class GeminiFormat:
         return config.max_output_tokens if config is not None else None
 
     def prefill(self, request: ChatRequest) -> Prefill | None:
+        _check_function_turns(request)  # the turns are read here first: checked here too
         contents = request.contents
         if not contents or contents[-1].role != "model":
             return None
@@ -68,9 +83,19 @@ class GeminiFormat:
         return self.error_body(_NOPREFILL)
 
     def opening(self, plan: Plan) -> list[bytes]:
-        return []
+        """Reasoning (``think=N``) first, as ``thought`` parts (``includeThoughts``)."""
+        events = []
+        for text in plan.reasoning:
+            content = {"parts": [{"text": text, "thought": True}], "role": "model"}
+            event = {"candidates": [{"content": content, "index": 0}], "modelVersion": plan.model}
+            events.append(b"data: %s\r\n\r\n" % msgspec.json.encode(event))
+        return events
 
     def token_events(self, plan: Plan) -> list[bytes]:
+        if plan.tool is not None:  # a call comes whole, in one event
+            content = {"parts": [_function_call(plan.tool, plan)], "role": "model"}
+            event = {"candidates": [{"content": content, "index": 0}], "modelVersion": plan.model}
+            return [b"data: %s\r\n\r\n" % msgspec.json.encode(event)]
         prefix = b'data: {"candidates":[{"content":{"parts":[{"text":'
         suffix = b'}],"role":"model"},"index":0}],"modelVersion":%s}\r\n\r\n' % (
             msgspec.json.encode(plan.model)
@@ -98,7 +123,13 @@ class GeminiFormat:
         return {"error": {"code": kind.status, "message": kind.message, "status": status}}
 
     def full(self, plan: Plan) -> Any:
-        return self._response(plan, plan.answer)
+        response = self._response(plan, plan.answer)
+        parts = response["candidates"][0]["content"]["parts"]
+        if plan.tool is not None:
+            parts[:] = [_function_call(plan.tool, plan)]
+        if plan.reasoning:
+            parts.insert(0, {"text": "".join(plan.reasoning), "thought": True})
+        return response
 
     def _response(self, plan: Plan, text: str) -> dict[str, Any]:
         candidate = {
@@ -112,6 +143,27 @@ class GeminiFormat:
             "totalTokenCount": plan.prompt_tokens + plan.tokens,
         }
         return {"candidates": [candidate], "usageMetadata": usage, "modelVersion": plan.model}
+
+
+def _function_call(tool: ToolCall, plan: Plan) -> dict[str, Any]:
+    """``tool`` as a ``functionCall`` part: its arguments an object (``{}`` when cut)."""
+    args = {} if plan.length_limited else msgspec.json.decode(tool.arguments)
+    return {"functionCall": {"id": tool.id, "name": tool.name, "args": args}}
+
+
+def _check_function_turns(request: ChatRequest) -> None:
+    """Refuse (``ValueError``: a 400) what Google refuses: a turn of function responses
+    that does not follow a ``model`` turn of calls, or answers fewer or more calls."""
+    contents = request.contents
+    for before, turn in zip([None, *contents], contents, strict=False):
+        responses = turn.tool_results()
+        if not responses:
+            continue
+        calls = [p for p in before.parts if p.function_call is not None] if before else []
+        if before is None or before.role != "model" or not calls:
+            raise ValueError(_NO_CALL_TURN)
+        if responses != len(calls):
+            raise ValueError(_UNANSWERED)
 
 
 def gemini_refusal(request: HttpRequest) -> bytes | None:

@@ -7,6 +7,9 @@ A plan with a tool call (``Plan.tool``) is sent as Ollama sends one: the whole
 call in one line (``message.tool_calls``, its ``arguments`` a JSON object, no
 id), then the ``done`` line; the plan's tokens only count (``eval_count``). An
 answer cut by ``num_predict`` calls with ``{}``, as the partial JSON does not parse.
+
+Reasoning (``think=N``) comes first, in lines with ``message.thinking`` and empty
+``content``, as a thinking model streams it.
 """
 
 from __future__ import annotations
@@ -44,13 +47,20 @@ class OllamaFormat:
         return {"error": _NOPREFILL}
 
     def opening(self, plan: Plan) -> list[bytes]:
-        return []
+        prefix = self._prefix(plan)
+        return [
+            prefix + b'"","thinking":%s},"done":false}\n' % msgspec.json.encode(text)
+            for text in plan.reasoning
+        ]
 
-    def token_events(self, plan: Plan) -> list[bytes]:
-        prefix = b'{"model":%s,"created_at":"%s","message":{"role":"assistant","content":' % (
+    def _prefix(self, plan: Plan) -> bytes:
+        return b'{"model":%s,"created_at":"%s","message":{"role":"assistant","content":' % (
             msgspec.json.encode(plan.model),
             _iso(plan.created).encode(),
         )
+
+    def token_events(self, plan: Plan) -> list[bytes]:
+        prefix = self._prefix(plan)
         if plan.tool is not None:
             calls = msgspec.json.encode(_tool_calls(plan.tool, plan))
             return [prefix + b'"","tool_calls":%s},"done":false}\n' % calls]
@@ -72,10 +82,11 @@ class OllamaFormat:
         return {"error": kind.message}
 
     def full(self, plan: Plan) -> Any:
-        if plan.tool is None:
-            return self._final(plan, plan.answer)
-        final = self._final(plan, "")
-        final["message"]["tool_calls"] = _tool_calls(plan.tool, plan)
+        final = self._final(plan, plan.answer if plan.tool is None else "")
+        if plan.reasoning:
+            final["message"]["thinking"] = "".join(plan.reasoning)
+        if plan.tool is not None:
+            final["message"]["tool_calls"] = _tool_calls(plan.tool, plan)
         return final
 
     def _final(self, plan: Plan, content: str) -> dict[str, Any]:

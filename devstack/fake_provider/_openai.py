@@ -10,6 +10,10 @@ is refused, as vLLM does). A trailing assistant message alone is a new turn.
 A plan with a tool call (``Plan.tool``) streams as OpenAI streams one: the
 first chunk names the call (id, function name, empty arguments), each token is
 a fragment of the arguments, and the answer finishes with ``tool_calls``.
+
+Reasoning (``think=N``) comes first, as ``delta.reasoning_content`` (vLLM's and
+DeepSeek's name), and as ``message.reasoning_content`` in a whole answer. A request
+with ``logprobs`` gets each token's (``token_logprob``) on its chunk.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 import msgspec
 
+from devstack.fake_provider._answer import token_logprob
 from devstack.fake_provider._faults import ErrorKind
 from devstack.fake_provider._http import SSE
 from devstack.fake_provider._plan import (
@@ -66,12 +71,25 @@ class OpenAIFormat:
         ) + b'"model":%s,"choices":[' % msgspec.json.encode(plan.model)
 
     def opening(self, plan: Plan) -> list[bytes]:
+        thinking = [
+            self._prefix(plan) + _REASONING % msgspec.json.encode(text) for text in plan.reasoning
+        ]
         if plan.tool is not None:
-            return [self._prefix(plan) + _tool_opening(plan.tool)]
+            return [*thinking, self._prefix(plan) + _tool_opening(plan.tool)]
         delta = b'{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
-        return [self._prefix(plan) + delta]
+        return [*thinking, self._prefix(plan) + delta]
 
     def token_events(self, plan: Plan) -> list[bytes]:
+        top = (plan.options or {}).get("logprobs")
+        if plan.tool is None and top is not None:
+            prefix = self._prefix(plan) + b'{"index":0,"delta":{"content":'
+            return [
+                prefix
+                + text
+                + b'},"logprobs":{"content":[%s]},"finish_reason":null}]}\n\n'
+                % msgspec.json.encode(token_logprob(msgspec.json.decode(text), top))
+                for text in plan.deltas()
+            ]
         if plan.tool is None:
             prefix = self._prefix(plan) + b'{"index":0,"delta":{"content":'
             suffix = b'},"finish_reason":null}]}\n\n'
@@ -119,6 +137,8 @@ class OpenAIFormat:
         }
 
 
+# Reasoning as vLLM and DeepSeek stream it, beside the content.
+_REASONING = b'{"index":0,"delta":{"reasoning_content":%s},"finish_reason":null}]}\n\n'
 _TOOL_FRAGMENT = b'{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":'
 
 
@@ -139,11 +159,12 @@ def _finish_reason(plan: Plan) -> str:
 
 def _message(plan: Plan) -> dict[str, Any]:
     tool = plan.tool
+    thinking = {"reasoning_content": "".join(plan.reasoning)} if plan.reasoning else {}
     if tool is None:
-        return {"role": "assistant", "content": plan.answer}
+        return {"role": "assistant", "content": plan.answer, **thinking}
     function = {"name": tool.name, "arguments": plan.answer}
     call = {"id": tool.id, "type": "function", "function": function}
-    return {"role": "assistant", "content": None, "tool_calls": [call]}
+    return {"role": "assistant", "content": None, "tool_calls": [call], **thinking}
 
 
 def _openai_usage(plan: Plan) -> bytes:

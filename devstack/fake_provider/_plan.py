@@ -17,7 +17,11 @@ same structs (``_Tool.spec``, ``ChatRequest.may_call_tools``/``named_tool``
 read either shape), and so are tool results (``_Msg.tool_results``: an OpenAI or
 Ollama ``tool`` message, or Anthropic's ``tool_result`` blocks); a plan that answers with a tool
 call carries it (``Plan.tool``), its arguments cut into the plan's tokens like
-a JSON answer.
+a JSON answer. Bedrock Converse's ``toolConfig`` is read as the Anthropic tools
+and ``tool_choice`` it means (``_ToolConfig``), its ``toolResult`` blocks as tool results.
+Gemini's ``functionDeclarations`` are read as OpenAI's function tools, its
+``toolConfig.functionCallingConfig`` as the ``tool_choice`` it means, and its
+``functionResponse`` parts as tool results (``_GeminiContent.tool_results``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
-from devstack.fake_provider._answer import answer_tokens, json_tokens
+from devstack.fake_provider._answer import answer_tokens, json_tokens, reasoning_tokens
 from devstack.fake_provider._faults import ErrorKind, Fault
 
 __all__ = [
@@ -50,6 +54,13 @@ class _Media(msgspec.Struct):
     type: str = ""
 
 
+class _BedrockImage(msgspec.Struct):
+    """A Converse ``image`` block: its ``format`` and ``source`` (``{"bytes": ...}``)."""
+
+    format: str = ""
+    source: dict[str, Any] = {}
+
+
 class _Block(msgspec.Struct):
     text: str = ""
     # Of the block types the mock looks for Anthropic's ``tool_result`` and images
@@ -57,6 +68,14 @@ class _Block(msgspec.Struct):
     type: str = ""
     image_url: _Media | None = None
     source: _Media | None = None
+    # Bedrock Converse's blocks are named by their one key: a tool result, an image.
+    tool_result: Any = msgspec.field(default=None, name="toolResult")
+    image: _BedrockImage | None = None
+    # Gemini's parts, too: a call, a tool's result, an image as data or by URI.
+    function_call: Any = msgspec.field(default=None, name="functionCall")
+    function_response: Any = msgspec.field(default=None, name="functionResponse")
+    inline_data: Any = msgspec.field(default=None, name="inlineData")
+    file_data: Any = msgspec.field(default=None, name="fileData")
 
 
 class _Function(msgspec.Struct, omit_defaults=True):
@@ -64,6 +83,8 @@ class _Function(msgspec.Struct, omit_defaults=True):
     description: str | None = None
     parameters: Any = None
     arguments: Any = None  # a call's (a JSON string; Ollama's an object)
+    # Gemini's declaration: full JSON Schema here, the OpenAPI subset in ``parameters``.
+    parameters_json_schema: Any = msgspec.field(default=None, name="parametersJsonSchema")
 
 
 class _Tool(msgspec.Struct):
@@ -71,6 +92,10 @@ class _Tool(msgspec.Struct):
     function: _Function | None = None  # OpenAI's function tool
     name: str = ""  # Anthropic's tool: its name and ``input_schema``
     input_schema: Any = None
+    # Gemini's tool: the functions it declares (read as OpenAI's tools: ``_declared``).
+    function_declarations: list[_Function] = msgspec.field(
+        default_factory=list, name="functionDeclarations"
+    )
 
     def spec(self) -> tuple[str, Any] | None:
         """The tool's name and its arguments' schema; None for a tool the mock cannot call
@@ -113,8 +138,52 @@ class _Msg(msgspec.Struct):
         if self.role == "tool":
             return 1
         if isinstance(self.content, list):
-            return sum(1 for block in self.content if block.type == "tool_result")
+            return sum(
+                1 for b in self.content if b.type == "tool_result" or b.tool_result is not None
+            )
         return 0
+
+
+class _ToolSpec(msgspec.Struct, rename="camel"):
+    name: str = ""
+    input_schema: dict[str, Any] = {}  # the schema is under ``json``
+
+
+class _BedrockTool(msgspec.Struct, rename="camel"):
+    tool_spec: _ToolSpec | None = None
+
+
+class _FunctionCallingConfig(msgspec.Struct, rename="camel", omit_defaults=True):
+    """Gemini's ``toolConfig.functionCallingConfig``: ``AUTO``, ``NONE`` or ``ANY`` (of the
+    ``allowedFunctionNames``, if named)."""
+
+    mode: str = ""
+    allowed_function_names: list[str] = []
+
+    def choice(self) -> str | _ToolChoice:
+        """The ``tool_choice`` this means; ``ANY`` of one name requires that function."""
+        if self.mode == "ANY" and len(self.allowed_function_names) == 1:
+            named = _Function(name=self.allowed_function_names[0])
+            return _ToolChoice(type="function", function=named)
+        return {"NONE": "none", "ANY": "required"}.get(self.mode, "auto")
+
+
+class _ToolConfig(msgspec.Struct, rename="camel"):
+    """Bedrock Converse's tools and ``toolChoice`` (``{"auto": {}}``, ``{"any": {}}``,
+    ``{"tool": {"name": ...}}``); or Gemini's, of the same name: ``functionCallingConfig``."""
+
+    tools: list[_BedrockTool] = []
+    tool_choice: dict[str, dict[str, Any]] | None = None
+    function_calling_config: _FunctionCallingConfig | None = None
+
+    def anthropic(self) -> tuple[list[_Tool], _ToolChoice | None]:
+        """The tools and the choice in Anthropic's words, which the mock reads."""
+        specs = [t.tool_spec for t in self.tools if t.tool_spec is not None]
+        tools = [_Tool(name=s.name, input_schema=s.input_schema.get("json", {})) for s in specs]
+        kind, named = next(iter((self.tool_choice or {}).items()), (None, {}))
+        if kind is None:
+            return tools, None
+        return tools, _ToolChoice(type=kind, name=named.get("name") if kind == "tool" else None)
 
 
 class _StreamOptions(msgspec.Struct):
@@ -138,11 +207,25 @@ class _GeminiContent(msgspec.Struct):
     role: str = ""
     parts: list[_Block] = []
 
+    def tool_results(self) -> int:
+        """How many tool results this turn carries: its ``functionResponse`` parts."""
+        return sum(1 for part in self.parts if part.function_response is not None)
+
+
+def _declared(tools: list[_Tool]) -> list[_Tool]:
+    """Gemini's declarations as OpenAI's function tools (their JSON Schema, if given)."""
+    return [
+        _Tool(function=_Function(name=f.name, parameters=f.parameters_json_schema or f.parameters))
+        for tool in tools
+        for f in tool.function_declarations
+    ]
+
 
 class _GenerationConfig(msgspec.Struct, rename="camel"):
     max_output_tokens: int | None = None
     response_mime_type: str | None = None
     response_json_schema: Any = None
+    thinking_config: Any = None
 
 
 class _InferenceConfig(msgspec.Struct, rename="camel"):
@@ -167,6 +250,9 @@ class ChatRequest(msgspec.Struct):
     reasoning_effort: str | None = None
     logit_bias: Any = None
     format: Any = None
+    thinking: Any = None  # Anthropic's extended thinking: {type: enabled, budget_tokens}
+    logprobs: bool | None = None  # OpenAI's: log probabilities of each answer token
+    top_logprobs: int | None = None
     add_generation_prompt: bool | None = None
     # OpenAI's function tools or Anthropic's tools, and which of them the answer must call.
     tools: list[_Tool] = []
@@ -181,6 +267,20 @@ class ChatRequest(msgspec.Struct):
     )
     # Bedrock Converse's: inferenceConfig.maxTokens (its system is a list of text blocks).
     inference_config: _InferenceConfig | None = msgspec.field(default=None, name="inferenceConfig")
+    tool_config: _ToolConfig | None = msgspec.field(default=None, name="toolConfig")
+    # An embeddings request's (``_embeddings.py``): its texts, and the vectors asked.
+    input: str | list[str] | None = None
+    dimensions: int | None = None
+    encoding_format: str | None = None
+
+    def __post_init__(self) -> None:
+        config = self.tool_config
+        if config is not None and config.function_calling_config is not None:  # Gemini's
+            self.tool_choice = config.function_calling_config.choice()
+        elif config is not None:  # Bedrock's: read as Anthropic's tools
+            self.tools, self.tool_choice = config.anthropic()
+        if any(tool.function_declarations for tool in self.tools):  # Gemini's
+            self.tools = _declared(self.tools)
 
     def may_call_tools(self) -> bool:
         """Whether tools are offered and ``tool_choice`` is not none (OpenAI's ``"none"``,
@@ -271,6 +371,7 @@ class Plan:
     texts: tuple[str, ...] | None = None  # the tokens of a JSON answer (``_structured.py``)
     options: dict[str, Any] | None = None  # the request's options, as the stats log shows them
     tool: ToolCall | None = None  # the answer is this call; ``texts`` are its arguments' pieces
+    embed: ChatRequest | None = None  # an embeddings request: the vectors it asks for
 
     @property
     def answer(self) -> str:
@@ -278,6 +379,11 @@ class Plan:
         if self.texts is not None:
             return "".join(self.texts[: self.tokens])
         return "".join(answer_tokens(self.name, self.start + self.tokens)[self.start :])
+
+    @property
+    def reasoning(self) -> tuple[str, ...]:
+        """The reasoning deltas streamed before the answer (``think=N``; none without it)."""
+        return reasoning_tokens(self.fault.think or 0)
 
     def deltas(self) -> tuple[bytes, ...]:
         """The tokens to send, JSON-encoded (cached per answer length)."""

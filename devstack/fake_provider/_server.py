@@ -33,7 +33,9 @@ from devstack.fake_provider._answer import (
     prefilled_tokens,
 )
 from devstack.fake_provider._anthropic import AnthropicFormat
+from devstack.fake_provider._azure import AZURE_PREFIX, azure_refusal
 from devstack.fake_provider._bedrock import BEDROCK_PREFIX, BedrockFormat, bedrock_refusal
+from devstack.fake_provider._embeddings import EMBED_PATHS, OPENAI_EMBED
 from devstack.fake_provider._faults import (
     ERROR_KINDS,
     Fault,
@@ -73,17 +75,15 @@ from devstack.fake_provider._structured import answer_texts, logged_options
 __all__ = ["CHAT_PATHS", "MockProvider"]
 
 _OPENAI, _ANTHROPIC, _OLLAMA = OpenAIFormat(), AnthropicFormat(), OllamaFormat()
-AZURE_PREFIX = b"/openai/deployments/"
-AZURE_NO_KEY = (
-    "Access denied due to invalid subscription key or wrong API endpoint. Make sure to "
-    "provide a valid key for an active subscription and use a correct regional API "
-    "endpoint for your resource."
-)
+_BEDROCK_STREAM, _BEDROCK_JSON = BedrockFormat(stream=True), BedrockFormat(stream=False)
+_GEMINI_SSE, _GEMINI_JSON = GeminiFormat(stream=True), GeminiFormat(stream=False)
+# Embeddings paths are answered the same way, their vectors being the whole answer.
 CHAT_PATHS: dict[bytes, WireFormat] = {
     b"/v1/chat/completions": _OPENAI,
     b"/chat/completions": _OPENAI,
     b"/v1/messages": _ANTHROPIC,
     b"/api/chat": _OLLAMA,
+    **EMBED_PATHS,
 }
 # The formats that answer a request offering tools with a call, and their calls' ids
 # (Ollama's calls carry none on the wire).
@@ -91,6 +91,10 @@ _TOOL_CALL_IDS: dict[WireFormat, str] = {
     _OPENAI: "call_mock",
     _ANTHROPIC: "toolu_mock",
     _OLLAMA: "ollama_mock",
+    _BEDROCK_STREAM: "tooluse_mock",
+    _BEDROCK_JSON: "tooluse_mock",
+    _GEMINI_SSE: "gemini_mock",
+    _GEMINI_JSON: "gemini_mock",
 }
 
 
@@ -290,6 +294,7 @@ class MockProvider:
             texts=None if texts is None else texts[start:],
             options=logged_options(request),
             tool=tool,
+            embed=request if request.input is not None else None,
         )
 
     def _fault_for(self, model: str, overrides: tuple[tuple[str, Any], ...]) -> Fault:
@@ -441,20 +446,10 @@ def match_pattern(path: bytes) -> PathPattern | None:
     return None
 
 
-def _azure_refusal(request: HttpRequest) -> bytes | None:
-    """What Azure answers a request without its key or ``api-version`` (None: neither)."""
-    if not request.api_key:
-        return json_response(401, {"error": {"code": "401", "message": AZURE_NO_KEY}})
-    if b"api-version=" not in request.query:
-        return json_response(404, {"error": {"code": "404", "message": "Resource not found"}})
-    return None
-
-
-_GEMINI_SSE, _GEMINI_JSON = GeminiFormat(stream=True), GeminiFormat(stream=False)
-_BEDROCK_STREAM, _BEDROCK_JSON = BedrockFormat(stream=True), BedrockFormat(stream=False)
 # Chat paths with a variable part; a provider format with a path like that adds one.
 PATTERN_PATHS: list[PathPattern] = [
-    PathPattern(AZURE_PREFIX, b"/chat/completions", _OPENAI, refuse=_azure_refusal),
+    PathPattern(AZURE_PREFIX, b"/chat/completions", _OPENAI, refuse=azure_refusal),
+    PathPattern(AZURE_PREFIX, b"/embeddings", OPENAI_EMBED, refuse=azure_refusal),
     PathPattern(GEMINI_PREFIX, b":streamGenerateContent", _GEMINI_SSE, True, gemini_refusal),
     PathPattern(GEMINI_PREFIX, b":generateContent", _GEMINI_JSON, True, gemini_refusal),
     PathPattern(BEDROCK_PREFIX, b"/converse-stream", _BEDROCK_STREAM, True, bedrock_refusal),

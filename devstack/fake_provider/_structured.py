@@ -9,10 +9,11 @@ answered, numbers are 1, booleans true, arrays one item, ``enum``/``const`` thei
 first value), so that it validates. The answer is split into tokens like any
 other, so streams, cuts and prefills work on JSON as on text.
 
-**Tool calls** (OpenAI's, Anthropic's and Ollama's formats): a request that offers
+**Tool calls** (OpenAI's, Anthropic's, Ollama's and Bedrock's formats): a request that offers
 ``tools``, with a ``tool_choice`` other than none (``"none"``, ``{"type":
 "none"}``) and a last message that carries no tool result (an OpenAI ``tool``
-message, an Anthropic ``tool_result`` block), is answered by one call
+message, an Anthropic ``tool_result`` block; Gemini's requests, read as OpenAI's,
+too: a ``functionResponse`` part), is answered by one call
 (``tool_call``) to the tool ``tool_choice`` names, else the first, with
 ``tool_arguments(schema, name)`` as its arguments; after a tool result the
 answer is text again, so a two-turn tool loop ends. ``answer_texts`` picks, for
@@ -106,7 +107,8 @@ def tool_call(request: ChatRequest, name: str, call_id: str) -> ToolCall | None:
     """
     if not request.may_call_tools():
         return None
-    if request.messages and request.messages[-1].tool_results():
+    turns = request.messages or request.contents  # Gemini's turns are its contents
+    if turns and turns[-1].tool_results():
         return None  # the tool loop's second turn: answer in words
     specs = [spec for spec in (t.spec() for t in request.tools) if spec is not None]
     wanted = request.named_tool()
@@ -135,9 +137,13 @@ def answer_texts(
 def _tool_options(request: ChatRequest, options: dict[str, Any]) -> None:
     if request.tools:
         options["tools"] = len(request.tools)
-    if request.tool_choice is not None:
+    gemini = request.tool_config.function_calling_config if request.tool_config else None
+    if gemini is not None:  # in Gemini's words, not the tool_choice read from them
+        options["tool_config"] = {"functionCallingConfig": msgspec.to_builtins(gemini)}
+    elif request.tool_choice is not None:
         options["tool_choice"] = msgspec.to_builtins(request.tool_choice)
     results = sum(m.tool_results() for m in request.messages)
+    results += sum(c.tool_results() for c in request.contents)
     if results:
         options["tool_results"] = results
 
@@ -145,6 +151,10 @@ def _tool_options(request: ChatRequest, options: dict[str, Any]) -> None:
 def logged_options(request: ChatRequest) -> dict[str, Any] | None:
     """What the stats log shows a request asked beyond text (a test reads it)."""
     options: dict[str, Any] = {}
+    if request.input is not None:  # an embeddings request: how many texts, what vectors
+        options["inputs"] = 1 if isinstance(request.input, str) else len(request.input)
+        extra = {"dimensions": request.dimensions, "encoding_format": request.encoding_format}
+        options |= {key: value for key, value in extra.items() if value is not None}
     if request.response_format is not None and request.response_format.type != "text":
         options["response_format"] = request.response_format.type
     if request.format is not None:
@@ -154,10 +164,16 @@ def logged_options(request: ChatRequest) -> dict[str, Any] | None:
         options["response_mime_type"] = gemini.response_mime_type
         if gemini.response_json_schema is not None:
             options["response_json_schema"] = True
+    if gemini is not None and gemini.thinking_config is not None:
+        options["thinking_config"] = gemini.thinking_config
     if request.reasoning_effort is not None:
         options["reasoning_effort"] = request.reasoning_effort
     if request.logit_bias is not None:
         options["logit_bias"] = True
+    if request.thinking is not None:
+        options["thinking"] = request.thinking
+    if request.logprobs:
+        options["logprobs"] = request.top_logprobs or 0
     _tool_options(request, options)
     images = _image_sources(request)
     if images:
@@ -167,8 +183,15 @@ def logged_options(request: ChatRequest) -> dict[str, Any] | None:
 
 def _image_sources(request: ChatRequest) -> list[str]:
     """How each image came, in the provider's words: OpenAI ``url``/``data`` (a data
-    URL), Anthropic's ``source.type`` (``base64``/``url``), Ollama's ``images`` (``base64``)."""
-    found = []
+    URL), Anthropic's ``source.type`` (``base64``/``url``), Ollama's ``images`` (``base64``),
+    Bedrock's ``image.source`` key (``bytes``), Gemini's ``inlineData`` (``base64``) and
+    ``fileData`` (``url``) parts."""
+    found = [
+        "base64" if part.inline_data is not None else "url"
+        for content in request.contents
+        for part in content.parts
+        if part.inline_data is not None or part.file_data is not None
+    ]
     for message in request.messages:
         if message.images:
             found += ["base64"] * len(message.images)
@@ -177,4 +200,6 @@ def _image_sources(request: ChatRequest) -> list[str]:
                 found.append("data" if block.image_url.url.startswith("data:") else "url")
             elif block.type == "image" and block.source is not None:
                 found.append(block.source.type)
+            elif block.image is not None:
+                found.append(next(iter(block.image.source), ""))
     return found

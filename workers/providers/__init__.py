@@ -16,7 +16,14 @@ from broker._errors import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
-from workers.providers._base import Finish, Malformed, Provider, StreamItem, TextDelta
+from workers.providers._base import (
+    Finish,
+    Malformed,
+    Provider,
+    ReasoningDelta,
+    StreamItem,
+    TextDelta,
+)
 from workers.providers._registry import PROVIDERS, make_provider
 from workers.providers.anthropic import AnthropicProvider
 from workers.providers.azure import AzureOpenAIProvider
@@ -42,6 +49,7 @@ __all__ = [
     "ProviderError",
     "ProviderTimeout",
     "RateLimited",
+    "ReasoningDelta",
     "StreamInterrupted",
     "StreamItem",
     "TextDelta",

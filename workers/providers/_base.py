@@ -2,7 +2,7 @@
 
 An adapter turns a job into an async iterator of ``StreamItem``:
 
-    (TextDelta | ToolCallDelta)*  (Malformed)*  Finish
+    (TextDelta | ReasoningDelta | ToolCallDelta)*  (Malformed)*  Finish
 
 It raises a ``ProviderError`` subclass (the tree in ``broker/_errors.py``) for
 every upstream failure, translated from httpx at the boundary. The worker, not
@@ -17,12 +17,20 @@ from typing import ClassVar, Protocol
 
 import httpx
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from broker._config import PoolConfig
-from broker._protocol import Job, ToolCallDelta, Usage
+from broker._protocol import Job, TokenLogprob, ToolCallDelta, Usage
 
 
 class TextDelta(msgspec.Struct, frozen=True):
+    text: str
+    logprobs: list[TokenLogprob] | None = None  # of ``text``'s tokens, when asked for
+
+
+class ReasoningDelta(msgspec.Struct, frozen=True):
+    """Reasoning ("thinking") text the model streams beside its answer."""
+
     text: str
 
 
@@ -35,10 +43,12 @@ class Malformed(msgspec.Struct, frozen=True):
 class Finish(msgspec.Struct, frozen=True):
     reason: str
     usage: Usage | None = None
+    # An embeddings job's vectors (``workers/providers/_embed.py``), packed for ``Done``.
+    embeddings: list[str] | UnsetType = UNSET
 
 
 # A fragment of a tool call is the wire's own ``ToolCallDelta`` (index, id, name, arguments).
-StreamItem = TextDelta | ToolCallDelta | Malformed | Finish
+StreamItem = TextDelta | ReasoningDelta | ToolCallDelta | Malformed | Finish
 
 
 class Provider(Protocol):

@@ -1,11 +1,12 @@
 """Anthropic Messages API: ``POST {base_url}/v1/messages`` with ``stream: true``.
 
 The event stream is ``message_start`` (input tokens), ``content_block_delta``
-(text), ``message_delta`` (stop reason, output tokens), ``message_stop``; ``ping``
-is keep-alive noise and an ``error`` event (e.g. ``overloaded_error``) ends the
-answer. The answer is final at the ``message_delta`` that carries the stop
-reason, so a server that never sends ``message_stop`` costs nothing; a stream
-that ends before a stop reason is truncated and raises ``StreamInterrupted``.
+(text, tool input, thinking), ``message_delta`` (stop reason, output tokens),
+``message_stop``; ``ping`` is keep-alive noise and an ``error`` event (e.g.
+``overloaded_error``) ends the answer. The answer is final at the
+``message_delta`` that carries the stop reason, so a server that never sends
+``message_stop`` costs nothing; a stream that ends before a stop reason is
+truncated and raises ``StreamInterrupted``.
 
 System messages go to the top-level ``system`` field, because the API accepts
 only user/assistant turns, and ``max_tokens`` is mandatory there. Stop reasons
@@ -35,7 +36,7 @@ from broker._protocol import (
     ToolCallDelta,
     Usage,
 )
-from workers.providers._base import Finish, Malformed, StreamItem, TextDelta
+from workers.providers._base import Finish, Malformed, ReasoningDelta, StreamItem, TextDelta
 from workers.providers._errors_map import error_for_payload
 from workers.providers._http import (
     answer_items,
@@ -53,6 +54,13 @@ from workers.providers._sse import SSEEvent, SSEParser
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 1024
 _PARAMS = {"temperature": "temperature", "top_p": "top_p", "stop": "stop_sequences"}
+# Structured output on Anthropic is a tool the model is made to call: its input is
+# the JSON answer, streamed as the answer's text (never as a tool call).
+ANSWER_TOOL = "json_answer"
+_ANSWER_DESCRIPTION = "Give your whole answer as this tool's input, in the JSON it describes."
+# reasoning_effort as a budget of thinking tokens (1,024 is Anthropic's least); the
+# budget comes on top of the answer's max_tokens, which Anthropic counts it in.
+THINKING_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384}
 STOP_REASONS = {
     "end_turn": "stop",
     "stop_sequence": "stop",
@@ -83,6 +91,7 @@ class _Delta(msgspec.Struct):
     type: str | None = None
     text: str | None = None
     partial_json: str | None = None
+    thinking: str | None = None
     stop_reason: str | None = None
 
 
@@ -109,11 +118,14 @@ _encoder = msgspec.json.Encoder()
 class AnthropicProvider:
     """Adapter for ``kind: anthropic`` pools. Tools map to Anthropic's (``tool_use`` and
     ``tool_result`` blocks, ``input_json_delta`` streamed as argument fragments), images
-    to ``image`` blocks (by URL, or base64 from a data URL);
-    structured output (a forced tool) and reasoning (``thinking``) are not mapped
-    yet: such jobs go to a target that maps them."""
+    to ``image`` blocks (by URL, or base64 from a data URL), ``response_format`` to a
+    forced tool whose input is the answer (``ANSWER_TOOL``), and ``reasoning_effort``
+    to extended thinking (``THINKING_BUDGETS``), whose ``thinking`` blocks stream as
+    reasoning."""
 
-    features: ClassVar[frozenset[str]] = frozenset({"tools", "images"})
+    features: ClassVar[frozenset[str]] = frozenset(
+        {"tools", "images", "response_format", "reasoning_effort"}
+    )
 
     def __init__(self, pool: PoolConfig, client: httpx.AsyncClient) -> None:
         self._client = client
@@ -159,7 +171,39 @@ def request_body(job: Job, model: str, prefill: str = "") -> bytes:
         choice = _tool_choice(job.tool_choice, job.parallel_tool_calls)
         if choice is not None:
             body["tool_choice"] = choice
+    if wants_json(job):
+        _force_answer_tool(body, job)
+    if job.reasoning_effort is not None:
+        budget = THINKING_BUDGETS[job.reasoning_effort]
+        body["thinking"] = {"type": "enabled", "budget_tokens": budget}
+        body["max_tokens"] += budget
     return _encoder.encode(with_provider_options(body, job, "anthropic"))
+
+
+def wants_json(job: Job) -> bool:
+    return job.response_format is not None and job.response_format.type != "text"
+
+
+def _force_answer_tool(body: dict[str, Any], job: Job) -> None:
+    """The answer as ``ANSWER_TOOL``'s input. With the caller's tools beside it the model
+    must call one of them or the answer tool ("any"), as OpenAI's model may answer
+    either way; a named ``tool_choice`` stays as it is."""
+    assert job.response_format is not None
+    spec = job.response_format.json_schema
+    schema = (spec.schema if spec is not None else None) or {"type": "object"}
+    if schema.get("type") != "object":
+        raise UpstreamRejected("response_format: anthropic pools take a schema of an object")
+    if any(t.function.name == ANSWER_TOOL for t in job.tools or ()):
+        raise UpstreamRejected(f"response_format: a tool may not be called {ANSWER_TOOL!r} here")
+    answer = {"name": ANSWER_TOOL, "description": _ANSWER_DESCRIPTION, "input_schema": schema}
+    body["tools"] = [*body.get("tools", ()), answer]
+    choice = body.get("tool_choice", {})
+    if choice.get("type") != "tool":
+        body["tool_choice"] = {"type": "tool", "name": ANSWER_TOOL}
+        if job.tools and choice.get("type") != "none":
+            body["tool_choice"] = {"type": "any"}
+        else:
+            body["tools"] = [answer]
 
 
 def _turn(message: Message) -> dict[str, Any]:
@@ -250,6 +294,7 @@ class _StreamState:
     def __init__(self, trailing: TrailingWhitespace | None = None) -> None:
         self._trailing = trailing or TrailingWhitespace(None)
         self._tool_index: dict[int, int] = {}  # content block index -> tool call index
+        self._answer_blocks: set[int] = set()  # blocks of the ``ANSWER_TOOL``: the JSON text
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.cached_tokens: int | UnsetType = UNSET  # read from the prompt cache, if said
@@ -284,15 +329,24 @@ class _StreamState:
         block = event.content_block
         if block is None or block.type != "tool_use":
             return None
+        if block.name == ANSWER_TOOL:
+            self._answer_blocks.add(event.index)
+            return None
         self._tool_index[event.index] = index = len(self._tool_index)
         return ToolCallDelta(index=index, id=block.id, name=block.name)
 
     def _content_delta(self, event: _Event) -> StreamItem | None:
         delta = event.delta
-        if delta is not None and delta.type == "text_delta" and delta.text:
+        if delta is None:
+            return None
+        if delta.type == "text_delta" and delta.text:
             text = self._trailing.skip(delta.text)
             return TextDelta(text) if text else None
-        if delta is not None and delta.type == "input_json_delta" and delta.partial_json:
+        if delta.type == "thinking_delta" and delta.thinking:
+            return ReasoningDelta(delta.thinking)
+        if delta.type == "input_json_delta" and delta.partial_json:
+            if event.index in self._answer_blocks:
+                return TextDelta(self._trailing.skip(delta.partial_json))
             index = self._tool_index.get(event.index)
             if index is not None:
                 return ToolCallDelta(index=index, arguments=delta.partial_json)
@@ -305,6 +359,8 @@ class _StreamState:
         if event.delta is None or not event.delta.stop_reason:
             return None
         self.reason = STOP_REASONS.get(event.delta.stop_reason, event.delta.stop_reason)
+        if self.reason == "tool_calls" and not self._tool_index:
+            self.reason = "stop"  # only the answer tool was called: the answer is its JSON
         return self._finish()
 
     def _message_stop(self, event: _Event) -> Finish:

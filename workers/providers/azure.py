@@ -33,6 +33,6 @@ class AzureOpenAIProvider(OpenAIProvider):
     def _auth(self, pool: PoolConfig) -> dict[str, str]:
         return {"api-key": pool.api_key.reveal()} if pool.api_key else {}
 
-    def _url(self, model: str) -> str:
-        path = f"/openai/deployments/{quote(model, safe='')}/chat/completions"
+    def _url(self, model: str, path: str = "/chat/completions") -> str:
+        path = f"/openai/deployments/{quote(model, safe='')}{path}"
         return join_url(self._base_url, path) + f"?api-version={self._api_version}"

@@ -19,7 +19,8 @@ import msgspec
 from broker._config import PoolConfig
 from broker._errors import FeatureUnsupported, StreamInterrupted, UpstreamRejected
 from broker._protocol import ImagePart, Job, Message, ToolCallDelta, Usage
-from workers.providers._base import Finish, Malformed, StreamItem, TextDelta
+from workers.providers._base import Finish, Malformed, ReasoningDelta, StreamItem, TextDelta
+from workers.providers._embed import ollama_embeddings
 from workers.providers._errors_map import error_for_payload
 from workers.providers._http import (
     answer_items,
@@ -52,6 +53,7 @@ class _ToolCall(msgspec.Struct):
 
 class _Message(msgspec.Struct):
     content: str = ""
+    thinking: str = ""  # a thinking model's reasoning, streamed before the answer
     tool_calls: list[_ToolCall] | None = None
 
 
@@ -74,11 +76,14 @@ class OllamaProvider:
     comes back whole in one line (arguments as an object, no id: ids are made up
     from the call's place); images go as a message's base64 ``images``."""
 
-    features: ClassVar[frozenset[str]] = frozenset({"tools", "images", "response_format"})
+    features: ClassVar[frozenset[str]] = frozenset(
+        {"tools", "images", "response_format", "embeddings"}
+    )
 
     def __init__(self, pool: PoolConfig, client: httpx.AsyncClient) -> None:
         self._client = client
         self._url = join_url(pool.base_url, "/api/chat")
+        self._embed_url = join_url(pool.base_url, "/api/embed")
         # Ollama itself needs no key; one set on the pool is for a proxy in front of it.
         auth = {"authorization": f"Bearer {pool.api_key.reveal()}"} if pool.api_key else {}
         self._headers = static_headers(pool, {"accept": "application/x-ndjson", **auth})
@@ -86,6 +91,9 @@ class OllamaProvider:
     async def stream(
         self, job: Job, model: str, *, prefill: str | None = None
     ) -> AsyncIterator[StreamItem]:
+        if job.embed is not None:  # one non-streamed call (``_embed.py``)
+            yield await ollama_embeddings(self._client, self._embed_url, self._headers, job, model)
+            return
         headers = job_headers(self._headers, job)
         body_bytes = request_body(job, model, prefill)
         async with open_stream(self._client, self._url, headers=headers, body=body_bytes) as body:
@@ -166,6 +174,8 @@ class _Lines:
             raise error_for_payload({"error": decoded.error})
         items: list[StreamItem] = []
         message = decoded.message
+        if message is not None and message.thinking:
+            items.append(ReasoningDelta(message.thinking))
         if message is not None and message.content:
             items.append(TextDelta(message.content))
         for call in (message.tool_calls or ()) if message is not None else ():

@@ -22,8 +22,9 @@ from msgspec import UNSET
 
 from broker._config import PoolConfig
 from broker._errors import StreamInterrupted
-from broker._protocol import Job, Message, ToolCallDelta, Usage
-from workers.providers._base import Finish, Malformed, StreamItem, TextDelta
+from broker._protocol import Job, Message, TokenLogprob, ToolCallDelta, Usage
+from workers.providers._base import Finish, Malformed, ReasoningDelta, StreamItem, TextDelta
+from workers.providers._embed import openai_embeddings
 from workers.providers._errors_map import error_for_payload
 from workers.providers._http import (
     answer_items,
@@ -60,11 +61,19 @@ class _ToolCallDelta(msgspec.Struct):
 class _Delta(msgspec.Struct):
     content: str | None = None
     tool_calls: list[_ToolCallDelta] | None = None
+    # Reasoning text: vLLM and DeepSeek call it ``reasoning_content``, OpenRouter ``reasoning``.
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+
+
+class _Logprobs(msgspec.Struct):
+    content: list[TokenLogprob] | None = None
 
 
 class _Choice(msgspec.Struct):
     delta: _Delta | None = None
     finish_reason: str | None = None
+    logprobs: _Logprobs | None = None
 
 
 class _PromptDetails(msgspec.Struct):
@@ -106,11 +115,13 @@ _encoder = msgspec.json.Encoder()
 
 class OpenAIProvider:
     """Adapter for ``kind: openai`` pools: tools, tool calls and tool results, structured
-    output and reasoning effort pass through in OpenAI's own shapes; streamed tool-call
-    fragments become ``ToolCallDelta`` items."""
+    output, reasoning effort and logprobs pass through in OpenAI's own shapes; streamed
+    tool-call fragments become ``ToolCallDelta`` items, reasoning text (vLLM's, DeepSeek's)
+    ``ReasoningDelta`` items."""
 
     features: ClassVar[frozenset[str]] = frozenset(
-        {"tools", "images", "audio", "response_format", "reasoning_effort"}
+        {"tools", "images", "audio", "response_format", "reasoning_effort", "logprobs"}
+        | {"embeddings"}
     )
     kind = "openai"
 
@@ -122,12 +133,16 @@ class OpenAIProvider:
     def _auth(self, pool: PoolConfig) -> dict[str, str]:
         return {"authorization": f"Bearer {pool.api_key.reveal()}"} if pool.api_key else {}
 
-    def _url(self, model: str) -> str:
-        return join_url(self._base_url, "/chat/completions")
+    def _url(self, model: str, path: str = "/chat/completions") -> str:
+        return join_url(self._base_url, path)
 
     async def stream(
         self, job: Job, model: str, *, prefill: str | None = None
     ) -> AsyncIterator[StreamItem]:
+        if job.embed is not None:  # one non-streamed call (``_embed.py``)
+            url = self._url(model, "/embeddings")
+            yield await openai_embeddings(self._client, url, self._headers, job, model, self.kind)
+            return
         headers = job_headers(self._headers, job)
         body_bytes = request_body(job, model, prefill, self.kind)
         url = self._url(model)
@@ -158,6 +173,10 @@ def request_body(job: Job, model: str, prefill: str | None = None, kind: str = "
         body["response_format"] = job.response_format
     if job.reasoning_effort is not None:
         body["reasoning_effort"] = job.reasoning_effort
+    if job.logprobs:
+        body["logprobs"] = True
+        if job.top_logprobs:
+            body["top_logprobs"] = job.top_logprobs
     if prefill:
         body["messages"] = [*job.messages, Message(role="assistant", content=prefill)]
         body["continue_final_message"] = True
@@ -189,10 +208,9 @@ class _StreamState:
         items: list[StreamItem] = []
         if chunk.choices:
             choice = chunk.choices[0]
-            if choice.delta is not None and choice.delta.content:
-                items.append(TextDelta(choice.delta.content))
-            if choice.delta is not None and choice.delta.tool_calls:
-                items.extend(_tool_fragment(call) for call in choice.delta.tool_calls)
+            if choice.delta is not None:
+                logprobs = choice.logprobs.content if choice.logprobs is not None else None
+                items.extend(_delta_items(choice.delta, logprobs))
             self.reason = choice.finish_reason or self.reason
         if chunk.usage is not None:
             self.usage = chunk.usage.usage()
@@ -221,6 +239,18 @@ def _with_parts(m: Message) -> dict[str, Any]:
     if m.name:
         out["name"] = m.name
     return out
+
+
+def _delta_items(delta: _Delta, logprobs: list[TokenLogprob] | None) -> list[StreamItem]:
+    items: list[StreamItem] = []
+    reasoning = delta.reasoning_content or delta.reasoning
+    if reasoning:
+        items.append(ReasoningDelta(reasoning))
+    if delta.content:
+        items.append(TextDelta(delta.content, logprobs or None))
+    if delta.tool_calls:
+        items.extend(_tool_fragment(call) for call in delta.tool_calls)
+    return items
 
 
 def _tool_fragment(call: _ToolCallDelta) -> ToolCallDelta:
