@@ -1,12 +1,13 @@
-"""A pool's HTTP connections, split over several small httpx clients.
+"""A pool's HTTP connections: ``slots`` keep-alive connections to its provider.
 
-httpcore's connection pool re-examines every connection for each request (about
-O(size²) work), so one client with hundreds of connections spends most of the
-worker's CPU on bookkeeping: measured with 1,024 slots, 77% of the CPU and
-4.5 req/s (bench/RESULTS.md). Shards of at most ``SHARD_SIZE`` connections keep
-that cost flat; a job takes the least busy shard. Together the shards hold
-exactly ``slots`` connections, all keep-alive, and share one TLS context (one
-per client would cost ~100 MB at 1,024 slots).
+They are an httpx client on ``LeanTransport`` (``_transport.py``): one write per
+request, and an O(1) pick of an idle connection, where httpcore's pool costs
+two syscalls per pooled connection per request. An injected transport (tests)
+gets httpx's own pool, whose per-request scan of every connection (about O(size²)
+work: measured with 1,024 slots, 77% of the CPU and 4.5 req/s, bench/RESULTS.md)
+is kept flat by shards of at most ``SHARD_SIZE`` connections; a job takes the
+least busy shard. Either way the pool holds exactly ``slots`` connections and
+one TLS context (one per client would cost ~100 MB at 1,024 slots).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import certifi  # httpx's own CA bundle (a dependency of httpx)
 import httpx
 
 from broker._config import PoolConfig
+from workers._transport import LeanTransport
 from workers.providers import make_provider
 from workers.providers._base import Provider
 
 SHARD_SIZE = 8
+KEEPALIVE_EXPIRY_S = 60.0
 
 RequestHook = Callable[[httpx.Request], Awaitable[None]]
 
@@ -38,7 +41,7 @@ class HttpShards:
         on_request: RequestHook | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        shards = -(-slots // SHARD_SIZE)
+        shards = -(-slots // SHARD_SIZE) if transport is not None else 1
         tls = ssl.create_default_context(cafile=certifi.where())
         sizes = [slots // shards + (1 if i < slots % shards else 0) for i in range(shards)]
         hooks: dict[str, list[Any]] = {"request": [on_request]} if on_request else {}
@@ -68,12 +71,15 @@ def _client(
     transport: httpx.AsyncBaseTransport | None,
 ) -> httpx.AsyncClient:
     t = pool.timeouts
+    if transport is None:
+        transport = LeanTransport(max_connections=connections, ssl_context=tls,
+                                  keepalive_expiry_s=KEEPALIVE_EXPIRY_S)  # fmt: skip
     return httpx.AsyncClient(
         verify=tls,
         limits=httpx.Limits(
             max_connections=connections,
             max_keepalive_connections=connections,
-            keepalive_expiry=60.0,
+            keepalive_expiry=KEEPALIVE_EXPIRY_S,
         ),
         # pool=None: slots bound concurrency; the job's own limits bound any wait.
         timeout=httpx.Timeout(connect=t.connect_s, read=None, write=t.connect_s, pool=None),

@@ -1,0 +1,275 @@
+"""A lean HTTP/1.1 transport for httpx: the worker's keep-alive connections to its provider.
+
+httpx's default transport (httpcore over anyio streams and h11) is most of a
+worker's CPU per streamed request on this machine (bench/RESULTS.md, issue 16):
+it writes a request's head and body in two syscalls, scans every pooled
+connection with a ``poll`` and a ``getpeername`` for each request, and runs
+h11's state machine per event. ``LeanTransport`` does what a worker needs and no
+more:
+
+- one ``write`` per request (head and body together) on an asyncio stream;
+- a LIFO list of idle connections, so a busy pool reuses its warmest one, with
+  no per-request scan (a connection the server closed is seen as at EOF and
+  dropped; idle longer than ``keepalive_expiry_s``, it is closed);
+- at most ``max_connections`` open at once (a semaphore: the pool's fixed size);
+- response bodies framed by ``Content-Length``, chunked encoding, or the end of
+  the connection, read as the bytes arrive.
+
+It speaks HTTP/1.1 only, over TCP or TLS, with no proxy and no HTTP/2 (providers
+stream answers over HTTP/1.1; the worker never needed more). Failures are
+httpx's own exception classes, so ``error_for_transport`` reads them as it reads
+httpcore's, and an ``AsyncClient`` on top keeps event hooks and the response
+API. The ``connection.connect_tcp.complete`` trace event (httpcore's name)
+reports each new connection, which the worker counts for connection reuse.
+Tests inject any other ``httpx.AsyncBaseTransport`` instead (``Worker(transport=)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+__all__ = ["LeanTransport"]
+
+_MAX_HEAD_BYTES = 65_536
+_READ_SIZE = 65_536
+_DEFAULT_PORTS = {b"http": 80, b"https": 443}
+Origin = tuple[bytes, bytes, int]  # scheme, host, port
+
+
+class _Connection:
+    """One keep-alive connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.idle_since = time.monotonic()
+
+    def usable(self, expiry_s: float) -> bool:
+        """Still open (the server did not close it) and not idle past its expiry."""
+        if self.reader.at_eof() or self.writer.is_closing():
+            return False
+        return time.monotonic() - self.idle_since < expiry_s
+
+    def close(self) -> None:
+        if not self.writer.is_closing():
+            self.writer.close()
+
+
+class LeanTransport(httpx.AsyncBaseTransport):
+    """Keep-alive HTTP/1.1 connections to any origin, at most ``max_connections`` open."""
+
+    def __init__(
+        self,
+        *,
+        max_connections: int,
+        ssl_context: ssl.SSLContext,
+        keepalive_expiry_s: float = 60.0,
+    ) -> None:
+        self._ssl = ssl_context
+        self._expiry_s = keepalive_expiry_s
+        self._slots = asyncio.Semaphore(max_connections)
+        self._idle: dict[Origin, list[_Connection]] = {}
+        self._closed = False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        origin = (url.raw_scheme, url.raw_host, url.port or _DEFAULT_PORTS.get(url.raw_scheme, 80))
+        await self._slots.acquire()
+        conn: _Connection | None = None
+        try:
+            conn = await self._connection(origin, request)
+            status, reason, headers = await _exchange(conn, request)
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            self._slots.release()
+            raise
+        body = _Body(self, origin, conn, _framing(request, status, headers))
+        return httpx.Response(
+            status,
+            headers=headers,
+            stream=body,
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": reason},
+        )
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.close()
+        self._idle.clear()
+
+    async def _connection(self, origin: Origin, request: httpx.Request) -> _Connection:
+        idle = self._idle.get(origin)
+        while idle:
+            conn = idle.pop()
+            if conn.usable(self._expiry_s):
+                return conn
+            conn.close()
+        return await self._connect(origin, request)
+
+    async def _connect(self, origin: Origin, request: httpx.Request) -> _Connection:
+        scheme, host, port = origin
+        timeout = request.extensions.get("timeout", {}).get("connect")
+        tls = self._ssl if scheme == b"https" else None
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(
+                    host.decode("ascii"), port, ssl=tls, limit=_MAX_HEAD_BYTES
+                )
+        except TimeoutError as exc:
+            raise httpx.ConnectTimeout("connect timed out", request=request) from exc
+        except (OSError, ssl.SSLError) as exc:
+            raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
+        trace = request.extensions.get("trace")
+        if trace is not None:
+            await trace("connection.connect_tcp.complete", {"return_value": None})
+        return _Connection(reader, writer)
+
+    def _release(self, origin: Origin, conn: _Connection, reuse: bool) -> None:
+        if reuse and not self._closed:
+            conn.idle_since = time.monotonic()
+            self._idle.setdefault(origin, []).append(conn)
+        else:
+            conn.close()
+        self._slots.release()
+
+
+async def _exchange(conn: _Connection, request: httpx.Request) -> tuple[int, bytes, list[Any]]:
+    """Send ``request`` in one write; read the response's status line and headers."""
+    body = request.content if hasattr(request, "_content") else await request.aread()
+    head = [b"%s %s HTTP/1.1\r\n" % (request.method.encode(), request.url.raw_path)]
+    head += [b"%s: %s\r\n" % (name, value) for name, value in request.headers.raw]
+    try:
+        conn.writer.write(b"".join(head) + b"\r\n" + body)
+        await conn.writer.drain()
+    except OSError as exc:
+        raise httpx.WriteError(str(exc) or type(exc).__name__, request=request) from exc
+    try:
+        raw = await conn.reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        raise httpx.RemoteProtocolError(
+            "Server disconnected without sending a response.", request=request
+        ) from exc
+    except asyncio.LimitOverrunError as exc:
+        raise httpx.RemoteProtocolError("the response head is too large", request=request) from exc
+    except OSError as exc:
+        raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
+    return _parse_head(raw, request)
+
+
+def _parse_head(raw: bytes, request: httpx.Request) -> tuple[int, bytes, list[Any]]:
+    lines = raw[:-4].split(b"\r\n")
+    version, _, rest = lines[0].partition(b" ")
+    code, _, reason = rest.partition(b" ")
+    if not version.startswith(b"HTTP/1.") or not code.isdigit():
+        raise httpx.RemoteProtocolError(
+            f"not an HTTP/1.1 response: {lines[0][:80]!r}", request=request
+        )
+    headers = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise httpx.RemoteProtocolError("a malformed response header", request=request)
+        headers.append((name.strip(), value.strip()))
+    return int(code), reason, headers
+
+
+class _Framing:
+    """How the body ends: ``length`` bytes, chunked, or at the end of the connection."""
+
+    def __init__(self, length: int | None, chunked: bool, keep_alive: bool) -> None:
+        self.length = length
+        self.chunked = chunked
+        self.keep_alive = keep_alive
+
+
+def _framing(request: httpx.Request, status: int, headers: list[Any]) -> _Framing:
+    values = {name.lower(): value.lower() for name, value in headers}
+    keep_alive = values.get(b"connection") != b"close"
+    if request.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        return _Framing(0, False, keep_alive)
+    if b"chunked" in values.get(b"transfer-encoding", b""):
+        return _Framing(None, True, keep_alive)
+    length = values.get(b"content-length")
+    if length is not None and length.isdigit():
+        return _Framing(int(length), False, keep_alive)
+    return _Framing(None, False, False)  # ends with the connection
+
+
+class _Body(httpx.AsyncByteStream):
+    """A response body read from its connection; the connection goes back to the pool
+    when the body was read to its end, else it is closed."""
+
+    def __init__(
+        self,
+        pool: LeanTransport,
+        origin: Origin,
+        conn: _Connection,
+        framing: _Framing,
+    ) -> None:
+        self._pool = pool
+        self._origin = origin
+        self._conn: _Connection | None = conn
+        self._framing = framing
+        self._complete = framing.length == 0 and not framing.chunked
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self._complete or self._conn is None:
+            return
+        reader = self._conn.reader
+        try:
+            if self._framing.chunked:
+                async for data in _chunks(reader):
+                    yield data
+            elif self._framing.length is not None:
+                async for data in _sized(reader, self._framing.length):
+                    yield data
+            else:
+                while data := await reader.read(_READ_SIZE):
+                    yield data
+        except asyncio.IncompleteReadError as exc:
+            raise httpx.RemoteProtocolError(
+                "peer closed connection without sending complete message body"
+            ) from exc
+        except OSError as exc:
+            raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+        self._complete = True
+
+    async def aclose(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._pool._release(self._origin, conn, self._complete and self._framing.keep_alive)
+
+
+async def _sized(reader: asyncio.StreamReader, length: int) -> AsyncIterator[bytes]:
+    left = length
+    while left:
+        data = await reader.read(min(left, _READ_SIZE))
+        if not data:
+            raise asyncio.IncompleteReadError(b"", left)
+        left -= len(data)
+        yield data
+
+
+async def _chunks(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """The data of a chunked body, one chunk at a time, then its trailers skipped."""
+    while True:
+        line = await reader.readuntil(b"\r\n")
+        size_text = line.split(b";", 1)[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            raise httpx.RemoteProtocolError(f"a malformed chunk size: {size_text[:20]!r}") from None
+        if size == 0:
+            while await reader.readuntil(b"\r\n") != b"\r\n":
+                pass  # trailers
+            return
+        data = await reader.readexactly(size + 2)
+        yield data[:-2]
