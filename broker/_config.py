@@ -94,6 +94,7 @@ class NatsSettings(_Strict, frozen=True):
     never sent in clear text.
     """
 
+    # One server, or every node of a cluster (a YAML list, or comma-separated).
     url: str = "nats://127.0.0.1:4222"
     user: str | None = None
     password: Secret | None = None
@@ -412,6 +413,7 @@ def parse_config(
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
     data = _interpolate(raw, "", dict(os.environ) if env is None else env)
+    _join_servers(data)
     # Pools and routes are converted one by one so that an error names the
     # entry (msgspec reports dict keys as `[...]`).
     pools = {
@@ -425,6 +427,13 @@ def parse_config(
     cfg = msgspec.structs.replace(base, pools=pools, routes=routes)
     _check_references(cfg)
     return cfg
+
+
+def _join_servers(data: dict[str, Any]) -> None:
+    """``nats.url`` as a YAML list of servers is the same as comma-separated."""
+    section = data.get("nats")
+    if isinstance(section, dict) and isinstance(section.get("url"), list):
+        section["url"] = ",".join(str(u).strip() for u in section["url"])
 
 
 def _section(data: dict[str, Any], key: str, source: str) -> list[tuple[str, Any]]:

@@ -61,8 +61,14 @@ def priority_consumer_config(
     max_deliver: int,
     max_ack_pending: int,
     max_waiting: int,
+    replicas: int = 0,
 ) -> dict[str, Any]:
-    """A durable priority-group consumer; one filter subject is sent as ``filter_subject``."""
+    """A durable priority-group consumer; one filter subject is sent as ``filter_subject``.
+
+    ``replicas``: 0 takes the stream's when the consumer is created, but does not
+    follow a later change of the stream's (a WorkQueue stream's consumers must have
+    as many as the stream): give them explicitly.
+    """
     filters: dict[str, Any] = (
         {"filter_subject": filter_subjects[0]}
         if len(filter_subjects) == 1
@@ -81,6 +87,7 @@ def priority_consumer_config(
         "max_waiting": max_waiting,
         "priority_groups": [group],
         "priority_policy": policy,
+        "num_replicas": replicas,
     }
 
 

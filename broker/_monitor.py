@@ -5,7 +5,8 @@ serves it on ``/metrics`` (its own registry; names in docs/operations.md):
 queue depth, oldest job age, ack pending, redeliveries and capacity per route
 and pool subject, DLQ depth per route, live workers, slots and circuit states
 per pool (and per upstream model whose own circuit is not closed on some
-worker). A scrape reads the latest snapshot; it never waits for NATS.
+worker), and each stream's replicas, leader and follower lag. A scrape reads
+the latest snapshot; it never waits for NATS.
 
 **Janitor.** A raw NATS client can publish a job to ``llm.jobs.<route>`` for a
 route that does not exist (the client library refuses to). No consumer reads
@@ -77,6 +78,7 @@ class StatusCollector(Collector):
             return
         yield from _queue_families([*status.routes, *status.pools], status)
         yield from _pool_families(status)
+        yield from _stream_families(status)
         dlq = GaugeMetricFamily(
             "llmrelay_dlq_depth", "Dead letters waiting in LLM_DLQ, by route", labels=["route"]
         )
@@ -163,6 +165,41 @@ def _pool_families(status: Status) -> Iterator[Metric]:
             for state in _CIRCUIT_STATES[1:]:
                 models.add_metric([p.name, model, state], states.get(state, 0))
     yield from (live, slots, busy, circuit, models)
+
+
+def _stream_families(status: Status) -> Iterator[Metric]:
+    """Per stream: replicas configured and current, its leader, each follower's lag."""
+    labels = ["stream"]
+    replicas = GaugeMetricFamily(
+        "llmrelay_stream_replicas", "Replicas the stream is configured with", labels=labels
+    )
+    current = GaugeMetricFamily(
+        "llmrelay_stream_replicas_current",
+        "Replicas holding everything: the leader and its current followers (0: no leader)",
+        labels=labels,
+    )
+    has_leader = GaugeMetricFamily(
+        "llmrelay_stream_has_leader", "1 if the stream has a leader now, else 0", labels=labels
+    )
+    leader = GaugeMetricFamily(
+        "llmrelay_stream_leader_info",
+        "1 for the server that leads the stream",
+        labels=["stream", "server"],
+    )
+    lag = GaugeMetricFamily(
+        "llmrelay_stream_replica_lag",
+        "Operations a follower is behind the stream's leader",
+        labels=["stream", "server"],
+    )
+    for s in status.streams:
+        replicas.add_metric([s.name], s.replicas)
+        current.add_metric([s.name], s.current_replicas)
+        has_leader.add_metric([s.name], 1 if s.leader else 0)
+        if s.leader:
+            leader.add_metric([s.name, s.leader], 1)
+        for f in s.followers:
+            lag.add_metric([s.name, f.name], f.lag)
+    yield from (replicas, current, has_leader, leader, lag)
 
 
 class MonitorMetrics:

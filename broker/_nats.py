@@ -148,9 +148,15 @@ async def connect_nats(
     (``broker/_subjects.inbox_prefix``), the only inboxes nats.conf lets that
     user read. Workers pass a private prefix besides (jobs are pulled into inboxes).
     Later reconnects are retried forever (``reconnected`` is called after each).
+    ``url`` may name several servers, comma-separated (every node of a cluster):
+    the connection goes to one and moves to another when it is lost, also to
+    nodes the cluster announces that ``url`` does not name (``hoist_credentials``).
     With ``tls`` (or a ``tls://`` URL) the connection is encrypted or not made.
     """
-    first = _FirstConnect(servers=url.count(",") + 1)
+    servers = server_list(url)
+    if user is None and password is None and token is None and not (creds_file or nkey_seed_file):
+        servers, user, password, token = hoist_credentials(servers)
+    first = _FirstConnect(servers=len(servers))
     required = tls_required(url, tls)
     context = tls_context(tls) if required else None
 
@@ -160,7 +166,7 @@ async def connect_nats(
     async def _connect() -> NATS:
         nc = _TlsClient(tls_required=required)
         await nc.connect(
-            url,
+            servers,
             tls=context,
             tls_handshake_first=tls is not None and tls.handshake_first,
             name=name,
@@ -319,6 +325,39 @@ class _TlsClient(NATS):
 def _encrypted(transport: object) -> bool:
     writer = getattr(transport, "_io_writer", None)
     return writer is not None and writer.get_extra_info("ssl_object") is not None
+
+
+def server_list(urls: str) -> list[str]:
+    """``"nats://a:4222, nats://b:4223"`` -> one URL per server."""
+    servers = [u.strip() for u in urls.split(",") if u.strip()]
+    if not servers:
+        raise ConfigError("nats.url: no server given")
+    return servers
+
+
+def hoist_credentials(
+    servers: list[str],
+) -> tuple[list[str], str | None, str | None, str | None]:
+    """The URLs without their credentials, and those credentials (user, password, token).
+
+    nats-py sends a URL's credentials only to that URL's server; the other nodes a
+    cluster announces (and a client reconnects to) come without any, and would
+    refuse it. Credentials passed as options go to every server. URLs naming
+    different credentials are left as they are.
+    """
+    found = {urlsplit(u).netloc.rpartition("@")[0] for u in servers} - {""}
+    if len(found) != 1:
+        return servers, None, None, None
+    user, colon, password = found.pop().partition(":")
+    bare = [_without_credentials(u) for u in servers]
+    # As nats-py reads a URL: no percent-decoding.
+    return (bare, user, password, None) if colon else (bare, None, None, user)
+
+
+def _without_credentials(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    return f"{scheme}{sep}{authority.rpartition('@')[2]}{slash}{path}"
 
 
 class _FirstConnect:

@@ -17,7 +17,9 @@ Events are deduplicated by (attempt, seq) for chunks and by their bytes for the
 rest, so each is handed over once, in order within its attempt. On the
 ordered consumer only a reconnect resumes again (it tracks its own sequence);
 a chunk it lacks (aged out of the stream) is lost for good. A tenant may not
-read ``LLM_REPLIES`` (``can_replay=False``): it reads live only.
+read ``LLM_REPLIES`` (``can_replay=False``): it reads live only. On a cluster a
+resume right after a node died waits out the stream's leader election (it is
+tried again until the job's deadline).
 """
 
 from __future__ import annotations
@@ -26,21 +28,26 @@ import contextlib
 import time
 from collections.abc import Callable
 
+import anyio
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
-from nats.errors import BadSubscriptionError
+from nats.errors import BadSubscriptionError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from broker._errors import DeadlineExceeded, RelayError
+from broker._errors import BrokerUnavailable, DeadlineExceeded, RelayError
 from broker._nats import nats_errors
 from broker._protocol import Chunk, Event, decode_event
 from broker._subjects import REPLIES_STREAM
 
 # The longest wait without a look at the connection's reconnect count.
 POLL_S = 0.25
+# A resume whose request got no answer (a leader election) is tried again this often,
+# within the job's deadline, or within RESUME_WITHIN_S when there is none.
+RESUME_RETRY_S = 0.25
+RESUME_WITHIN_S = 30.0
 
 
 class ReplyReader:
@@ -70,7 +77,7 @@ class ReplyReader:
         (only such chunks' ``seq`` is checked). Raises ``DeadlineExceeded`` at ``deadline_s``."""
         while True:
             if self._gap_suspected():
-                await self.resume()
+                await self.resume(deadline_s)
             remaining_s = deadline_s - time.time()
             if remaining_s <= 0:
                 raise DeadlineExceeded(f"{self.what}: no answer before its deadline")
@@ -89,7 +96,7 @@ class ReplyReader:
             if isinstance(event, Chunk) and counts(event):
                 due = self._next_seq.get(event.attempt, 0)
                 if event.seq > due and self.can_replay and not self.replaying:
-                    await self.resume()  # the chunks between come first, from the stream
+                    await self.resume(deadline_s)  # the chunks between come first, from the stream
                     continue
                 self._next_seq[event.attempt] = event.seq + 1
             self._seen.add(key)
@@ -104,19 +111,37 @@ class ReplyReader:
             return False
         return self._sub.delivered - self._taken - self._sub.pending_msgs > 0
 
-    async def resume(self) -> None:
-        """Read the reply subject from its first message in ``LLM_REPLIES``, then live."""
+    async def resume(self, deadline_s: float | None = None) -> None:
+        """Read the reply subject from its first message in ``LLM_REPLIES``, then live.
+
+        On a cluster the stream (or the JetStream API) may be electing a leader right
+        after the node this connection was on died: a request that gets no answer is
+        tried again until ``deadline_s`` (default: ``RESUME_WITHIN_S`` from now).
+        """
         self._reconnects = self.nc.stats["reconnects"]
         await self.close()
+        until_s = deadline_s if deadline_s is not None else time.time() + RESUME_WITHIN_S
+        while True:
+            try:
+                self._sub = await self._replay_subscription()
+                break
+            except BrokerUnavailable as exc:
+                unanswered = isinstance(exc.__cause__, NatsTimeout | NoRespondersError)
+                if not unanswered or time.time() + RESUME_RETRY_S > until_s:
+                    raise
+            await anyio.sleep(RESUME_RETRY_S)
+        self.replaying = True
+        self.resumes += 1
+
+    async def _replay_subscription(self) -> Subscription:
         with nats_errors(f"{self.what}: replaying its events"):
-            self._sub = await self.nc.jetstream().subscribe(
+            sub: Subscription = await self.nc.jetstream().subscribe(
                 self.reply_to,
                 stream=REPLIES_STREAM,
                 ordered_consumer=True,
                 deliver_policy=DeliverPolicy.ALL,
             )
-        self.replaying = True
-        self.resumes += 1
+        return sub
 
     async def close(self) -> None:
         """Unsubscribe; safe twice."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import socket
@@ -17,8 +18,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any, NamedTuple
 
 from broker._errors import ServerStartError
 
@@ -78,8 +81,21 @@ def _check_port_free(host: str, port: int, what: str, flag: str) -> None:
             raise ServerStartError(f"cannot bind {what} port {port}: {exc.strerror}") from exc
 
 
+class ClusterRole(NamedTuple):
+    """What makes a server one node of a cluster (``broker/_cluster.py``)."""
+
+    server_name: str
+    cluster_port: int
+    routes: Sequence[str]
+    cluster_name: str = "llmrelay"
+
+
 class NatsServer:
-    """A nats-server child process: ``with NatsServer(...) as srv: srv.url``."""
+    """A nats-server child process: ``with NatsServer(...) as srv: srv.url``.
+
+    With ``cluster`` it is one node of a cluster: the flags give its server name,
+    its route port (on ``host``) and the routes to every node.
+    """
 
     def __init__(
         self,
@@ -90,6 +106,7 @@ class NatsServer:
         config_file: str | os.PathLike[str] | None = None,
         host: str = "127.0.0.1",
         log_file: str | os.PathLike[str] | None = None,
+        cluster: ClusterRole | None = None,
     ) -> None:
         self.host = host
         self.port = port or free_port()
@@ -97,8 +114,14 @@ class NatsServer:
         self.store_dir = Path(store_dir)
         self.config_file = Path(config_file) if config_file else default_nats_conf()
         self.log_file = Path(log_file) if log_file else self.store_dir / "nats-server.log"
+        self.cluster = cluster
         self._proc: subprocess.Popen[bytes] | None = None
         self._stderr_path = self.store_dir / "nats-server.stderr"
+
+    @property
+    def server_name(self) -> str | None:
+        """The node's name in a cluster (stream infos name leaders by it); None alone."""
+        return self.cluster.server_name if self.cluster else None
 
     @property
     def url(self) -> str:
@@ -112,8 +135,15 @@ class NatsServer:
         return self._proc.pid if self._proc else None
 
     def start(self, timeout_s: float = 15.0) -> None:
+        self.launch()
+        self.wait_ready(timeout_s)
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (``wait_ready`` does)."""
         _check_port_free(self.host, self.port, "client", "--port")
         _check_port_free(self.host, self.monitor_port, "monitoring", "--monitor-port")
+        if self.cluster is not None:
+            _check_port_free(self.host, self.cluster.cluster_port, "cluster", "--cluster-port")
         self.store_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
             nats_server_binary(),
@@ -129,6 +159,7 @@ class NatsServer:
             str(self.store_dir),
             "-l",
             str(self.log_file),
+            *self._cluster_flags(),
         ]
         # Errors before the log file opens (a bad config) go to stderr: keep them.
         self._stderr_path = self.store_dir / "nats-server.stderr"
@@ -142,9 +173,20 @@ class NatsServer:
                 stderr=err,
                 start_new_session=True,
             )
-        self._wait_ready(timeout_s)
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    def _cluster_flags(self) -> list[str]:
+        role = self.cluster
+        if role is None:
+            return []
+        return [
+            "--server_name", role.server_name,
+            "--cluster_name", role.cluster_name,
+            "--cluster", f"nats://{self.host}:{role.cluster_port}",
+            "--routes", ",".join(role.routes),
+        ]  # fmt: skip
+
+    def wait_ready(self, timeout_s: float = 15.0) -> None:
+        """Until JetStream answers on the monitoring port; raise if the server exits."""
         health = f"http://{self.host}:{self.monitor_port}/healthz?js-enabled-only=true"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -161,6 +203,14 @@ class NatsServer:
         self.stop()
         raise ServerStartError(f"nats-server not ready after {timeout_s:.0f}s: {self._log_tail()}")
 
+    def jsz(self, timeout_s: float = 2.0) -> dict[str, Any]:
+        """The server's JetStream state (monitoring ``/jsz``): ``meta_cluster`` names the
+        meta leader. Raise ``OSError`` when the server does not answer."""
+        url = f"http://{self.host}:{self.monitor_port}/jsz"
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            data: dict[str, Any] = json.load(resp)
+        return data
+
     def _log_tail(self) -> str:
         lines: list[str] = []
         for path in (self._stderr_path, self.log_file):
@@ -171,6 +221,11 @@ class NatsServer:
     def poll(self) -> int | None:
         """The exit code if the server exited by itself, else None (running, or stopped)."""
         return self._proc.poll() if self._proc is not None else None
+
+    def terminate(self) -> None:
+        """Send SIGTERM and return; ``stop`` waits for the exit."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL). Safe to call twice."""

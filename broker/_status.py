@@ -13,6 +13,7 @@ exports. Everything comes from the server, nothing from a process's memory:
                       (``circuit``: the pool-level circuit; ``circuits``/``model_circuits``:
                       the upstream models whose own circuit is not closed)
     stray jobs        jobs on a ``llm.jobs.*``/``llm.pool.*`` subject that no consumer reads
+    streams           each stream's replicas, leader and followers (``broker/_replication.py``)
 
 The `client` NATS user may read all of this except job messages, so the
 oldest-job age is ``None`` for it (one probe, then skipped; ``Status.oldest_age_known``).
@@ -38,7 +39,9 @@ from broker._errors import BrokerUnavailable, JetStreamApiError
 from broker._jsapi import api_request
 from broker._nats import nats_errors
 from broker._protocol import Heartbeat, decode_heartbeat, now_ms
+from broker._replication import StreamReplication, read_replication
 from broker._subjects import (
+    ALL_STREAMS,
     DLQ_PREFIX,
     DLQ_STREAM,
     JOBS_PREFIX,
@@ -126,6 +129,7 @@ class Status(msgspec.Struct, kw_only=True):
     dlq_by_route: dict[str, int]
     stray: list[StrayQueue]
     oldest_age_known: bool = True
+    streams: list[StreamReplication] = msgspec.field(default_factory=list)
 
     def route(self, name: str) -> RouteStatus:
         return next(r for r in self.routes if r.name == name)
@@ -161,6 +165,7 @@ class StatusReader:
         consumers = await list_consumers(self.nc, JOBS_STREAM)
         dlq = await subject_counts(self.nc, DLQ_STREAM, f"{DLQ_PREFIX}.>")
         heartbeats = await read_heartbeats(self.nc)
+        streams = await read_replication(self.nc, ALL_STREAMS)
         capacity = int(jobs_info["config"].get("max_msgs_per_subject", 0))
         routes = [self._route(n, consumers, capacity, dlq) for n in self._route_names(consumers)]
         pools = [
@@ -177,6 +182,7 @@ class StatusReader:
             dlq_by_route=by_route,
             stray=_stray(jobs_info["state"].get("subjects") or {}, consumers),
             oldest_age_known=self.can_read_jobs is not False,
+            streams=streams,
         )
 
     # --- names ---------------------------------------------------------------------

@@ -9,6 +9,9 @@ REPLIES_STREAM = "LLM_REPLIES"
 EVENTS_STREAM = "LLM_EVENTS"
 DLQ_STREAM = "LLM_DLQ"
 WORKERS_BUCKET = "llm_workers"
+WORKERS_STREAM = f"KV_{WORKERS_BUCKET}"  # the stream behind the bucket
+# Every stream llmrelay creates (``ensure_topology``), as `status` lists them.
+ALL_STREAMS = (JOBS_STREAM, REPLIES_STREAM, EVENTS_STREAM, DLQ_STREAM, WORKERS_STREAM)
 
 JOBS_PREFIX = "llm.jobs"
 POOL_PREFIX = "llm.pool"

@@ -23,6 +23,12 @@ A route's or pool's consumer also reads its tenants' subjects (``llm.jobs.<route
 the tenant last: disjoint from every other route's); ``max_msgs_per_subject``
 then bounds each tenant's queue on its own (the byte limit is the stream's).
 
+``streams.replicas`` (1, or 3 on a cluster) applies to every stream, the
+bucket and every consumer, whose replicas are given explicitly: a consumer's
+default (the stream's, when it is created) does not follow a later change, and
+a WorkQueue stream's consumers must have as many replicas as the stream.
+Raising it scales everything in place; the consumers once the stream has.
+
 Every stream has a byte limit. They are derived, not configured (yet): the
 jobs stream holds ``queue_capacity`` jobs of ``max_job_bytes``, capped so that
 all file streams together fit the 10GB file store of nats.conf (JetStream
@@ -32,6 +38,7 @@ reserves each stream's ``max_bytes`` when it is created).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -47,6 +54,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError, ServerError
 
 from broker._config import Config, RouteConfig
+from broker._errors import JetStreamApiError
 from broker._jsapi import create_or_update_consumer, priority_consumer_config
 from broker._subjects import (
     DLQ_PREFIX,
@@ -58,6 +66,7 @@ from broker._subjects import (
     REPLIES_STREAM,
     REPLY_PREFIX,
     WORKERS_BUCKET,
+    WORKERS_STREAM,
     pool_consumer,
     pool_subject,
     requeue_subject,
@@ -67,6 +76,10 @@ from broker._subjects import (
 )
 
 _ERR_CREATING_STORE = 10049
+_ERR_INSUFFICIENT_RESOURCES = 10005
+_RETRIED_ON_CREATE = (_ERR_CREATING_STORE, _ERR_INSUFFICIENT_RESOURCES)
+_ERR_REPLICAS_EXCEED_STREAM = 10126
+SCALE_TIMEOUT_S = 30.0
 # Outstanding pulls a consumer accepts: one per free slot of every worker.
 MAX_WAITING_PULLS = 8192
 _GIB = 1024**3
@@ -164,18 +177,24 @@ async def _ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
         await _add_stream(js, wanted)
         return
     if _differs(wanted, info.config):
-        await js.update_stream(wanted)
+        await _placed(lambda: js.update_stream(wanted))
 
 
 async def _add_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
-    """Create a stream; retry "error creating store" (10049), which the server
-    answers for a moment after a stream of the same name was deleted."""
-    for delay_s in (0.05, 0.1, 0.2, 0.4, 0.8, 0):
+    await _placed(lambda: js.add_stream(wanted))
+
+
+async def _placed(request: Callable[[], Awaitable[object]]) -> None:
+    """Create or update a stream; retry what the server answers for a moment after
+    streams were deleted: "error creating store" (10049) for one of the same name,
+    and, on a cluster, "insufficient storage" (10005) for new replicas while the meta
+    leader still counts the space the deleted ones had reserved (~1.5 s on loopback)."""
+    for delay_s in (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 0):
         try:
-            await js.add_stream(wanted)
+            await request()
             return
-        except ServerError as exc:
-            if exc.err_code != _ERR_CREATING_STORE or not delay_s:
+        except (ServerError, BadRequestError) as exc:
+            if exc.err_code not in _RETRIED_ON_CREATE or not delay_s:
                 raise
             await anyio.sleep(delay_s)
 
@@ -184,20 +203,29 @@ async def _ensure_workers_bucket(js: JetStreamContext, config: Config) -> None:
     ttl = config.streams.heartbeat_ttl_s
     try:
         await js.key_value(WORKERS_BUCKET)
-        return
     except (NotFoundError, BadRequestError):
         pass
-    await js.create_key_value(
-        KeyValueConfig(
-            bucket=WORKERS_BUCKET,
-            history=1,
-            ttl=ttl,
-            limit_marker_ttl=max(ttl, 1.0),
-            max_bytes=WORKERS_MAX_BYTES,
-            storage=StorageType.MEMORY,
-            replicas=config.streams.replicas,
-        )
+    else:
+        await _ensure_bucket_replicas(js, config.streams.replicas)
+        return
+    bucket = KeyValueConfig(
+        bucket=WORKERS_BUCKET,
+        history=1,
+        ttl=ttl,
+        limit_marker_ttl=max(ttl, 1.0),
+        max_bytes=WORKERS_MAX_BYTES,
+        storage=StorageType.MEMORY,
+        replicas=config.streams.replicas,
     )
+    await _placed(lambda: js.create_key_value(bucket))
+
+
+async def _ensure_bucket_replicas(js: JetStreamContext, replicas: int) -> None:
+    """A changed ``streams.replicas`` scales the heartbeat bucket as it does the streams."""
+    info = await js.stream_info(WORKERS_STREAM)
+    if info.config.num_replicas != replicas:
+        scaled = dataclasses.replace(info.config, num_replicas=replicas)
+        await _placed(lambda: js.update_stream(scaled))
 
 
 def _route_policy(route: RouteConfig) -> str:
@@ -220,6 +248,7 @@ def consumer_configs(config: Config) -> list[dict[str, Any]]:
                 max_deliver=max_deliver,
                 max_ack_pending=max(1000, 4 * sum(p.concurrency for p in pools)),
                 max_waiting=MAX_WAITING_PULLS,
+                replicas=config.streams.replicas,
             )
         )
     for name, pool in config.pools.items():
@@ -233,6 +262,7 @@ def consumer_configs(config: Config) -> list[dict[str, Any]]:
                 max_deliver=max_deliver,
                 max_ack_pending=max(1000, 4 * pool.concurrency),
                 max_waiting=MAX_WAITING_PULLS,
+                replicas=config.streams.replicas,
             )
         )
     return out
@@ -245,4 +275,19 @@ async def ensure_topology(nc: NATS, config: Config) -> None:
         await _ensure_stream(js, wanted)
     await _ensure_workers_bucket(js, config)
     for consumer in consumer_configs(config):
-        await create_or_update_consumer(nc, JOBS_STREAM, consumer)
+        await _ensure_consumer(nc, consumer)
+
+
+async def _ensure_consumer(nc: NATS, consumer: dict[str, Any]) -> None:
+    """Create or update a consumer. Right after a stream's replicas were raised the
+    server refuses consumers with as many (10126) until the stream has scaled (about
+    10 s on loopback): poll until it accepts, within ``SCALE_TIMEOUT_S``."""
+    deadline = anyio.current_time() + SCALE_TIMEOUT_S
+    while True:
+        try:
+            await create_or_update_consumer(nc, JOBS_STREAM, consumer)
+            return
+        except JetStreamApiError as exc:
+            if exc.err_code != _ERR_REPLICAS_EXCEED_STREAM or anyio.current_time() > deadline:
+                raise
+        await anyio.sleep(0.2)

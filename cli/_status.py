@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from broker._config import Config
+from broker._replication import Follower, StreamReplication
 from broker._status import PoolStatus, RouteStatus, Status, StatusReader, WorkerStatus
 from cli._common import ConfigOpt, NatsUrlOpt, open_nats, optional_config
 
@@ -46,7 +47,8 @@ def status(
     busy/total slots, circuit-breaker state (the pool-level circuit, then each
     upstream model whose own circuit is not closed, with its workers), rate budget
     used in the last minute (of the configured limit), and the pool's own queue
-    (failovers, pinned jobs).
+    (failovers, pinned jobs). On a cluster, per stream: replicas holding
+    everything (of those configured), the leader, and each follower's lag.
     """
     cfg = optional_config(config)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends --watch
@@ -114,6 +116,8 @@ async def _collect(cfg: Config | None, nats_url: str | None) -> Status:
 
 def render_status(s: Status) -> Group:
     parts: list[Table | Text] = [_routes_table(s), _pools_table(s)]
+    if any(r.replicas > 1 or not r.leader for r in s.streams):  # a cluster, or trouble
+        parts.append(_streams_table(s.streams))
     notes = _notes(s)
     if notes:
         parts.append(Text("\n".join(notes)))
@@ -163,6 +167,27 @@ def _pools_table(s: Status) -> Table:
     if not s.pools:
         t.add_row("(none)", "", "", "", "", "", "")
     return t
+
+
+def _streams_table(streams: list[StreamReplication]) -> Table:
+    """Per stream: replicas current/configured, its leader, each follower's state."""
+    t = Table(title="\nstreams", title_justify="left", box=None, pad_edge=False)
+    for name in ("STREAM", "REPLICAS", "LEADER", "FOLLOWERS"):
+        t.add_column(name, justify="right" if name == "REPLICAS" else "left")
+    for r in streams:
+        followers = r.error or ", ".join(_follower(f) for f in r.followers) or "-"
+        replicas = f"{r.current_replicas}/{r.replicas}" if r.replicas else "?"
+        t.add_row(r.name, replicas, r.leader or "NONE", followers)
+    return t
+
+
+def _follower(f: Follower) -> str:
+    if f.offline:
+        return f"{f.name} offline"
+    if f.current and not f.lag:
+        return f"{f.name} current"
+    seen = f", seen {f.seen_s:.1f}s ago" if f.seen_s is not None else ""
+    return f"{f.name} {'current' if f.current else 'behind'} (lag {f.lag}{seen})"
 
 
 def _workers_table(ws: list[WorkerStatus]) -> Table:

@@ -64,10 +64,15 @@ def _option(cmd: list[str], name: str) -> str | None:
 
 
 def _env(svc: dict[str, Any]) -> dict[str, str]:
+    """The service's environment as compose sets it with nothing exported on the host
+    (``${VAR:-default}`` is its default)."""
     env = svc.get("environment", {})
     if isinstance(env, list):
         env = dict(item.split("=", 1) for item in env)
-    return {str(k): str(v) for k, v in env.items()}
+    return {str(k): _COMPOSE_DEFAULT.sub(r"\1", str(v)) for k, v in env.items()}
+
+
+_COMPOSE_DEFAULT = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*:-([^}]*)\}")
 
 
 def _mounts(svc: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -149,12 +154,17 @@ def test_urls_in_the_environment_reach_a_service_on_its_port() -> None:
     services = _services()
     for name, svc in services.items():
         for key, value in _env(svc).items():
-            if "://" not in value:
-                continue
-            url = urlsplit(value)
-            assert url.hostname in services, f"{name}: {key}={value} names no service"
-            ports = _listening_ports(services[url.hostname])
-            assert str(url.port) in ports, f"{name}: {key}={value}, but {url.hostname} uses {ports}"
+            if "://" in value:
+                _assert_reach(services, f"{name}: {key}", value)
+
+
+def _assert_reach(services: dict[str, dict[str, Any]], what: str, urls: str) -> None:
+    """Every URL of a comma-separated list names a service and a port it listens on."""
+    for value in urls.split(","):
+        url = urlsplit(value)
+        assert url.hostname in services, f"{what}={value} names no service"
+        ports = _listening_ports(services[url.hostname])
+        assert str(url.port) in ports, f"{what}={value}, but {url.hostname} uses {ports}"
 
 
 def _listening_ports(svc: dict[str, Any]) -> set[str]:
@@ -187,3 +197,71 @@ def test_dockerfile_installs_the_project_and_runs_llmrelay() -> None:
         for source in sources:
             assert (REPO / source).exists(), f"COPY {source}: not in the repository"
             assert source.rstrip("/") not in ignored, f"COPY {source}: excluded by .dockerignore"
+
+
+# --- the cluster profile ---------------------------------------------------------------
+
+CLUSTER_CONF = "/etc/nats/nats-cluster.conf"
+
+
+def _cluster_nodes() -> dict[str, dict[str, Any]]:
+    return {
+        name: svc
+        for name, svc in _services().items()
+        if "cluster" in svc.get("profiles", []) and str(svc.get("image", "")).startswith("nats:")
+    }
+
+
+def test_cluster_profile_runs_three_nodes_routed_to_each_other() -> None:
+    nodes = _cluster_nodes()
+    assert sorted(nodes) == ["nats-1", "nats-2", "nats-3"]
+    names, stores, route_ports = set(), set(), set()
+    for name, svc in nodes.items():
+        cmd = _command(svc)
+        assert _option(cmd, "-c") == CLUSTER_CONF, name
+        assert _option(cmd, "-sd") == "/data", name
+        names.add(_option(cmd, "--name"))
+        listen = urlsplit(_option(cmd, "--cluster") or "")
+        route_ports.add(listen.port)
+        routes = {urlsplit(u) for u in (_option(cmd, "--routes") or "").split(",")}
+        assert {(r.hostname, r.port) for r in routes} == {(n, listen.port) for n in nodes}, name
+        mounts = {target: source for _, source, target in _mounts(svc)}
+        # nats-cluster.conf includes nats.conf from its own directory.
+        assert mounts[CLUSTER_CONF] == "./nats-cluster.conf", name
+        assert mounts["/etc/nats/nats.conf"] == "./nats.conf", name
+        stores.add(mounts["/data"])
+        assert "healthz" in " ".join(svc["healthcheck"]["test"]), name
+    assert len(names) == len(stores) == 3, "each node needs its own name and store"
+    assert len(route_ports) == 1
+
+
+def test_no_two_services_publish_the_same_host_port() -> None:
+    published = [p.rsplit(":", 1)[0] for svc in _services().values() for p in svc.get("ports", [])]
+    assert len(published) == len(set(published)), published
+
+
+def test_the_cluster_url_names_every_node() -> None:
+    urls = str(_compose()["x-cluster-nats-url"])
+    _assert_reach(_services(), "x-cluster-nats-url", urls)
+    assert {urlsplit(u).hostname for u in urls.split(",")} == set(_cluster_nodes())
+    comments = [line for line in COMPOSE_FILE.read_text().splitlines() if line.startswith("#")]
+    assert any(urls in line for line in comments), "the header shows how to use it"
+
+
+def test_workers_wait_for_the_cluster_when_its_profile_runs() -> None:
+    for name, svc in _llmrelay_services().items():
+        if _subcommand(_command(svc)) not in (["worker"], ["monitor"]):
+            continue
+        deps = svc["depends_on"]
+        for node in _cluster_nodes():
+            assert deps[node] == {"condition": "service_healthy", "required": False}, name
+
+
+def test_the_cluster_template_is_a_valid_nats_config() -> None:
+    conf = REPO / "nats-cluster.conf"
+    assert 'include "nats.conf"' in conf.read_text()
+    server = Path(sys.executable).parent / "nats-server"
+    result = subprocess.run(
+        [str(server), "-c", str(conf), "-t"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr or result.stdout

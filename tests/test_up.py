@@ -109,9 +109,50 @@ async def _cleanup(up: UpProcess) -> None:
     except TimeoutError:
         up.proc.kill()
         await up.proc.wait()
-    if PID_RE.search(up.output()):
+    for pid in PID_RE.findall(up.output()):  # every node of a cluster
         with contextlib.suppress(ProcessLookupError):
-            os.kill(up.server_pid(), signal.SIGKILL)
+            os.kill(int(pid), signal.SIGKILL)
+
+
+@pytest.fixture
+async def start_cluster_up(tmp_path: Path) -> AsyncIterator[StartUp]:
+    """`llmrelay up --cluster 3` on three free ports of each kind; always clean up."""
+    started: list[UpProcess] = []
+
+    async def start(*extra: str) -> UpProcess:
+        port = _free_ports(3)
+        args = ["up", "--cluster", "3", "--port", str(port)]
+        args += ["--monitor-port", str(_free_ports(3)), "--cluster-port", str(_free_ports(3))]
+        args += ["--store-dir", str(tmp_path / "store")]
+        args += ["--nats-conf", str(REPO / "nats-cluster.conf")]
+        proc = await asyncio.create_subprocess_exec(
+            str(LLMRELAY), *args, *extra, cwd=tmp_path, env=_env(),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        started.append(UpProcess(proc, port))
+        return started[-1]
+
+    yield start
+    for up in started:
+        await _cleanup(up)
+
+
+def _free_ports(count: int) -> int:
+    """The first of ``count`` consecutive free ports."""
+    while True:
+        first = free_port()
+        if all(not _port_is_open(first + i) and _bindable(first + i) for i in range(count)):
+            return first
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _env() -> dict[str, str]:
@@ -175,3 +216,29 @@ def test_up_on_a_busy_port_says_so_in_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1, result.stderr
     assert f"port {port} is already in use" in lines[0]
     assert "ready" not in result.stdout
+
+
+async def test_up_cluster_runs_three_nodes_with_r3_streams(
+    start_cluster_up: StartUp, tmp_path: Path
+) -> None:
+    config = tmp_path / "relay.yaml"
+    example = (REPO / "llmrelay.example.yaml").read_text()
+    config.write_text(example.replace("streams:\n", "streams:\n  replicas: 3\n", 1))
+    up = await start_cluster_up("--config", str(config))
+    await up.read_until_ready()
+    assert "3-node JetStream cluster ready" in up.lines[0], up.output()
+    urls = CLIENT_URL_RE.findall(up.output())
+    ports = [up.port, up.port + 1, up.port + 2]
+    assert [int(u.rsplit(":", 1)[1]) for u in urls[:3]] == ports, up.output()
+    assert len(set(PID_RE.findall(up.output()))) == 3
+    assert all((tmp_path / "store" / n).is_dir() for n in ("n1", "n2", "n3"))
+
+    nc = await nats.connect(urls[:3], inbox_prefix=CLIENT_INBOX, allow_reconnect=False)
+    info = await nc.jetstream().stream_info("LLM_JOBS")
+    await nc.close()
+    assert info.config.num_replicas == 3
+    assert info.cluster is not None and info.cluster.leader in ("n1", "n2", "n3")
+
+    assert await up.stop() == 0
+    assert not any(_port_is_open(p) for p in ports)
+    assert "cluster stopped (SIGINT)" in await up.rest_of_stdout()

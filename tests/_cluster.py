@@ -1,0 +1,114 @@
+"""A real 3-node JetStream cluster for tests, and what tests wait for on it.
+
+``local_cluster`` starts the cluster runner that `llmrelay up --cluster 3` uses
+(``broker/_cluster.py``) on free ports with temporary stores. The waits poll
+JetStream state under a deadline; none of them sleeps a fixed time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import anyio
+import pytest
+from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
+from nats.js.errors import NotFoundError
+
+from broker._cluster import NatsCluster
+from broker._nats import connect_nats
+from broker._server import WORKER_USER
+
+REPO = Path(__file__).resolve().parent.parent
+LLMRELAY_STREAMS = ("LLM_JOBS", "LLM_REPLIES", "LLM_EVENTS", "LLM_DLQ", "KV_llm_workers")
+R3 = {"replicas": 3}
+
+
+@contextlib.contextmanager
+def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    store = tmp_path_factory.mktemp("cluster")
+    with NatsCluster(size=3, store_dir=store, config_file=REPO / "nats-cluster.conf") as cluster:
+        yield cluster
+
+
+async def connect_worker(cluster: NatsCluster, *nodes: str) -> NATS:
+    """A worker-user connection to ``nodes`` (default: every node)."""
+    urls = [cluster.node(n).url_for(WORKER_USER) for n in nodes] if nodes else None
+    url = ",".join(urls) if urls else cluster.urls_for(WORKER_USER)
+    return await connect_nats(url, name="llmrelay-test")
+
+
+def connected_port(nc: NATS) -> int | None:
+    """The client port of the node ``nc`` is connected to now."""
+    return nc.connected_url.port if nc.connected_url is not None else None
+
+
+async def wipe(nc: NATS, cluster: NatsCluster) -> None:
+    """Delete llmrelay's streams, so a test starts from nothing; return once every node
+    has let go of them (the storage they reserved too: until then, the meta leader
+    refuses new R3 streams as "insufficient storage")."""
+    js = nc.jetstream()
+    for stream in LLMRELAY_STREAMS:
+        with contextlib.suppress(NotFoundError):
+            await js.delete_stream(stream)
+    with anyio.fail_after(10):
+        while not await anyio.to_thread.run_sync(_all_released, cluster):
+            await anyio.sleep(0.05)
+
+
+def _all_released(cluster: NatsCluster) -> bool:
+    for node in cluster.nodes:
+        jsz = node.jsz()
+        if jsz["streams"] or jsz["reserved_memory"] or jsz["reserved_storage"]:
+            return False
+    return True
+
+
+async def stream_leader(nc: NATS, stream: str) -> str:
+    """The stream's leader now; "" while none is elected (or the answer timed out)."""
+    try:
+        # A short timeout: a stream without a leader does not answer, and the poll
+        # measures how long that lasts.
+        info = await nc.jetstream(timeout=0.25).stream_info(stream)
+    except NatsError:
+        return ""
+    return (info.cluster.leader or "") if info.cluster else ""
+
+
+async def wait_for_new_leader(
+    nc: NATS, stream: str, old: str, *, timeout_s: float = 30.0
+) -> tuple[str, float]:
+    """Poll until ``stream`` has a leader other than ``old``: (leader, seconds waited)."""
+    start = time.monotonic()
+    with anyio.fail_after(timeout_s):
+        while True:
+            leader = await stream_leader(nc, stream)
+            if leader and leader != old:
+                return leader, time.monotonic() - start
+            await anyio.sleep(0.02)
+
+
+async def wait_until_current(
+    nc: NATS, streams: Sequence[str] = LLMRELAY_STREAMS, *, timeout_s: float = 30.0
+) -> None:
+    """Until every stream that exists has a leader and all its followers current."""
+    with anyio.fail_after(timeout_s):
+        for stream in streams:
+            while not await _all_current(nc, stream):
+                await anyio.sleep(0.05)
+
+
+async def _all_current(nc: NATS, stream: str) -> bool:
+    try:
+        info = await nc.jetstream().stream_info(stream)
+    except NotFoundError:
+        return True
+    except NatsError:
+        return False
+    cluster = info.cluster
+    if cluster is None or not cluster.leader:
+        return False
+    return all(peer.current and not peer.offline for peer in cluster.replicas or [])
