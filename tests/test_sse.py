@@ -7,6 +7,9 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from broker._protocol import TokenLogprob, ToolCallDelta
+from workers.providers._base import Finish, ReasoningDelta, TextDelta
+from workers.providers._http import coalesced
 from workers.providers._sse import NDJSONParser, SSEEvent, SSEParser
 
 # Captured shapes of real provider streams (abridged).
@@ -154,3 +157,18 @@ def test_ndjson_last_line_without_newline_comes_out_at_close() -> None:
 @given(cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=30))
 def test_ndjson_any_split_gives_identical_lines(cuts: list[int]) -> None:
     assert parse_ndjson(*_split(OLLAMA, cuts)) == parse_ndjson(OLLAMA)
+
+
+def test_the_text_of_one_read_is_one_delta_and_nothing_else_moves() -> None:
+    """``answer_items`` joins runs of text (and of reasoning) from one read; a tool-call
+    fragment, text with logprobs, and the finish stay where they were."""
+    lp = [TokenLogprob(token="c", logprob=-0.5)]
+    call = ToolCallDelta(index=0, id="x", name="f")
+    items = [TextDelta("a"), TextDelta("b"), ReasoningDelta("r1"), ReasoningDelta("r2"),
+             TextDelta("c", lp), TextDelta("d"), call, TextDelta("e"), TextDelta("f"),
+             Finish("stop")]  # fmt: skip
+    assert coalesced(items) == [
+        TextDelta("ab"), ReasoningDelta("r1r2"), TextDelta("c", lp), TextDelta("d"), call,
+        TextDelta("ef"), Finish("stop"),
+    ]  # fmt: skip
+    assert coalesced([TextDelta("only")]) == [TextDelta("only")]

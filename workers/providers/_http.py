@@ -14,10 +14,9 @@ back to the pool for reuse instead of being torn down.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import httpx
@@ -25,7 +24,7 @@ import httpx
 from broker._config import PoolConfig
 from broker._errors import StreamInterrupted, UpstreamRejected
 from broker._protocol import Job
-from workers.providers._base import Finish, StreamItem
+from workers.providers._base import Finish, ReasoningDelta, StreamItem, TextDelta
 from workers.providers._errors_map import error_for_status, error_for_transport
 
 T = TypeVar("T")
@@ -66,10 +65,6 @@ class UpstreamBody:
         except httpx.RequestError as exc:  # transport errors, and a body that fails to decode
             raise error_for_transport(exc, headers_received=True) from exc
 
-    def items(self, parser: Parser[T]) -> ParsedItems[T]:
-        """Iterate ``parser``'s items over the rest of the body."""
-        return ParsedItems(self, parser)
-
     async def drain(self) -> None:
         """Read what is left (briefly, boundedly) so the connection can be reused.
 
@@ -83,31 +78,6 @@ class UpstreamBody:
                 if chunk is None:
                     return
                 seen += len(chunk)
-
-
-class ParsedItems(Generic[T]):
-    """Async iterator of parsed items; a class, not a generator, so it needs no closing."""
-
-    def __init__(self, body: UpstreamBody, parser: Parser[T]) -> None:
-        self._body = body
-        self._parser = parser
-        self._pending: deque[T] = deque()
-        self._eof = False
-
-    def __aiter__(self) -> ParsedItems[T]:
-        return self
-
-    async def __anext__(self) -> T:
-        while not self._pending:
-            if self._eof:
-                raise StopAsyncIteration
-            chunk = await self._body.next_chunk()
-            if chunk is None:
-                self._eof = True
-                self._pending.extend(self._parser.close())
-            else:
-                self._pending.extend(self._parser.feed(chunk))
-        return self._pending.popleft()
 
 
 @asynccontextmanager
@@ -197,13 +167,45 @@ async def answer_items(
     """The stream items of ``body`` up to its ``Finish``: each parsed event (an SSE event,
     an NDJSON line, an event-stream frame) becomes ``to_items(event)``. At the ``Finish``
     the body is marked complete (drained for reuse on the way out) and reading stops;
-    a body that ends first is the adapter's to judge (``body.complete`` is False)."""
-    async for raw in body.items(parser):
-        for item in to_items(raw):
+    a body that ends first is the adapter's to judge (``body.complete`` is False).
+
+    The text of the events that arrived in one read is one ``TextDelta`` (and their
+    reasoning one ``ReasoningDelta``): a provider that sends many tokens at once costs
+    one reply message, not one per token, and no text ever waits for a later read."""
+    while True:
+        chunk = await body.next_chunk()
+        events = parser.close() if chunk is None else parser.feed(chunk)
+        for item in coalesced([item for raw in events for item in to_items(raw)]):
             body.complete = isinstance(item, Finish)
             yield item
             if body.complete:
                 return
+        if chunk is None:
+            return
+
+
+def coalesced(items: list[StreamItem]) -> list[StreamItem]:
+    """``items`` with each run of text deltas (without logprobs) joined into one, and each
+    run of reasoning deltas; the order of everything else is kept."""
+    if len(items) < 2:
+        return items
+    out: list[StreamItem] = []
+    run: list[str] = []
+    kind: type | None = None  # TextDelta or ReasoningDelta while a run is open
+    for item in items:
+        joinable = type(item) is ReasoningDelta or (type(item) is TextDelta and not item.logprobs)
+        if (kind is not None and type(item) is not kind) or not joinable:
+            if kind is not None:
+                out.append(kind("".join(run)))
+            kind, run = None, []
+        if joinable:
+            kind = type(item)
+            run.append(item.text)  # type: ignore[union-attr]
+        else:
+            out.append(item)
+    if kind is not None:
+        out.append(kind("".join(run)))
+    return out
 
 
 def optional(item: StreamItem | None) -> tuple[StreamItem, ...]:
