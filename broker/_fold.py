@@ -40,7 +40,7 @@ the gateway's fold also knows what it already sent over HTTP and holds text back
 
 from __future__ import annotations
 
-from broker._errors import CannotContinue
+from broker._errors import CannotContinue, StreamInterrupted
 from broker._protocol import (
     Chunk,
     Done,
@@ -84,6 +84,9 @@ class Fold:
         self.tool_fragments: list[ToolCallDelta] = []  # the answer's tool calls, in pieces
         self.reasoning_parts: list[str] = []  # the reasoning streamed beside the answer
         self.logprobs: list[TokenLogprob] = []  # of the answer's tokens, when asked for
+        self.lost_events = False  # a chunk of the answer never arrived (``_lost``)
+        self._seq_attempt = 0  # the attempt whose chunks are counted, and the next seq
+        self._next_seq = 0
 
     def accepts(self, event: Event) -> bool:
         """Would ``event`` count: this job's, of its current or a newer attempt, not ended?"""
@@ -102,22 +105,55 @@ class Fold:
         elif event.attempt > self.attempt and _starts_over(event):
             self._void_all(event.attempt, f"attempt {event.attempt} started over")
         match event:
-            case Chunk(delta=delta, tool_calls=calls, reasoning=reasoning, logprobs=logprobs):
-                if calls:
-                    self.tool_fragments.extend(calls)
-                if reasoning:
-                    self.reasoning_parts.append(reasoning)
-                if logprobs:
-                    self.logprobs.extend(logprobs)
-                self.chars += len(delta)
-                return self._text(delta) if delta else ""
+            case Chunk():
+                return self._chunk(event) if self._in_sequence(event) else ""
             case Notice(reset=True):
                 self._void_all(event.attempt, reset_reason(event))
-            case Done():
-                self.done = event
+            case Done(chunks=chunks):
+                counted = self._next_seq if event.attempt == self._seq_attempt else 0
+                if chunks > counted:
+                    self._lost(event, f"{chunks - counted} of its last chunks")
+                else:
+                    self.done = event
             case Error():
                 self.error = event
         return ""
+
+    def _chunk(self, chunk: Chunk) -> str:
+        if chunk.tool_calls:
+            self.tool_fragments.extend(chunk.tool_calls)
+        if chunk.reasoning:
+            self.reasoning_parts.append(chunk.reasoning)
+        if chunk.logprobs:
+            self.logprobs.extend(chunk.logprobs)
+        self.chars += len(chunk.delta)
+        return self._text(chunk.delta) if chunk.delta else ""
+
+    def _in_sequence(self, chunk: Chunk) -> bool:
+        """Chunks of an attempt are 0, 1, 2 ...: one that skips means some never arrived
+        (their publisher's NATS node died with them, and ``LLM_REPLIES`` did not store
+        them either), and the answer ends with ``stream_interrupted``, never with a
+        hole in it; one seen already (a replay's) does not count twice."""
+        if chunk.attempt != self._seq_attempt:
+            self._seq_attempt, self._next_seq = chunk.attempt, 0
+        if chunk.seq < self._next_seq:
+            return False
+        if chunk.seq > self._next_seq:
+            self._lost(chunk, f"chunk {self._next_seq}")
+            return False
+        self._next_seq += 1
+        return True
+
+    def _lost(self, event: Chunk | Done, what: str) -> None:
+        self.lost_events = True
+        self.error = Error(
+            code=StreamInterrupted.code,
+            message=f"the reply events of attempt {event.attempt} lost {what} on the way "
+            "(a NATS node failed mid-answer): the answer is incomplete; retry the request",
+            retryable=True,
+            attempt=event.attempt,
+            job_seq=event.job_seq,
+        )
 
     @property
     def finished(self) -> bool:

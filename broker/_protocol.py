@@ -320,6 +320,9 @@ class Done(msgspec.Struct, tag="done", tag_field="type", kw_only=True):
     attempts: list[Attempt] = msgspec.field(default_factory=list)
     # The job's stream sequence as its client published it (0: not from a delivery).
     job_seq: int = 0
+    # How many chunks this attempt published (seq 0 .. chunks - 1): a fold that got
+    # fewer knows the answer has a hole (0: not said, from an older worker).
+    chunks: int = 0
     # An embeddings job's vectors, one per input in order: each the base64 of its
     # little-endian float32 numbers (``broker/_vectors.py``); absent from a chat answer.
     embeddings: list[str] | UnsetType = UNSET

@@ -237,13 +237,11 @@ class EventStreamResponse(Response):
                         await self._chunk(chunk)
                     case Notice() as notice:
                         self.fold.notice(notice)
-                        if self.fold.error is not None:  # a resume it cannot follow
-                            await self._fail(self.x.error(self.fold.error))
-                            return self.fold.error.code
                     case Done() as done if self.fold.accepts(done):
                         self.fold.add(done)  # a newer attempt's empty answer voids sent text
-                        await self._done(done)
-                        return "done"
+                        if self.fold.done is not None:
+                            await self._done(done)
+                            return "done"
                     case Error() as error if self.fold.accepts(error):
                         await self._fail(self.x.error(error))
                         return error.code
@@ -251,6 +249,10 @@ class EventStreamResponse(Response):
                         pass  # a superseded attempt's end: the answer goes on
                     case _:
                         await self._tick()
+                # The fold's own verdict: a resume it cannot follow, a hole in the replies.
+                if self.fold.error is not None:
+                    await self._fail(self.x.error(self.fold.error))
+                    return self.fold.error.code
         except StreamReset as exc:
             self.metrics.reset(self.x.label, "aborted")
             await self._fail(api_error(exc.code, exc.message))

@@ -145,3 +145,45 @@ def test_a_restart_shorter_than_the_callers_text_cannot_continue_it() -> None:
     splice.feed("Hello")
     with pytest.raises(CannotContinue, match="ended after 5"):
         splice.finish()
+
+
+# --- a hole in the replies ---------------------------------------------------------------
+
+
+def finished(attempt: int, chunks: int) -> Done:
+    return Done(attempt=attempt, finish_reason="stop", usage=Usage(), pool="a", model="ma",
+                timings=Timings(), chunks=chunks)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("events", "lost"),
+    [
+        ([chunk(1, 0, "Hello "), chunk(1, 2, "!"), finished(1, 3)], "chunk 1"),
+        ([chunk(1, 0, "Hello "), chunk(1, 1, "world"), finished(1, 3)], "1 of its last chunks"),
+        ([finished(1, 2)], "2 of its last chunks"),
+    ],
+)
+def test_a_hole_in_the_replies_ends_the_answer_never_a_shorter_one(
+    events: list[Chunk | Done], lost: str
+) -> None:
+    """A chunk that never arrived (a NATS node died with it, unstored) ends every fold with
+    ``stream_interrupted`` (retryable): never an answer with a hole reported as done."""
+    for fold in (Answer(), ReplyFold()):
+        for event in events:
+            fold.add(event)
+        assert fold.done is None and fold.error is not None
+        assert (fold.error.code, fold.error.retryable) == ("stream_interrupted", True)
+        assert lost in fold.error.message and fold.lost_events
+
+
+def test_a_chunk_seen_twice_counts_once_and_each_attempt_counts_from_0() -> None:
+    answer = Answer()
+    events = [chunk(1, 0, "Hel"), chunk(1, 0, "Hel"), chunk(1, 1, "lo"), failover(1, 5),
+              resumed(1025, 5), chunk(1025, 0, "!"), finished(1025, 1)]  # fmt: skip
+    for event in events:
+        answer.add(event)
+    assert answer.done is not None and answer.text == "Hello!"
+    old = Answer()  # a worker that does not say how many chunks it sent (chunks: 0)
+    for event in [chunk(1, 0, "Hi"), finished(1, 0)]:
+        old.add(event)
+    assert old.done is not None and old.text == "Hi"

@@ -299,8 +299,8 @@ async def test_holdback_hides_a_reset_within_the_window(
     assert 'llmrelay_gateway_stream_resets_total{outcome="hidden",route="chat"} 1.0' in metrics
 
 
-def _chunk(attempt: int, delta: str) -> Chunk:
-    return Chunk(seq=0, attempt=attempt, delta=delta)
+def _chunk(attempt: int, delta: str, seq: int = 0) -> Chunk:
+    return Chunk(seq=seq, attempt=attempt, delta=delta)
 
 
 def test_fold_forwards_at_once_and_refuses_to_mix_attempts() -> None:
@@ -320,7 +320,7 @@ def test_fold_drops_held_text_on_reset_and_ignores_stale_events() -> None:
     assert fold.chunk(_chunk(1, "stale"), now=10.15) == ""
     assert fold.flush(now=10.2) == ""  # the window restarted with attempt 2
     assert fold.flush(now=10.3) == "clean "
-    assert fold.chunk(_chunk(2, "answer"), now=10.4) == "answer"
+    assert fold.chunk(_chunk(2, "answer", seq=1), now=10.4) == "answer"
     assert fold.resets == 1
 
 
@@ -332,8 +332,8 @@ def test_fold_ignores_a_reset_notice_before_any_text() -> None:
 
 def test_non_streamed_fold_holds_everything_until_done() -> None:
     fold = ReplyFold(float("inf"))
-    for attempt, delta in [(1, "a "), (1, "b "), (2, "c "), (2, "d")]:
-        assert fold.chunk(_chunk(attempt, delta), now=1e9) == ""
+    for attempt, seq, delta in [(1, 0, "a "), (1, 1, "b "), (2, 0, "c "), (2, 1, "d")]:
+        assert fold.chunk(_chunk(attempt, delta, seq), now=1e9) == ""
     assert fold.finish() == "c d"
 
 

@@ -19,9 +19,11 @@ worker's task group (the caller decides what becomes of the message).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import anyio
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -29,7 +31,17 @@ from nats.js import JetStreamContext
 from broker._config import Config, PoolConfig
 from broker._errors import RelayError
 from broker._nats import nats_errors
-from broker._protocol import DeadLetter, Event, Job, LifecycleEvent, PoolPause, encode, now_ms
+from broker._protocol import (
+    DeadLetter,
+    Done,
+    Error,
+    Event,
+    Job,
+    LifecycleEvent,
+    PoolPause,
+    encode,
+    now_ms,
+)
 from broker._subjects import dlq_subject, events_subject, pause_subject
 from broker._validate import is_reply_subject, preview
 from workers._circuit import Circuits, target_healthy
@@ -41,6 +53,12 @@ from workers._scheduler import PeerView
 log = logging.getLogger("llmrelay.worker")
 
 DLQ_TIMEOUT_S = 5.0
+# A final event on a replicated cluster: each try's wait for its PubAck, the pause
+# between tries (a stream electing a leader answers nothing), and how long past the
+# job's deadline it is tried before it goes out plain.
+FINAL_TIMEOUT_S = 1.0
+FINAL_RETRY_S = 0.25
+FINAL_GRACE_S = 5.0
 # Room for the headers of a DLQ publish below the server's max payload.
 _HEADER_ROOM_BYTES = 4096
 
@@ -99,6 +117,36 @@ class PoolContext:
         if not self.peers.known:
             return True
         return target_healthy(self.circuits, self.pool_name, self.peers.peers, pool, model)
+
+    async def reply(self, subject: str, event: Event, deadline_ms: int) -> None:
+        """Publish one event of a job's answer (its run checked ``subject``).
+
+        Replies are core NATS messages, captured by ``LLM_REPLIES``. On a replicated
+        cluster (``streams.replicas`` > 1) a final event (done, error) is published
+        to JetStream instead and waited for, retried through a leader election, so
+        it is stored before the job is acked: a caller whose node died reads it back
+        from ``LLM_REPLIES``, and a redelivery finds it and only acks. Past the job's
+        deadline (plus ``FINAL_GRACE_S``) it is sent plain, as the best left to do.
+        """
+        data = encode(event)
+        if self.config.streams.replicas < 2 or not isinstance(event, Done | Error):
+            await self.nc.publish(subject, data)
+            return
+        until_s = deadline_ms / 1000 + FINAL_GRACE_S
+        # A try whose PubAck was lost may have been stored: the stream keeps one copy.
+        # (Live readers may get two identical ones; they take the first.)
+        once = {"Nats-Msg-Id": f"{subject}:{event.attempt}"}
+        while True:
+            try:
+                with nats_errors(f"the final event on {subject}"):
+                    await self.js.publish(subject, data, timeout=FINAL_TIMEOUT_S, headers=once)
+                return
+            except RelayError as exc:
+                if time.time() >= until_s:
+                    log.warning("%s was not stored (%s); sent plain", subject, exc)
+                    await self.nc.publish(subject, data)
+                    return
+            await anyio.sleep(FINAL_RETRY_S)
 
     async def answer(self, reply_to: str, event: Event) -> bool:
         """Publish ``event`` to a job's reply subject; False if it is not a plain

@@ -198,6 +198,9 @@ async def lost_answer(nc: NATS, job: Job, job_seq: int) -> Answer | None:
     answer = Answer(job_seq)
     for event in events:
         answer.add(event)
+    if answer.lost_events:  # the stored replies have a hole: what the caller has is unknown
+        log.warning("job %s: its stored replies are incomplete; starting over", job.id)
+        return None
     return answer
 
 

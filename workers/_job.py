@@ -305,7 +305,7 @@ class JobRun:
         done = Done(attempt=self.attempt, finish_reason=finish.reason, usage=answer_usage,
                     pool=self.ctx.pool_name, model=self.model, degraded=self.degraded,
                     timings=self._timings(job, total_s), attempts=job.attempts,
-                    embeddings=finish.embeddings)  # fmt: skip
+                    embeddings=finish.embeddings, chunks=self.seq)  # fmt: skip
         await self._publish(done)
         await self.delivery.ack()
         await self._close_upstream()
@@ -496,4 +496,4 @@ class JobRun:
         assert self.job is not None
         self.delivery.hold()
         event.job_seq = self.job_seq
-        await self.ctx.nc.publish(self.job.reply_to, encode(event))
+        await self.ctx.reply(self.job.reply_to, event, self.job.deadline_ms)
