@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from workers._transport import LeanTransport
+from workers._transport import LeanClient, LeanTransport
 
 
 class Server:
@@ -242,3 +242,43 @@ async def test_https_with_the_pool_s_tls_context(tmp_path: Path) -> None:
             with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
                 await http.post(url)
     assert answer.content == b"".join(PARTS)
+
+
+async def test_post_stream_skips_httpx_and_reuses_its_connection() -> None:
+    """The worker's path (``LeanClient.post_stream``): one connection for three posts,
+    each reported to ``on_connect`` once, the head as the provider gets it."""
+    opened: list[int] = []
+    transport = LeanTransport(
+        max_connections=2,
+        ssl_context=ssl.create_default_context(),
+        on_connect=lambda: opened.append(1),
+    )
+    answer = await always(chunked(*PARTS))
+    async with serving(answer) as server, LeanClient(transport, connect_s=5.0) as http:
+        for _ in range(3):
+            response = await http.post_stream(
+                server.url + "?alt=sse", {"content-type": "application/json"}, b"{}"
+            )
+            body = b"".join([part async for part in response.aiter_bytes()])
+            await response.aclose()
+            assert (response.status_code, response.is_success) == (200, True)
+            assert body == b"".join(PARTS)
+            assert response.headers["content-type"] == "text/event-stream"
+    assert server.connections == 1 and opened == [1]
+    port = server.url.split(":")[2].split("/")[0]
+    assert server.requests[0] == (
+        b"POST /v1/chat?alt=sse HTTP/1.1\r\nhost: 127.0.0.1:" + port.encode()
+        + b"\r\nuser-agent: llmrelay\r\ncontent-length: 2\r\n"
+        b"content-type: application/json\r\n\r\n{}"
+    )  # fmt: skip
+
+
+async def test_post_stream_refuses_a_header_that_would_split_the_request() -> None:
+    async with serving(await always(chunked(*PARTS))) as server:
+        transport = LeanTransport(max_connections=1, ssl_context=ssl.create_default_context())
+        async with LeanClient(transport, connect_s=5.0) as http:
+            with pytest.raises(httpx.LocalProtocolError):
+                await http.post_stream(server.url, {"x-trace": "a\r\nx-evil: 1"}, b"{}")
+            ok = await http.post_stream(server.url, {}, b"{}")  # the pool still serves
+            await ok.aclose()
+    assert len(server.requests) == 1 and b"x-evil" not in server.requests[0]

@@ -13,21 +13,18 @@ one TLS context (one per client would cost ~100 MB at 1,024 slots).
 from __future__ import annotations
 
 import ssl
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
 
 import certifi  # httpx's own CA bundle (a dependency of httpx)
 import httpx
 
 from broker._config import PoolConfig
-from workers._transport import LeanTransport
+from workers._transport import LeanClient, LeanTransport
 from workers.providers import make_provider
 from workers.providers._base import Provider
 
 SHARD_SIZE = 8
 KEEPALIVE_EXPIRY_S = 60.0
-
-RequestHook = Callable[[httpx.Request], Awaitable[None]]
 
 
 class HttpShards:
@@ -38,14 +35,13 @@ class HttpShards:
         pool: PoolConfig,
         slots: int,
         *,
-        on_request: RequestHook | None = None,
+        on_connect: Callable[[], None] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         shards = -(-slots // SHARD_SIZE) if transport is not None else 1
         tls = ssl.create_default_context(cafile=certifi.where())
         sizes = [slots // shards + (1 if i < slots % shards else 0) for i in range(shards)]
-        hooks: dict[str, list[Any]] = {"request": [on_request]} if on_request else {}
-        self.clients = [_client(pool, n, tls, hooks, transport) for n in sizes]
+        self.clients = [_client(pool, n, tls, on_connect, transport) for n in sizes]
         self.providers: list[Provider] = [make_provider(pool, c) for c in self.clients]
         self.busy = [0] * shards
 
@@ -67,22 +63,20 @@ def _client(
     pool: PoolConfig,
     connections: int,
     tls: ssl.SSLContext,
-    hooks: dict[str, list[Any]],
+    on_connect: Callable[[], None] | None,
     transport: httpx.AsyncBaseTransport | None,
 ) -> httpx.AsyncClient:
     t = pool.timeouts
+    # pool=None: slots bound concurrency; the job's own limits bound any wait.
+    timeout = httpx.Timeout(connect=t.connect_s, read=None, write=t.connect_s, pool=None)
     if transport is None:
-        transport = LeanTransport(max_connections=connections, ssl_context=tls,
-                                  keepalive_expiry_s=KEEPALIVE_EXPIRY_S)  # fmt: skip
-    return httpx.AsyncClient(
-        verify=tls,
-        limits=httpx.Limits(
+        lean = LeanTransport(
             max_connections=connections,
-            max_keepalive_connections=connections,
-            keepalive_expiry=KEEPALIVE_EXPIRY_S,
-        ),
-        # pool=None: slots bound concurrency; the job's own limits bound any wait.
-        timeout=httpx.Timeout(connect=t.connect_s, read=None, write=t.connect_s, pool=None),
-        transport=transport,
-        event_hooks=hooks,
-    )
+            ssl_context=tls,
+            keepalive_expiry_s=KEEPALIVE_EXPIRY_S,
+            on_connect=on_connect,
+        )
+        return LeanClient(lean, t.connect_s, timeout=timeout)
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections,
+                          keepalive_expiry=KEEPALIVE_EXPIRY_S)  # fmt: skip
+    return httpx.AsyncClient(verify=tls, limits=limits, timeout=timeout, transport=transport)

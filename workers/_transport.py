@@ -19,8 +19,9 @@ It speaks HTTP/1.1 only, over TCP or TLS, with no proxy and no HTTP/2 (providers
 stream answers over HTTP/1.1; the worker never needed more). Failures are
 httpx's own exception classes, so ``error_for_transport`` reads them as it reads
 httpcore's, and an ``AsyncClient`` on top keeps event hooks and the response
-API. The ``connection.connect_tcp.complete`` trace event (httpcore's name)
-reports each new connection, which the worker counts for connection reuse.
+API; ``LeanClient.post_stream`` skips httpx's client layer for the worker's one
+kind of request. ``on_connect`` is told of each new connection (the worker
+counts them for connection reuse).
 Tests inject any other ``httpx.AsyncBaseTransport`` instead (``Worker(transport=)``).
 """
 
@@ -29,17 +30,78 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, NamedTuple
 
 import httpx
 
-__all__ = ["LeanTransport"]
+__all__ = ["LeanClient", "LeanResponse", "LeanTransport", "Target"]
 
 _MAX_HEAD_BYTES = 65_536
 _READ_SIZE = 65_536
 _DEFAULT_PORTS = {b"http": 80, b"https": 443}
 Origin = tuple[bytes, bytes, int]  # scheme, host, port
+USER_AGENT = b"llmrelay"
+_MAX_TARGETS = 1024  # parsed URLs a client keeps (one per pool and model, usually)
+
+
+class Target(NamedTuple):
+    """A URL parsed once: where to connect, and the start of a POST's head."""
+
+    origin: Origin
+    request_line: bytes  # "POST <path> HTTP/1.1\r\nhost: ...\r\nuser-agent: ...\r\n"
+
+    @classmethod
+    def of(cls, url: str) -> Target:
+        parsed = httpx.URL(url)
+        scheme, host = parsed.raw_scheme, parsed.raw_host
+        port = parsed.port or _DEFAULT_PORTS.get(scheme, 80)
+        netloc = host if parsed.port is None else b"%s:%d" % (host, port)
+        line = b"POST %s HTTP/1.1\r\nhost: %s\r\nuser-agent: %s\r\n" % (
+            parsed.raw_path,
+            netloc,
+            USER_AGENT,
+        )
+        return cls((scheme, host, port), line)
+
+
+class LeanResponse:
+    """What ``open_stream`` reads of an answer: status, headers (lower-case names), body."""
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: _Body) -> None:
+        self.status_code = status
+        self.headers = {n.decode("latin-1").lower(): v.decode("latin-1") for n, v in headers}
+        self._body = body
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.status_code < 300
+
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
+        return self._body.__aiter__()
+
+    async def aclose(self) -> None:
+        await self._body.aclose()
+
+
+class LeanClient(httpx.AsyncClient):
+    """An httpx client on a ``LeanTransport`` that also posts past httpx's client layer
+    (``post_stream``): request building, URL parsing, cookies and hooks are most of what
+    is left of a streamed call's CPU once the transport is lean (bench/RESULTS.md)."""
+
+    def __init__(self, transport: LeanTransport, connect_s: float | None, **kwargs: Any) -> None:
+        super().__init__(transport=transport, **kwargs)
+        self.lean = transport
+        self._connect_s = connect_s
+        self._targets: dict[str, Target] = {}
+
+    async def post_stream(self, url: str, headers: Mapping[str, str], body: bytes) -> LeanResponse:
+        target = self._targets.get(url)
+        if target is None:
+            if len(self._targets) >= _MAX_TARGETS:
+                self._targets.clear()
+            target = self._targets[url] = Target.of(url)
+        return await self.lean.post(target, headers, body, self._connect_s)
 
 
 class _Connection:
@@ -70,8 +132,10 @@ class LeanTransport(httpx.AsyncBaseTransport):
         max_connections: int,
         ssl_context: ssl.SSLContext,
         keepalive_expiry_s: float = 60.0,
+        on_connect: Callable[[], None] | None = None,
     ) -> None:
         self._ssl = ssl_context
+        self._on_connect = on_connect  # told of each new connection (the reuse metric)
         self._expiry_s = keepalive_expiry_s
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: dict[Origin, list[_Connection]] = {}
@@ -80,22 +144,53 @@ class LeanTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
         origin = (url.raw_scheme, url.raw_host, url.port or _DEFAULT_PORTS.get(url.raw_scheme, 80))
+        body = request.content if hasattr(request, "_content") else await request.aread()
+        head = [b"%s %s HTTP/1.1\r\n" % (request.method.encode(), url.raw_path)]
+        head += [b"%s: %s\r\n" % (name, value) for name, value in request.headers.raw]
+        timeout = request.extensions.get("timeout", {}).get("connect")
+        status, reason, headers, stream = await self._send(
+            origin, b"".join(head) + b"\r\n" + body, timeout, request.method == "HEAD"
+        )
+        return httpx.Response(
+            status,
+            headers=headers,
+            stream=stream,
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": reason},
+        )
+
+    async def post(
+        self, target: Target, headers: Mapping[str, str], body: bytes, connect_s: float | None
+    ) -> LeanResponse:
+        """POST ``body`` to ``target`` without httpx's client layer (the worker's one kind
+        of request); raises httpx's exceptions, as ``handle_async_request`` does."""
+        head = [target.request_line, b"content-length: %d\r\n" % len(body)]
+        for name, value in headers.items():
+            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+                raise httpx.LocalProtocolError(f"illegal header value for {name!r}")
+            head.append(f"{name}: {value}\r\n".encode())
+        data = b"".join(head) + b"\r\n" + body
+        status, _, raw, stream = await self._send(target.origin, data, connect_s, False)
+        return LeanResponse(status, raw, stream)
+
+    async def _send(
+        self, origin: Origin, data: bytes, connect_s: float | None, head_only: bool
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]], _Body]:
+        """One request on a pooled connection: its status, reason, headers and body."""
         await self._slots.acquire()
         conn: _Connection | None = None
         try:
-            conn = await self._connection(origin, request)
-            status, reason, headers = await _exchange(conn, request)
+            conn = await self._connection(origin, connect_s)
+            status, reason, headers = await _exchange(conn, data)
         except BaseException:
             if conn is not None:
                 conn.close()
             self._slots.release()
             raise
-        body = _Body(self, origin, conn, _framing(request, status, headers))
-        return httpx.Response(
+        return (
             status,
-            headers=headers,
-            stream=body,
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": reason},
+            reason,
+            headers,
+            _Body(self, origin, conn, _framing(head_only, status, headers)),
         )
 
     async def aclose(self) -> None:
@@ -105,31 +200,29 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 conn.close()
         self._idle.clear()
 
-    async def _connection(self, origin: Origin, request: httpx.Request) -> _Connection:
+    async def _connection(self, origin: Origin, connect_s: float | None) -> _Connection:
         idle = self._idle.get(origin)
         while idle:
             conn = idle.pop()
             if conn.usable(self._expiry_s):
                 return conn
             conn.close()
-        return await self._connect(origin, request)
+        return await self._connect(origin, connect_s)
 
-    async def _connect(self, origin: Origin, request: httpx.Request) -> _Connection:
+    async def _connect(self, origin: Origin, connect_s: float | None) -> _Connection:
         scheme, host, port = origin
-        timeout = request.extensions.get("timeout", {}).get("connect")
         tls = self._ssl if scheme == b"https" else None
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(connect_s):
                 reader, writer = await asyncio.open_connection(
                     host.decode("ascii"), port, ssl=tls, limit=_MAX_HEAD_BYTES
                 )
         except TimeoutError as exc:
-            raise httpx.ConnectTimeout("connect timed out", request=request) from exc
+            raise httpx.ConnectTimeout("connect timed out") from exc
         except (OSError, ssl.SSLError) as exc:
-            raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
-        trace = request.extensions.get("trace")
-        if trace is not None:
-            await trace("connection.connect_tcp.complete", {"return_value": None})
+            raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
+        if self._on_connect is not None:
+            self._on_connect()
         return _Connection(reader, writer)
 
     def _release(self, origin: Origin, conn: _Connection, reuse: bool) -> None:
@@ -141,42 +234,35 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self._slots.release()
 
 
-async def _exchange(conn: _Connection, request: httpx.Request) -> tuple[int, bytes, list[Any]]:
-    """Send ``request`` in one write; read the response's status line and headers."""
-    body = request.content if hasattr(request, "_content") else await request.aread()
-    head = [b"%s %s HTTP/1.1\r\n" % (request.method.encode(), request.url.raw_path)]
-    head += [b"%s: %s\r\n" % (name, value) for name, value in request.headers.raw]
+async def _exchange(conn: _Connection, data: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    """Send a request in one write; read the response's status line and headers."""
     try:
-        conn.writer.write(b"".join(head) + b"\r\n" + body)
+        conn.writer.write(data)
         await conn.writer.drain()
     except OSError as exc:
-        raise httpx.WriteError(str(exc) or type(exc).__name__, request=request) from exc
+        raise httpx.WriteError(str(exc) or type(exc).__name__) from exc
     try:
         raw = await conn.reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError as exc:
-        raise httpx.RemoteProtocolError(
-            "Server disconnected without sending a response.", request=request
-        ) from exc
+        raise httpx.RemoteProtocolError("Server disconnected without sending a response.") from exc
     except asyncio.LimitOverrunError as exc:
-        raise httpx.RemoteProtocolError("the response head is too large", request=request) from exc
+        raise httpx.RemoteProtocolError("the response head is too large") from exc
     except OSError as exc:
-        raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
-    return _parse_head(raw, request)
+        raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+    return _parse_head(raw)
 
 
-def _parse_head(raw: bytes, request: httpx.Request) -> tuple[int, bytes, list[Any]]:
+def _parse_head(raw: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
     lines = raw[:-4].split(b"\r\n")
     version, _, rest = lines[0].partition(b" ")
     code, _, reason = rest.partition(b" ")
     if not version.startswith(b"HTTP/1.") or not code.isdigit():
-        raise httpx.RemoteProtocolError(
-            f"not an HTTP/1.1 response: {lines[0][:80]!r}", request=request
-        )
-    headers = []
+        raise httpx.RemoteProtocolError(f"not an HTTP/1.1 response: {lines[0][:80]!r}")
+    headers: list[tuple[bytes, bytes]] = []
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
         if not sep:
-            raise httpx.RemoteProtocolError("a malformed response header", request=request)
+            raise httpx.RemoteProtocolError("a malformed response header")
         headers.append((name.strip(), value.strip()))
     return int(code), reason, headers
 
@@ -190,10 +276,10 @@ class _Framing:
         self.keep_alive = keep_alive
 
 
-def _framing(request: httpx.Request, status: int, headers: list[Any]) -> _Framing:
+def _framing(head_only: bool, status: int, headers: list[tuple[bytes, bytes]]) -> _Framing:
     values = {name.lower(): value.lower() for name, value in headers}
     keep_alive = values.get(b"connection") != b"close"
-    if request.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+    if head_only or status in (204, 304) or 100 <= status < 200:
         return _Framing(0, False, keep_alive)
     if b"chunked" in values.get(b"transfer-encoding", b""):
         return _Framing(None, True, keep_alive)

@@ -218,8 +218,9 @@ class Worker:
 
     def _pool_context(self, nc: NATS) -> PoolContext:
         http = HttpShards(
-            self.pool, self.slots, on_request=self._trace_request, transport=self._transport
-        )
+            self.pool, self.slots, on_connect=self.metrics.connection_opened,
+            transport=self._transport,
+        )  # fmt: skip
         return PoolContext(
             config=self.config,
             pool_name=self.pool_name,
@@ -247,13 +248,6 @@ class Worker:
             stopping=self._stopping,
             dispatch=self._dispatch,
         )
-
-    async def _trace_request(self, request: httpx.Request) -> None:
-        request.extensions["trace"] = self._on_trace
-
-    async def _on_trace(self, event: str, info: dict[str, Any]) -> None:
-        if event == "connection.connect_tcp.complete":
-            self.metrics.connection_opened()
 
     async def _drain(self) -> None:
         await self._sched.stop_pulling()

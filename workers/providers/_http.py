@@ -24,10 +24,13 @@ import httpx
 from broker._config import PoolConfig
 from broker._errors import StreamInterrupted, UpstreamRejected
 from broker._protocol import Job
+from workers._transport import LeanClient, LeanResponse
 from workers.providers._base import Finish, ReasoningDelta, StreamItem, TextDelta
 from workers.providers._errors_map import error_for_status, error_for_transport
 
 T = TypeVar("T")
+
+Response = httpx.Response | LeanResponse
 
 # Bounds on the post-finish drain: long enough for bytes already on the way,
 # short enough that a server which never ends its body costs almost nothing.
@@ -51,7 +54,7 @@ class UpstreamBody:
     which is also how an upstream generation is cancelled.
     """
 
-    def __init__(self, response: httpx.Response) -> None:
+    def __init__(self, response: Response) -> None:
         self.response = response
         self.complete = False
         self._chunks = response.aiter_bytes()
@@ -84,8 +87,9 @@ class UpstreamBody:
 async def open_stream(
     client: httpx.AsyncClient, url: str, *, headers: Mapping[str, str], body: bytes
 ) -> AsyncIterator[UpstreamBody]:
-    """POST ``body`` and yield the streamed body of a successful answer."""
-    response = await _send(client, client.build_request("POST", url, headers=headers, content=body))
+    """POST ``body`` and yield the streamed body of a successful answer (past httpx's
+    client layer when the client is a worker's ``LeanClient``)."""
+    response = await _send(client, url, headers, body)
     try:
         if not response.is_success:  # a redirect means a wrong base_url: not an answer
             raise error_for_status(
@@ -101,14 +105,19 @@ async def open_stream(
         await response.aclose()
 
 
-async def _send(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+async def _send(
+    client: httpx.AsyncClient, url: str, headers: Mapping[str, str], body: bytes
+) -> Response:
     try:
+        if isinstance(client, LeanClient):
+            return await client.post_stream(url, headers, body)
+        request = client.build_request("POST", url, headers=headers, content=body)
         return await client.send(request, stream=True)
     except httpx.TransportError as exc:
         raise error_for_transport(exc, headers_received=False) from exc
 
 
-async def _small_body(response: httpx.Response) -> bytes:
+async def _small_body(response: Response) -> bytes:
     """Up to 64 KiB of an error answer; a broken error body is just shorter."""
     parts: list[bytes] = []
     size = 0
