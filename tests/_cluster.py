@@ -8,7 +8,11 @@ JetStream state under a deadline; none of them sleeps a fixed time.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import signal
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -32,6 +36,37 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsClus
     store = tmp_path_factory.mktemp("cluster")
     with NatsCluster(size=3, store_dir=store, config_file=REPO / "nats-cluster.conf") as cluster:
         yield cluster
+
+
+@contextlib.contextmanager
+def paused(cluster: NatsCluster, name: str) -> Iterator[None]:
+    """SIGSTOP one node (alive, its sockets open, silent: a partition, not a crash);
+    SIGCONT it on leaving, also when the test fails, so the cluster can stop."""
+    pid = cluster.node(name).pid
+    assert pid is not None, f"node {name} is not running"
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def leaders_seen(cluster: NatsCluster, stream: str) -> dict[str, str]:
+    """Each node's view of ``stream``'s leader (monitoring ``/jsz``): one value when
+    the nodes agree, "" from a node that sees none."""
+    views = {}
+    for node in cluster.nodes:
+        url = f"http://{node.host}:{node.monitor_port}/jsz?accounts=true&streams=true"
+        with urllib.request.urlopen(url, timeout=2.0) as resp:
+            jsz = json.load(resp)
+        streams = [
+            s for a in jsz.get("account_details") or [] for s in a.get("stream_detail") or []
+        ]
+        views[node.server_name or ""] = next(
+            ((s.get("cluster") or {}).get("leader") or "" for s in streams if s["name"] == stream),
+            "",
+        )
+    return views
 
 
 async def connect_worker(cluster: NatsCluster, *nodes: str) -> NATS:

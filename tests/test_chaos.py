@@ -16,10 +16,11 @@ leader, and the callers who waited longer than usual.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -27,7 +28,16 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from broker import BrokerUnavailable, Done, Error, Job, RelayClient, RelayError, UnknownRoute
+from broker import (
+    BrokerUnavailable,
+    Done,
+    Error,
+    Job,
+    RelayClient,
+    RelayError,
+    UnknownRoute,
+    ensure_topology,
+)
 from broker._cluster import NatsCluster
 from broker._jsapi import consumer_info
 from broker._nats import connect_nats
@@ -38,13 +48,16 @@ from tests._cluster import (
     R3,
     connect_worker,
     connected_port,
+    leaders_seen,
     local_cluster,
+    paused,
     stream_leader,
     wait_for_new_leader,
     wait_until_current,
     wipe,
 )
-from tests._harness import NatsUrls, RelayStack, start_stack, upstream
+from tests._harness import NatsUrls, running_workers, start_stack, upstream
+from workers._worker import Worker
 
 JOBS = 200
 RATE_PER_S = 50.0
@@ -127,6 +140,7 @@ class Outcome:
     error: str = ""
     waited_s: float = 0.0
     submits: int = 0
+    accepted: bool = False  # its publish was acknowledged
 
 
 @dataclass
@@ -152,6 +166,7 @@ class Load:
         start = time.monotonic()
         try:
             handle = await self.submit(job, outcome)
+            outcome.accepted = True
             outcome.text = await handle.text()
         except RelayError as exc:
             outcome.error = f"{type(exc).__name__}: {exc}"
@@ -176,6 +191,10 @@ class Failover:
     killed: str = ""
     new_leader: str = ""
     leader_after_s: float = 0.0
+    fault: str = "SIGKILL"
+
+
+Fault = Callable[[NatsCluster, NATS, anyio.Event, Failover], Awaitable[None]]
 
 
 async def _kill_leader_then_restart(
@@ -189,7 +208,21 @@ async def _kill_leader_then_restart(
     await anyio.to_thread.run_sync(cluster.restart, failover.killed)
 
 
-async def _settled(observer: NATS, stack: RelayStack, counter: FinalCounter) -> None:
+async def _pause_leader_until_replaced(
+    cluster: NatsCluster, observer: NATS, at_kill: anyio.Event, failover: Failover
+) -> None:
+    """SIGSTOP the leader's node until the others elected a new leader (past every
+    Raft timeout, its clients' sockets still open), then SIGCONT it."""
+    await at_kill.wait()
+    with paused(cluster, failover.killed):
+        failover.new_leader, failover.leader_after_s = await wait_for_new_leader(
+            observer, "LLM_JOBS", failover.killed
+        )
+
+
+async def _settled(
+    observer: NATS, workers: Sequence[Worker], counter: FinalCounter, jobs: int = JOBS
+) -> None:
     """Until no job is queued or in flight (so no further final can come), then until
     the observer has seen what was sent before."""
     with anyio.fail_after(30):
@@ -200,24 +233,32 @@ async def _settled(observer: NATS, stack: RelayStack, counter: FinalCounter) -> 
             if not any(busy):
                 break
             await anyio.sleep(0.05)
-        for worker in stack.workers:
+        for worker in workers:
             await worker.nc.flush()
         await observer.flush()
-        while sum(counter.finals.values()) < JOBS:
+        while sum(counter.finals.values()) < jobs:
             await anyio.sleep(0.05)
 
 
-@pytest.mark.slow
-async def test_sigkill_of_the_jobs_leader_loses_no_job_and_answers_each_once(
-    cluster: NatsCluster, nc: NATS
-) -> None:
+@dataclass
+class Run:
+    """What one load under a fault left: the fault's timings, the callers, the wire."""
+
+    failover: Failover
+    load: Load
+    counter: FinalCounter
+
+
+async def _load_under_fault(cluster: NatsCluster, nc: NATS, fault: Fault, name: str) -> Run:
+    """The load, with ``fault`` striking the LLM_JOBS leader's node at job KILL_AT_JOB,
+    counted by an observer on another node until every job has settled."""
     mock = MockProvider(name="p", tokens=TOKENS, token_delay_ms=TOKEN_DELAY_MS)
     pools = {"a": upstream(mock, concurrency=8, ack_wait_s=2.0)}
     urls = NatsUrls(cluster.urls_for(WORKER_USER), cluster.urls_for(CLIENT_USER))
     async with start_stack(urls, pools, {"chat": [("a", "gpt")]}, workers=["a", "a"],
                            streams=R3) as stack:  # fmt: skip
         await wait_until_current(nc)
-        failover = Failover(killed=await stream_leader(nc, "LLM_JOBS"))
+        failover = Failover(killed=await stream_leader(nc, "LLM_JOBS"), fault=name)
         survivor = next(n.server_name for n in cluster.nodes if n.server_name != failover.killed)
         observer = await connect_worker(cluster, survivor)
         counter = FinalCounter()
@@ -226,13 +267,19 @@ async def test_sigkill_of_the_jobs_leader_loses_no_job_and_answers_each_once(
         try:
             with anyio.fail_after(60):
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(_kill_leader_then_restart, cluster, observer, at_kill, failover)
+                    tg.start_soon(fault, cluster, observer, at_kill, failover)
                     await load.run(JOBS, RATE_PER_S, at_kill)
-                await _settled(observer, stack, counter)
+                await _settled(observer, stack.workers, counter)
         finally:
             await observer.close()
     _report(failover, load)
-    assert failover.new_leader and failover.new_leader != failover.killed
+    return Run(failover, load, counter)
+
+
+def _check_each_job_answered_once(run: Run) -> None:
+    """No job without a final, never two finals of one attempt, and every caller with
+    the whole answer or told to retry."""
+    counter, load = run.counter, run.load
     # A job whose ack and done were both lost with the node is answered again by its
     # redelivery, under a newer attempt id: on the wire two finals, to a caller one (a
     # fold keeps the first final; RELIABILITY.md). Never two of one attempt.
@@ -258,12 +305,100 @@ async def test_sigkill_of_the_jobs_leader_loses_no_job_and_answers_each_once(
     print(f"chaos: {len(told_to_retry)} callers told to retry (replies lost with the node)")
 
 
+@pytest.mark.slow
+async def test_sigkill_of_the_jobs_leader_loses_no_job_and_answers_each_once(
+    cluster: NatsCluster, nc: NATS
+) -> None:
+    run = await _load_under_fault(cluster, nc, _kill_leader_then_restart, "SIGKILL")
+    assert run.failover.new_leader and run.failover.new_leader != run.failover.killed
+    _check_each_job_answered_once(run)
+
+
+# --- a partitioned node: the leader's node SIGSTOPped, not killed --------------------
+
+
+@pytest.mark.slow
+async def test_a_paused_leader_node_makes_no_split_brain_and_rejoins_as_a_follower(
+    cluster: NatsCluster, nc: NATS
+) -> None:
+    """The stopped leader's node keeps its sockets and, on SIGCONT, still believes it
+    leads: nothing it does then may answer a job twice or lose one."""
+    run = await _load_under_fault(cluster, nc, _pause_leader_until_replaced, "SIGSTOP")
+    paused_node, new_leader = run.failover.killed, run.failover.new_leader
+    assert new_leader and new_leader != paused_node
+    _check_each_job_answered_once(run)
+    await wait_until_current(nc, ["LLM_JOBS"])
+    info = await nc.jetstream().stream_info("LLM_JOBS")
+    assert info.cluster is not None
+    followers = {peer.name for peer in info.cluster.replicas or []}
+    assert info.cluster.leader != paused_node and paused_node in followers, info.cluster
+    # Every node, the resumed one too, names that one leader.
+    with anyio.fail_after(10):
+        while set((await anyio.to_thread.run_sync(leaders_seen, cluster, "LLM_JOBS")).values()) != {
+            info.cluster.leader
+        }:
+            await anyio.sleep(0.05)
+
+
+# --- a full queue under a burst -------------------------------------------------------
+
+CAPACITY = 20
+BURST = 60
+
+
+@pytest.mark.slow
+async def test_a_burst_into_a_full_queue_is_refused_with_queue_full_and_the_rest_answered(
+    cluster: NatsCluster, nc: NATS
+) -> None:
+    """No worker pulls while the burst lands, so exactly CAPACITY jobs fit; workers
+    start once every publish has its answer (PubAck or refusal)."""
+    mock = MockProvider(name="p", tokens=TOKENS, token_delay_ms=TOKEN_DELAY_MS)
+    pools = {"a": upstream(mock, concurrency=8, ack_wait_s=2.0)}
+    urls = NatsUrls(cluster.urls_for(WORKER_USER), cluster.urls_for(CLIENT_USER))
+    streams = {**R3, "queue_capacity": CAPACITY}
+    async with start_stack(urls, pools, {"chat": [("a", "gpt")]}, workers=[],
+                           streams=streams) as stack:  # fmt: skip
+        await ensure_topology(nc, stack.config)
+        await wait_until_current(nc)
+        counter = FinalCounter()
+        await nc.subscribe("llm.reply.>", cb=counter.on_reply, pending_msgs_limit=-1)
+        load = Load(stack.relay)
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(load.run, BURST, math.inf, anyio.Event())
+                while len(load.outcomes) < BURST or not all(
+                    o.accepted or o.error for o in load.outcomes.values()
+                ):
+                    await anyio.sleep(0.01)
+                burst_s = anyio.current_time()
+                async with running_workers(stack.config, ["a", "a"], urls.worker) as workers:
+                    await _settled(nc, workers, counter, jobs=CAPACITY)
+    outcomes = load.outcomes.values()
+    accepted = [o for o in outcomes if o.accepted]
+    refused = [o for o in outcomes if not o.accepted]
+    print(
+        f"\nchaos: burst of {BURST} into a queue of {CAPACITY}: {len(accepted)} accepted, "
+        f"{len(refused)} refused; last answer {anyio.current_time() - burst_s:.2f} s after"
+    )
+    assert len(accepted) + len(refused) == BURST
+    assert all(o.error.startswith("QueueFull:") and o.submits == 1 for o in refused), {
+        o.error for o in refused
+    }
+    assert len(accepted) == CAPACITY
+    expected = expected_answer("p", TOKENS)
+    assert all(o.text == expected and not o.error for o in accepted)
+    answered = {rid for rid, o in load.outcomes.items() if o.accepted}
+    assert set(counter.finals) == answered, "a final for a refused job, or none for a job"
+    twice = {rid: counter.seen[rid] for rid, n in counter.finals.items() if n != 1}
+    assert not twice, f"jobs answered more than once: {twice}"
+
+
 def _report(failover: Failover, load: Load) -> None:
     waits = sorted(o.waited_s for o in load.outcomes.values())
     slow = [w for w in waits if w > SLOW_S]
     resubmitted = sum(1 for o in load.outcomes.values() if o.submits > 1)
     print(
-        f"\nchaos: SIGKILL of {failover.killed} (LLM_JOBS leader) at job {KILL_AT_JOB} of "
+        f"\nchaos: {failover.fault} of {failover.killed} (LLM_JOBS leader) at job {KILL_AT_JOB} of "
         f"{JOBS} ({RATE_PER_S:g}/s): new leader {failover.new_leader} after "
         f"{failover.leader_after_s:.2f} s; callers: p50 {statistics.median(waits):.3f} s, "
         f"max {waits[-1]:.2f} s, {len(slow)} waited > {SLOW_S:g} s, "

@@ -14,7 +14,8 @@ import anyio
 import pytest
 import yaml
 
-from broker import Chunk, Config, Done, Notice, RelayClient
+from broker import Chunk, Config, Done, Notice, RelayClient, ensure_topology
+from broker._nats import connect_nats
 from broker._server import CLIENT_USER, WORKER_USER, NatsServer, free_port
 from devstack import MockProvider, expected_answer
 from tests._harness import folded, mock_pool, relay_config, running_workers
@@ -40,6 +41,37 @@ async def test_worker_recovers_when_nats_server_restarts(tmp_path: Path) -> None
     finally:
         server.stop()
     assert before == after == expected_answer("p", 3)
+
+
+@pytest.mark.slow
+async def test_jobs_queued_when_the_server_is_killed_are_answered_after_its_restart(
+    tmp_path: Path,
+) -> None:
+    """Jobs accepted (PubAck) while no worker runs sit in the file store; the server
+    process is SIGKILLed and started again on the same store; a worker then answers every
+    one, to callers who waited through the restart (their connections came back)."""
+    port, store = free_port(), tmp_path / "store"
+    server = NatsServer(port=port, store_dir=store)
+    await anyio.to_thread.run_sync(server.start)
+    try:
+        async with MockProvider(name="p", tokens=3) as mock:
+            cfg = relay_config({"a": mock_pool(mock.url)}, {"chat": [("a", "m")]})
+            nc = await connect_nats(server.url_for(WORKER_USER))
+            await ensure_topology(nc, cfg)  # the streams, and no worker yet
+            await nc.close()
+            async with RelayClient(server.url_for(CLIENT_USER), config=cfg) as relay:
+                handles = [
+                    await relay.submit(f"q{i}", route="chat", timeout_s=30) for i in range(5)
+                ]
+                server.kill()
+                server = NatsServer(port=port, monitor_port=server.monitor_port, store_dir=store)
+                await anyio.to_thread.run_sync(server.start)
+                async with running_workers(cfg, ["a"], server.url_for(WORKER_USER)):
+                    texts = [await handle.text() for handle in handles]
+    finally:
+        server.stop()
+    assert texts == [expected_answer("p", 3)] * 5
+    assert mock.stats()["requests"] == 5  # each queued job once, none before the restart
 
 
 class StreamingWorker:
