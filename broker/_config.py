@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
+from broker._cost import Price, price_order
 from broker._errors import ConfigError
 from broker._subjects import is_valid_name
 
@@ -190,10 +191,12 @@ class Target(_Strict, frozen=True):
     pool: str
     model: str
     rank: NonNegInt | None = None
+    price: Price | None = None
 
 
 SpillPolicy = Literal["saturation", "backlog", "failover"]
 MidstreamPolicy = Literal["continue", "restart", "fail"]
+OrderPolicy = Literal["rank", "price"]
 
 
 class RouteConfig(_Strict, frozen=True):
@@ -211,6 +214,11 @@ class RouteConfig(_Strict, frozen=True):
     gets ``stream_interrupted``. ``retry_before_failover``: while a target of the
     route is healthy, how often a retryable failure before any text is retried
     on the same pool, at once, before the job moves on.
+
+    ``order``: ``rank`` (the default) keeps targets of one rank sharing its load;
+    ``price`` ranks them again by price (``Price.per_mtok``, cheapest first, unknown
+    last), so the cheapest gets the jobs while it has a free slot, the next one
+    takes what it cannot (per ``spill``), and failover tries the cheapest first.
     """
 
     targets: Annotated[list[Target], msgspec.Meta(min_length=1)]
@@ -219,10 +227,18 @@ class RouteConfig(_Strict, frozen=True):
     deadline_s: PositiveFloat = 120.0
     midstream: MidstreamPolicy = "continue"
     retry_before_failover: NonNegInt = 1
+    order: OrderPolicy = "rank"
 
     def ranks(self) -> list[tuple[int, Target]]:
-        """Targets with their effective rank (list position unless given)."""
-        return [(t.rank if t.rank is not None else i, t) for i, t in enumerate(self.targets)]
+        """Targets with their effective rank (list position unless given). With
+        ``order: price`` the ranks are renumbered 0, 1, 2 ... by (rank, price): pull
+        priorities and failover both follow it, and equal prices still share."""
+        given = [(t.rank if t.rank is not None else i, t) for i, t in enumerate(self.targets)]
+        if self.order == "rank":
+            return given
+        keys = sorted({(r, price_order(t.price)) for r, t in given})
+        steps = {key: i for i, key in enumerate(keys)}
+        return [(steps[r, price_order(t.price)], t) for r, t in given]
 
 
 class GatewaySettings(_Strict, frozen=True):
@@ -287,6 +303,11 @@ class Config(_Strict, frozen=True):
         if r is None:
             return None
         return next((t.model for t in r.targets if t.pool == pool), None)
+
+    def price_for(self, route: str, pool: str) -> Price | None:
+        """The price of ``route``'s target on ``pool`` (None: unknown, or no such target)."""
+        r = self.routes.get(route)
+        return next((t.price for t in r.targets if t.pool == pool), None) if r else None
 
 
 # --- loading -----------------------------------------------------------------

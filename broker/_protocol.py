@@ -148,6 +148,8 @@ class Attempt(msgspec.Struct, omit_defaults=True, kw_only=True):
     # builds on it), and what it cost (the provider's count, else an estimate).
     chars: int = 0
     completion_tokens: int = 0
+    # USD this failed try cost (``broker/_cost.attempt_cost``): absent when unknown.
+    cost_usd: float | UnsetType = UNSET
 
 
 class Resume(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -326,6 +328,9 @@ class Done(msgspec.Struct, tag="done", tag_field="type", kw_only=True):
     # An embeddings job's vectors, one per input in order: each the base64 of its
     # little-endian float32 numbers (``broker/_vectors.py``); absent from a chat answer.
     embeddings: list[str] | UnsetType = UNSET
+    # USD the answering attempt cost, from its usage at its target's price
+    # (``broker/_cost.py``; failed attempts' costs are theirs); absent when unpriced.
+    cost_usd: float | UnsetType = UNSET
 
 
 class Error(msgspec.Struct, tag="error", tag_field="type", kw_only=True):
@@ -377,6 +382,8 @@ class Heartbeat(msgspec.Struct, kw_only=True, omit_defaults=True):
     # The circuits of single upstream models that are not closed: model -> state
     # ("open" or "half_open"); ``circuit`` is the pool-level state.
     circuits: dict[str, str] = msgspec.field(default_factory=dict)
+    # USD this worker's jobs cost since it started, by route (``llmrelay status``).
+    cost_usd: dict[str, float] = msgspec.field(default_factory=dict)
 
 
 class LifecycleEvent(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -24,6 +24,7 @@ tried again until the job's deadline).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from collections.abc import Callable
 import anyio
 import msgspec
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import BadSubscriptionError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
@@ -81,9 +83,11 @@ class ReplyReader:
             remaining_s = deadline_s - time.time()
             if remaining_s <= 0:
                 raise DeadlineExceeded(f"{self.what}: no answer before its deadline")
+            msg = queued_message(self._sub)
             try:
-                with nats_errors(f"{self.what}: reading the answer"):
-                    msg = await self._sub.next_msg(timeout=min(remaining_s, POLL_S))
+                if msg is None:
+                    with nats_errors(f"{self.what}: reading the answer"):
+                        msg = await self._sub.next_msg(timeout=min(remaining_s, POLL_S))
             except RelayError as exc:
                 if isinstance(exc.__cause__, NatsTimeout):
                     continue  # look at the connection, then wait on
@@ -151,6 +155,28 @@ class ReplyReader:
         except RelayError as exc:
             if not isinstance(exc.__cause__, BadSubscriptionError):  # already gone: fine
                 raise
+
+
+def queued_message(sub: Subscription) -> Msg | None:
+    """A message ``sub`` already holds, taken at once; None when it holds none.
+
+    nats-py's ``next_msg`` makes a task, a ``uuid4`` and a ``wait_for`` for every
+    message, even one already queued: about a fifth of a busy client's CPU
+    (bench/RESULTS.md). This takes a queued one the way ``next_msg`` does (its
+    pending-bytes count and ``task_done`` included), from nats-py 2.x's queue of a
+    core subscription; for any other (a replay's JetStream subscription, whose
+    ``next_msg`` also answers flow control), or should that queue ever be gone, it
+    returns None and ``next_msg`` does the work.
+    """
+    if type(sub) is not Subscription:  # a JetStream one answers flow control in next_msg
+        return None
+    queue = getattr(sub, "_pending_queue", None)
+    if not isinstance(queue, asyncio.Queue) or queue.empty():
+        return None
+    msg: Msg = queue.get_nowait()
+    sub._pending_size -= len(msg.data)
+    queue.task_done()
+    return msg
 
 
 async def stored_events(nc: NATS, reply_to: str, *, timeout_s: float) -> list[Event]:

@@ -9,7 +9,8 @@ exports. Everything comes from the server, nothing from a process's memory:
     oldest job age    timestamp of the first job after the consumer's delivered
                       sequence on the subject (a stream message get)
     DLQ depth         LLM_DLQ subject counts (stream info with a subjects filter)
-    workers           the heartbeats in KV ``llm_workers``: slots, busy, circuits, rate used
+    workers           the heartbeats in KV ``llm_workers``: slots, busy, circuits, rate used,
+                      spend per route (since each live worker started)
                       (``circuit``: the pool-level circuit; ``circuits``/``model_circuits``:
                       the upstream models whose own circuit is not closed)
     stray jobs        jobs on a ``llm.jobs.*``/``llm.pool.*`` subject that no consumer reads
@@ -24,6 +25,7 @@ broker has, so `status` works without a config file.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -83,6 +85,9 @@ class QueueStatus(msgspec.Struct, kw_only=True):
 class RouteStatus(QueueStatus, kw_only=True):
     targets: list[str] = msgspec.field(default_factory=list)
     dlq_depth: int = 0
+    # USD the live workers spent on the route since each of them started (their
+    # heartbeats' ``cost_usd``); None: none of them has spent on it.
+    spend_usd: float | None = None
 
 
 class PoolStatus(QueueStatus, kw_only=True):
@@ -168,6 +173,8 @@ class StatusReader:
         streams = await read_replication(self.nc, ALL_STREAMS)
         capacity = int(jobs_info["config"].get("max_msgs_per_subject", 0))
         routes = [self._route(n, consumers, capacity, dlq) for n in self._route_names(consumers)]
+        for r in routes:
+            r.spend_usd = _spend(heartbeats, r.name)
         pools = [
             self._pool(n, consumers, capacity, heartbeats) for n in self._pool_names(consumers)
         ]
@@ -388,6 +395,11 @@ def _worker_status(hb: Heartbeat) -> WorkerStatus:
         metrics_port=hb.metrics_port,
         circuits=dict(sorted(hb.circuits.items())),
     )
+
+
+def _spend(heartbeats: list[Heartbeat], route: str) -> float | None:
+    spent = [hb.cost_usd[route] for hb in heartbeats if route in hb.cost_usd]
+    return math.fsum(spent) if spent else None
 
 
 def _model_circuits(heartbeats: list[Heartbeat]) -> dict[str, dict[str, int]]:

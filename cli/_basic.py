@@ -6,6 +6,7 @@ import json
 
 import typer
 
+from broker._cost import Price
 from broker._errors import ERROR_CODES
 from broker._nats import redact
 from broker._schema import json_schema
@@ -41,5 +42,17 @@ def check(config: ConfigOpt = None) -> None:
         where = redact(pool.base_url)
         typer.echo(f"  pool {name}: {pool.kind} {where} slots={pool.concurrency} {limits}")
     for name, route in cfg.routes.items():
-        chain = " -> ".join(f"{t.pool}/{t.model}" for t in route.targets)
-        typer.echo(f"  route {name}: {chain} (spill={route.spill}, deadline {route.deadline_s:g}s)")
+        ranked = sorted(route.ranks(), key=lambda rt: rt[0])
+        chain = " -> ".join(f"{t.pool}/{t.model}{_price(t.price)}" for _, t in ranked)
+        order = ", order=price" if route.order == "price" else ""
+        typer.echo(
+            f"  route {name}: {chain} (spill={route.spill}{order}, deadline {route.deadline_s:g}s)"
+        )
+
+
+def _price(price: Price | None) -> str:
+    """`` [$in/$out/$cached per Mtok]``, or `` [price unknown]``."""
+    if price is None:
+        return " [price unknown]"
+    cached = "" if price.cached_input_per_mtok is None else f"/${price.cached_input_per_mtok:g}"
+    return f" [${price.input_per_mtok:g}/${price.output_per_mtok:g}{cached} per Mtok]"

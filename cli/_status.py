@@ -43,7 +43,8 @@ def status(
     """Queues, dead letters and worker pools at a glance.
 
     Per route: jobs waiting (queued), age of the oldest waiting job, jobs in
-    flight (delivered, not yet answered), dead letters. Per pool: live workers,
+    flight (delivered, not yet answered), dead letters, spend (USD on priced
+    targets, summed over the live workers since each started). Per pool: live workers,
     busy/total slots, circuit-breaker state (the pool-level circuit, then each
     upstream model whose own circuit is not closed, with its workers), rate budget
     used in the last minute (of the configured limit), and the pool's own queue
@@ -126,7 +127,7 @@ def render_status(s: Status) -> Group:
 
 def _routes_table(s: Status) -> Table:
     t = Table(title="routes", title_justify="left", box=None, pad_edge=False)
-    for name in ("ROUTE", "QUEUED", "OLDEST", "IN FLIGHT", "DLQ", "TARGETS"):
+    for name in ("ROUTE", "QUEUED", "OLDEST", "IN FLIGHT", "DLQ", "SPEND", "TARGETS"):
         t.add_column(name, justify="left" if name in ("ROUTE", "TARGETS") else "right")
     for r in s.routes:
         t.add_row(
@@ -135,10 +136,11 @@ def _routes_table(s: Status) -> Table:
             _age(r.oldest_job_age_s, s.oldest_age_known),
             str(r.in_flight),
             str(r.dlq_depth),
+            "-" if r.spend_usd is None else f"${r.spend_usd:.4f}",
             _targets(r),
         )
     if not s.routes:
-        t.add_row("(none)", "", "", "", "", "")
+        t.add_row("(none)", "", "", "", "", "", "")
     return t
 
 
@@ -212,6 +214,8 @@ def _notes(s: Status) -> list[str]:
     notes: list[str] = []
     if s.dlq_depth:
         notes.append(f"{s.dlq_depth} dead letter(s): llmrelay dlq list")
+    if any(r.spend_usd is not None for r in s.routes):
+        notes.append("SPEND: USD on priced targets since each live worker started")
     for stray in s.stray:
         notes.append(
             f"! {stray.jobs} job(s) on {stray.subject}, which no route or pool reads "

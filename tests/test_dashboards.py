@@ -120,9 +120,10 @@ def test_grafana_provisions_the_datasource_and_the_dashboard() -> None:
     assert DASHBOARD.parent == DEPLOY / "grafana" / "dashboards"
 
 
-def test_no_panel_for_spend_until_cost_accounting_exists() -> None:
-    """Spend needs ``llmrelay_cost_usd_total`` (cost accounting, issue 15 part 2)."""
-    table = readme_metrics()
-    if "llmrelay_cost_usd_total" in table:
-        pytest.fail("the cost metric exists now: add the spend panel and drop this test")
-    assert "cost accounting" in dashboard()["description"]
+def test_a_spend_panel_shows_cost_per_route() -> None:
+    """Spend per route from ``llmrelay_cost_usd_total`` (cost accounting, issue 15 part 2)."""
+    assert readme_metrics()["llmrelay_cost_usd_total"] == "counter"
+    (spend,) = [p for p in panels(dashboard()) if p["title"].startswith("Spend per route")]
+    (target,) = spend["targets"]
+    assert "sum by (route) (rate(llmrelay_cost_usd_total" in target["expr"]
+    assert spend["fieldConfig"]["defaults"]["unit"] == "currencyUSD"

@@ -37,8 +37,10 @@ from tests._deploy import (
 )
 from tests._harness import StartSdkStack, upstream
 
+# Priced, so that its answers make llmrelay_cost_usd_total (the spend panel).
+PRICED_GPT = {"pool": "a", "model": "gpt", "price": {"input_per_mtok": 1, "output_per_mtok": 2}}
 ROUTES: dict[str, Any] = {
-    "chat": [("a", "gpt"), ("b", "claude")],
+    "chat": [PRICED_GPT, ("b", "claude")],
     "flaky": [("a", "gpt+status=503"), ("b", "claude")],  # fails over to b
     "dead": [("a", "gpt+status=503")],  # no backup: dead-lettered
     "budget": [("c", "gpt")],  # rpm 1: the second pull waits for budget

@@ -168,7 +168,7 @@ def test_the_text_of_one_read_is_one_delta_and_nothing_else_moves() -> None:
              TextDelta("c", lp), TextDelta("d"), call, TextDelta("e"), TextDelta("f"),
              Finish("stop")]  # fmt: skip
     assert coalesced(items) == [
-        TextDelta("ab"), ReasoningDelta("r1r2"), TextDelta("c", lp), TextDelta("d"), call,
-        TextDelta("ef"), Finish("stop"),
+        TextDelta("ab", tokens=2), ReasoningDelta("r1r2"), TextDelta("c", lp), TextDelta("d"),
+        call, TextDelta("ef", tokens=2), Finish("stop"),
     ]  # fmt: skip
     assert coalesced([TextDelta("only")]) == [TextDelta("only")]

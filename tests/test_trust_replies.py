@@ -10,8 +10,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import pytest
+from nats.aio.client import Client as NATS
 
 from broker import Chunk, Config, Done, RelayClient
+from broker._replay import queued_message
 from broker._server import free_port
 from devstack import MockProvider, expected_answer
 from tests._harness import StartStack, upstream
@@ -145,3 +147,21 @@ async def test_text_after_a_slow_consumer_is_exact(
             text = await handle.text()
     assert text == expected_answer("p", 30)
     assert handle.done is not None
+
+
+async def test_queued_messages_are_taken_at_once_in_order_and_counted(nc: NATS) -> None:
+    """The reply reader's shortcut past nats-py's per-message task (``queued_message``):
+    what the subscription holds comes out in order, its pending counts go back to zero,
+    and an empty one says so rather than waiting."""
+    sub = await nc.subscribe("llm.reply.queued-test")
+    assert queued_message(sub) is None
+    for i in range(3):
+        await nc.publish("llm.reply.queued-test", b"m%d" % i)
+    await nc.flush()
+    with anyio.fail_after(5):
+        while sub.pending_msgs < 3:
+            await anyio.sleep(0.01)
+    taken = [queued_message(sub) for _ in range(4)]
+    assert [m.data if m else None for m in taken] == [b"m0", b"m1", b"m2", None]
+    assert (sub.pending_msgs, sub.pending_bytes) == (0, 0)
+    await sub.unsubscribe()

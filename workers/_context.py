@@ -22,16 +22,20 @@ import logging
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import anyio
 import msgspec
+from msgspec import UnsetType
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from broker._config import Config, PoolConfig
-from broker._errors import RelayError
+from broker._cost import attempt_cost, usage_cost
+from broker._errors import ProviderError, RelayError
 from broker._nats import nats_errors
 from broker._protocol import (
+    Attempt,
     DeadLetter,
     Done,
     Error,
@@ -39,15 +43,17 @@ from broker._protocol import (
     Job,
     LifecycleEvent,
     PoolPause,
+    Usage,
     encode,
     now_ms,
 )
 from broker._subjects import dlq_subject, events_subject, pause_subject
 from broker._validate import is_reply_subject, preview
 from workers._circuit import Circuits, target_healthy
+from workers._decide import attempt_record
 from workers._http import HttpShards
 from workers._metrics import WorkerMetrics
-from workers._ratelimit import RateBudget
+from workers._ratelimit import RateBudget, prompt_chars
 from workers._scheduler import PeerView
 
 log = logging.getLogger("llmrelay.worker")
@@ -110,6 +116,26 @@ class PoolContext:
     def model_label(self, model: str) -> str:
         """A bounded metric label: configured models by name, anything else as "other"."""
         return model if model in self._known_models else "other"
+
+    def priced(self, job: Job, usage: Usage, done: Done) -> Done:
+        """``done`` with what its attempt's own ``usage`` cost (``Done.cost_usd``), counted."""
+        done.cost_usd = usage_cost(self.config.price_for(job.route, self.pool_name), usage)
+        self._spent(job.route, done.model, done.cost_usd)
+        return done
+
+    def attempt_record(self, job: Job | None, err: ProviderError, **record: Any) -> Attempt:
+        """``_decide.attempt_record`` with what the failed try cost (``Attempt.cost_usd``,
+        its prompt estimated as in ``_job``), counted; ``job`` None: not yet read."""
+        attempt = attempt_record(err, **record)
+        if job is not None:
+            price = self.config.price_for(job.route, self.pool_name)
+            attempt.cost_usd = attempt_cost(price, attempt, max(1, prompt_chars(job) // 4))
+            self._spent(job.route, attempt.model, attempt.cost_usd)
+        return attempt
+
+    def _spent(self, route: str, model: str, cost_usd: float | UnsetType) -> None:
+        if not isinstance(cost_usd, UnsetType):
+            self.metrics.spent(route, self.model_label(model), cost_usd)
 
     def target_healthy(self, pool: str, model: str) -> bool:
         """Is ``pool`` worth sending ``model`` requests to? True until the peers'

@@ -94,6 +94,7 @@ class Continuation:
         self.prefill = bool(self.have) and pool.prefill and model not in refused and not structured
         self._splice = Splice(self.have) if self.have and not self.prefill else None
         self._sent: list[str] = []
+        self.sent_tokens = 0  # the provider events of the text published, each ~a token
         self._announced = not self.have  # nothing to announce for a fresh answer
         self._model = model
         self._refused = refused
@@ -135,9 +136,10 @@ class Continuation:
         self._refusal_pending = True
         return True
 
-    def feed(self, delta: str) -> str:
+    def feed(self, delta: str, tokens: int = 1) -> str:
         """The part of ``delta`` to publish ("" while a restart is held); raises
-        ``CannotContinue`` when a restart does not begin with the caller's text."""
+        ``CannotContinue`` when a restart does not begin with the caller's text.
+        ``tokens``: the provider events the delta joins (``TextDelta.tokens``)."""
         if self._splice is not None:
             delta = self._splice.feed(delta)
         if self._refusal_pending:
@@ -146,6 +148,7 @@ class Continuation:
                 self._refused.add(self._model)  # the restart works: no prefill for it again
         if delta:
             self._sent.append(delta)
+            self.sent_tokens += tokens
         return delta
 
     def finish(self) -> None:
@@ -181,9 +184,9 @@ class Continuation:
             message="the job was delivered again; earlier text is void",
         )
 
-    def carried(self, tokens: int) -> Resume:
+    def carried(self) -> Resume:
         """What the next attempt continues: all the text so far, and what it cost."""
-        return Resume(text=self.text, completion_tokens=self.prior_tokens + tokens)
+        return Resume(text=self.text, completion_tokens=self.prior_tokens + self.sent_tokens)
 
 
 async def lost_answer(nc: NATS, job: Job, job_seq: int) -> Answer | None:

@@ -270,10 +270,18 @@ def _larger_context(err: ProviderError, ctx: FailureContext, config: Config) -> 
 
 
 def attempt_record(
-    err: ProviderError, *, pool: str, model: str, deliveries: int, chunks_sent: int, chars: int
+    err: ProviderError,
+    *,
+    pool: str,
+    model: str,
+    deliveries: int,
+    chunks_sent: int,
+    chars: int,
+    tokens: int | None = None,
 ) -> Attempt:
     """What a failed attempt leaves in the job, and in ``done``/``error``: where, why, and
-    what of it the caller kept (``chars``; its chunks stand in for tokens)."""
+    what of it the caller kept (``chars``, and ``tokens``: the provider's events it sent,
+    each about a token; unknown, its chunks stand in for them)."""
     return Attempt(
         pool=pool,
         model=model,
@@ -285,5 +293,5 @@ def attempt_record(
         chunks_sent=chunks_sent,
         at_ms=now_ms(),
         chars=chars,
-        completion_tokens=chunks_sent,
+        completion_tokens=chunks_sent if tokens is None else tokens,
     )

@@ -66,7 +66,6 @@ from workers._decide import (
     FailureContext,
     Requeue,
     Retry,
-    attempt_record,
     decide,
     next_target,
 )
@@ -242,7 +241,7 @@ class JobRun:
                 return None
             self._first_token()
             assert self.cont is not None
-            text = self.cont.feed(item.text)
+            text = self.cont.feed(item.text, item.tokens)
             if text:  # a spliced restart's logprobs would not match the text sent
                 await self._chunk(text, logprobs=item.logprobs if text == item.text else None)
             return None
@@ -294,7 +293,7 @@ class JobRun:
     async def _succeeded(self, job: Job, finish: Finish, estimate: int) -> None:
         assert self.cont is not None
         usage = finish.usage or Usage(prompt_tokens=max(1, prompt_chars(job) // 4),
-                                      completion_tokens=self.seq)  # fmt: skip
+                                      completion_tokens=self.cont.sent_tokens)  # fmt: skip
         self.ctx.budget.charge_tokens(usage.prompt_tokens + usage.completion_tokens - estimate)
         self.ctx.circuits.record_success(self.model)
         await self._announce_resume()  # a continuation with nothing to add still keeps the text
@@ -306,7 +305,7 @@ class JobRun:
                     pool=self.ctx.pool_name, model=self.model, degraded=self.degraded,
                     timings=self._timings(job, total_s), attempts=job.attempts,
                     embeddings=finish.embeddings, chunks=self.seq)  # fmt: skip
-        await self._publish(done)
+        await self._publish(self.ctx.priced(job, usage, done))
         await self.delivery.ack()
         await self._close_upstream()
         self.ctx.metrics.job_done(
@@ -388,7 +387,7 @@ class JobRun:
 
     async def _requeue(self, decision: Requeue, job: Job, err: ProviderError) -> None:
         assert self.cont is not None
-        resume = self.cont.carried(self.seq) if decision.resume else None
+        resume = self.cont.carried() if decision.resume else None
         moved = msgspec.structs.replace(
             job, attempts=[*job.attempts, self._attempt_record(err)], rank=decision.rank,
             resume=resume,
@@ -460,10 +459,10 @@ class JobRun:
         return await self.ctx.dead_letter(letter)
 
     def _attempt_record(self, err: ProviderError) -> Attempt:
-        chars = self.cont.sent_chars if self.cont is not None else 0
-        return attempt_record(err, pool=self.ctx.pool_name, model=self.model,
-                              deliveries=self.deliveries, chunks_sent=self.seq,
-                              chars=chars)  # fmt: skip
+        chars, tokens = (self.cont.sent_chars, self.cont.sent_tokens) if self.cont else (0, 0)
+        return self.ctx.attempt_record(self.job, err, pool=self.ctx.pool_name, model=self.model,
+                                       deliveries=self.deliveries, chunks_sent=self.seq,
+                                       chars=chars, tokens=tokens)  # fmt: skip
 
     async def _cancelled(self) -> None:
         if not self.cancelled_by_client:

@@ -121,6 +121,14 @@ class WorkerMetrics:
             ["route", "code"],
             registry=r,
         )
+        self.cost = Counter(
+            "llmrelay_cost_usd",
+            "USD spent on priced targets: answered attempts, and failed attempts that used tokens",
+            ["route", "pool", "model"],
+            registry=r,
+        )
+        # The same spend by route, since this worker started (its heartbeat carries it).
+        self.spend_by_route: dict[str, float] = {}
         self.slots_busy = Gauge("llmrelay_slots_busy", "Slots running a job", ["pool"], registry=r)
         self.slots_total = Gauge("llmrelay_slots", "Slots of this worker", ["pool"], registry=r)
         self.circuit = Gauge(
@@ -149,6 +157,12 @@ class WorkerMetrics:
     def attempt_failed(self, model: str, code: str) -> None:
         self.errors.labels(self.pool, model, code).inc()
 
+    def spent(self, route: str, model: str, usd: float) -> None:
+        """What one attempt cost (``model``: a bounded label already)."""
+        label = self._route_label(route)
+        self.cost.labels(label, self.pool, model).inc(usd)
+        self.spend_by_route[label] = self.spend_by_route.get(label, 0.0) + usd
+
     def job_outcome(self, model: str, outcome: str) -> None:
         self.requests.labels(self.pool, model, outcome).inc()
 
@@ -159,9 +173,11 @@ class WorkerMetrics:
         self.failovers.labels(self.pool, to_pool).inc()
 
     def dead_lettered(self, route: str, code: str) -> None:
+        self.dead_letters.labels(self._route_label(route), code).inc()
+
+    def _route_label(self, route: str) -> str:
         known = self.known_routes
-        label = route if known is None or route in known else "other"
-        self.dead_letters.labels(label, code).inc()
+        return route if known is None or route in known else "other"
 
     def upstream_request(self) -> None:
         self.upstream_requests.labels(self.pool).inc()

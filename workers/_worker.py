@@ -177,6 +177,7 @@ class Worker:
             metrics_port=self.metrics_port,
             rpm_used=self.budget.requests_used.total(),
             tpm_used=self.budget.tokens_used.total(),
+            cost_usd=dict(self.metrics.spend_by_route),
         )
 
     def _circuit_changed(self, model: str | None, previous: State, state: State) -> None:

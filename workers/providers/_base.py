@@ -26,6 +26,9 @@ from broker._protocol import Job, TokenLogprob, ToolCallDelta, Usage
 class TextDelta(msgspec.Struct, frozen=True):
     text: str
     logprobs: list[TokenLogprob] | None = None  # of ``text``'s tokens, when asked for
+    # The provider events joined in it (``answer_items``): each about one token, which
+    # is what a run counts when the provider reports no usage.
+    tokens: int = 1
 
 
 class ReasoningDelta(msgspec.Struct, frozen=True):

@@ -194,27 +194,41 @@ async def answer_items(
 
 
 def coalesced(items: list[StreamItem]) -> list[StreamItem]:
-    """``items`` with each run of text deltas (without logprobs) joined into one, and each
-    run of reasoning deltas; the order of everything else is kept."""
+    """``items`` with each run of text deltas (without logprobs) joined into one (its
+    ``tokens`` the run's), and each run of reasoning deltas; the order of everything
+    else is kept. (Joined once per run: a read may hold thousands of events.)"""
     if len(items) < 2:
         return items
     out: list[StreamItem] = []
-    run: list[str] = []
-    kind: type | None = None  # TextDelta or ReasoningDelta while a run is open
+    run: list[TextDelta | ReasoningDelta] = []
     for item in items:
-        joinable = type(item) is ReasoningDelta or (type(item) is TextDelta and not item.logprobs)
-        if (kind is not None and type(item) is not kind) or not joinable:
-            if kind is not None:
-                out.append(kind("".join(run)))
-            kind, run = None, []
-        if joinable:
-            kind = type(item)
-            run.append(item.text)  # type: ignore[union-attr]
+        if run and not _joins(run[-1], item):
+            out.append(_joined(run))
+            run = []
+        if _joinable(item):
+            run.append(item)  # type: ignore[arg-type]
         else:
             out.append(item)
-    if kind is not None:
-        out.append(kind("".join(run)))
+    if run:
+        out.append(_joined(run))
     return out
+
+
+def _joinable(item: StreamItem) -> bool:
+    return type(item) is ReasoningDelta or (type(item) is TextDelta and not item.logprobs)
+
+
+def _joins(last: StreamItem, item: StreamItem) -> bool:
+    return _joinable(item) and type(item) is type(last)
+
+
+def _joined(run: list[TextDelta | ReasoningDelta]) -> StreamItem:
+    if len(run) == 1:
+        return run[0]
+    text = "".join(item.text for item in run)
+    if type(run[0]) is ReasoningDelta:
+        return ReasoningDelta(text)
+    return TextDelta(text, tokens=sum(item.tokens for item in run if type(item) is TextDelta))
 
 
 def optional(item: StreamItem | None) -> tuple[StreamItem, ...]:
