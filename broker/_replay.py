@@ -161,9 +161,10 @@ def queued_message(sub: Subscription) -> Msg | None:
     """A message ``sub`` already holds, taken at once; None when it holds none.
 
     nats-py's ``next_msg`` makes a task, a ``uuid4`` and a ``wait_for`` for every
-    message, even one already queued: about a fifth of a busy client's CPU
-    (bench/RESULTS.md). This takes a queued one the way ``next_msg`` does (its
-    pending-bytes count and ``task_done`` included), from nats-py 2.x's queue of a
+    message, even one already queued: taking queued ones here halved a busy
+    client's CPU per request (bench/RESULTS.md, issue 16). This takes a queued
+    one the way ``next_msg`` does (its pending-bytes count and ``task_done``
+    included), from nats-py 2.x's queue of a
     core subscription; for any other (a replay's JetStream subscription, whose
     ``next_msg`` also answers flow control), or should that queue ever be gone, it
     returns None and ``next_msg`` does the work.
