@@ -92,6 +92,15 @@ class Upstream:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+# A Bedrock pool's settings for tests: AWS's documented example key (SigV4 is checked by
+# the fake provider, never by AWS).
+BEDROCK_KEYS: dict[str, Any] = {
+    "region": "us-east-1",
+    "aws_access_key_id": "AKIDEXAMPLE",
+    "aws_secret_access_key": "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+}
+
+
 def upstream(provider: MockProvider, kind: str = "openai", **settings: Any) -> Upstream:
     return Upstream(provider, kind, settings)
 

@@ -17,7 +17,7 @@ from broker import JobOptions
 from broker._protocol import Job, Message
 from devstack import MockProvider, expected_answer
 from devstack.fake_provider._bedrock import frame
-from tests._harness import StartStack, upstream
+from tests._harness import BEDROCK_KEYS, StartStack, upstream
 from workers.providers import (
     ContextLengthExceeded,
     Finish,
@@ -34,11 +34,7 @@ from workers.providers.bedrock import _exception, _StreamState, request_body
 TOKENS = 6
 MODEL = "anthropic.claude-3-5-haiku-20241022-v1:0"
 FAST: dict[str, Any] = {"max_retries": 0, "backoff_base_s": 0.05}
-AWS: dict[str, Any] = {
-    "region": "us-east-1",
-    "aws_access_key_id": "AKIDEXAMPLE",
-    "aws_secret_access_key": "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
-}
+AWS = BEDROCK_KEYS
 STREAM_PATH = "/model/anthropic.claude-3-5-haiku-20241022-v1%3A0/converse-stream"
 FULL_A = expected_answer("mock-a", TOKENS)
 

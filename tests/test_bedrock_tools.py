@@ -27,19 +27,14 @@ from broker._protocol import (
 )
 from devstack import MockProvider, expected_answer
 from devstack.fake_provider._structured import tool_arguments
-from tests._harness import StartSdkStack, Upstream, streamed_tool_calls, upstream
+from tests._harness import BEDROCK_KEYS, StartSdkStack, Upstream, streamed_tool_calls, upstream
 from workers.providers import Finish, TextDelta
 from workers.providers._eventstream import EventMessage, EventStreamParser
 from workers.providers.bedrock import _StreamState, request_body
 
 TOKENS = 6
 MODEL = "anthropic.claude-3-5-haiku-20241022-v1:0"
-AWS: dict[str, Any] = {
-    "region": "us-east-1",
-    "aws_access_key_id": "AKIDEXAMPLE",
-    "aws_secret_access_key": "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
-    "max_retries": 0,
-}
+AWS: dict[str, Any] = {**BEDROCK_KEYS, "max_retries": 0}
 PARAMETERS: dict[str, Any] = {
     "type": "object",
     "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},

@@ -18,16 +18,12 @@ from broker import JobOptions, RequestFailed
 from broker._protocol import Job, Message
 from devstack import MockProvider, expected_answer, expected_reasoning
 from devstack.fake_provider._answer import TOKEN_LOGPROB
-from tests._harness import StartSdkStack, StartStack, upstream
+from tests._harness import BEDROCK_KEYS, StartSdkStack, StartStack, upstream
 from workers.providers.anthropic import request_body as anthropic_body
 
 TOKENS = 5
 KINDS = ["openai", "anthropic", "ollama", "bedrock", "gemini"]
-AWS: dict[str, Any] = {
-    "region": "us-east-1",
-    "aws_access_key_id": "AKIDEXAMPLE",
-    "aws_secret_access_key": "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
-}
+AWS = BEDROCK_KEYS
 
 
 def pool(mock: MockProvider, kind: str) -> Any:

@@ -19,7 +19,7 @@ import pytest
 from broker import Job, JobOptions, Message, RequestFailed
 from broker._protocol import FunctionDef, JsonSchemaFormat, ResponseFormat, Tool
 from devstack import MockProvider
-from tests._harness import StartSdkStack, StartStack, upstream
+from tests._harness import BEDROCK_KEYS, StartSdkStack, StartStack, upstream
 from workers.providers.anthropic import request_body as anthropic_body
 from workers.providers.ollama import request_body as ollama_body
 from workers.providers.openai import request_body as openai_body
@@ -36,11 +36,7 @@ SCHEMA: dict[str, Any] = {
     "required": ["city", "population", "coastal", "districts", "kind"],
     "additionalProperties": False,
 }
-AWS: dict[str, Any] = {
-    "region": "us-east-1",
-    "aws_access_key_id": "AKIDEXAMPLE",
-    "aws_secret_access_key": "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
-}
+AWS = BEDROCK_KEYS
 JSON_SCHEMA = {
     "type": "json_schema",
     "json_schema": {"name": "city", "schema": SCHEMA, "strict": True},

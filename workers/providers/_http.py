@@ -20,6 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 import anyio
 import httpx
+import msgspec
 
 from broker._config import PoolConfig
 from broker._errors import StreamInterrupted, UpstreamRejected
@@ -229,6 +230,17 @@ def _joined(run: list[TextDelta | ReasoningDelta]) -> StreamItem:
     if type(run[0]) is ReasoningDelta:
         return ReasoningDelta(text)
     return TextDelta(text, tokens=sum(item.tokens for item in run if type(item) is TextDelta))
+
+
+def arguments_object(text: str) -> dict[str, Any]:
+    """A tool call's arguments (OpenAI's JSON text) as the object that Anthropic's
+    ``tool_use.input``, Bedrock's ``toolUse.input``, Gemini's ``args`` and Ollama's
+    ``arguments`` are; a value that is not an object is wrapped as ``{"value": ...}``."""
+    try:
+        value = msgspec.json.decode(text) if text else {}
+    except msgspec.DecodeError as exc:
+        raise UpstreamRejected(f"tool call arguments are not JSON: {text[:80]!r}") from exc
+    return value if isinstance(value, dict) else {"value": value}
 
 
 def optional(item: StreamItem | None) -> tuple[StreamItem, ...]:

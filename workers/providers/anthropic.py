@@ -40,6 +40,7 @@ from workers.providers._base import Finish, Malformed, ReasoningDelta, StreamIte
 from workers.providers._errors_map import error_for_payload
 from workers.providers._http import (
     answer_items,
+    arguments_object,
     job_headers,
     job_params,
     join_url,
@@ -222,7 +223,7 @@ def _turn(message: Message) -> dict[str, Any]:
     blocks = blocks if message.content else []
     for call in message.tool_calls:
         blocks.append({"type": "tool_use", "id": call.id, "name": call.function.name,
-                       "input": _arguments(call.function.arguments)})  # fmt: skip
+                       "input": arguments_object(call.function.arguments)})  # fmt: skip
     return {"role": role, "content": blocks}
 
 
@@ -253,15 +254,6 @@ def _merged(turns: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _blocks(turn: dict[str, Any]) -> list[dict[str, Any]]:
     content = turn["content"]
     return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
-
-
-def _arguments(text: str) -> Any:
-    """A tool call's arguments as the object ``tool_use.input`` wants."""
-    try:
-        value = msgspec.json.decode(text) if text else {}
-    except msgspec.DecodeError as exc:
-        raise UpstreamRejected(f"tool call arguments are not JSON: {text[:80]!r}") from exc
-    return value if isinstance(value, dict) else {"value": value}
 
 
 def _tool(tool: Tool) -> dict[str, Any]:

@@ -61,6 +61,7 @@ from workers.providers._errors_map import error_for_payload, error_for_status
 from workers.providers._eventstream import BadFrame, EventMessage, EventStreamParser
 from workers.providers._http import (
     answer_items,
+    arguments_object,
     job_headers,
     job_params,
     join_url,
@@ -240,7 +241,7 @@ def _blocks(message: Message) -> list[dict[str, Any]]:
     blocks: list[dict[str, Any]] = [{"text": message.content}] if message.content else []
     for call in message.tool_calls or ():
         use = {"toolUseId": call.id, "name": call.function.name,
-               "input": _input(call.function.arguments)}  # fmt: skip
+               "input": arguments_object(call.function.arguments)}  # fmt: skip
         blocks.append({"toolUse": use})
     return blocks or [{"text": message.content}]
 
@@ -260,15 +261,6 @@ def _part(part: ContentPart) -> dict[str, Any]:
             features=frozenset({"images"}),
         )
     return {"image": {"format": image_format, "source": {"bytes": data}}}
-
-
-def _input(arguments: str) -> Any:
-    """A tool call's arguments as the object ``toolUse.input`` wants."""
-    try:
-        value = msgspec.json.decode(arguments) if arguments else {}
-    except msgspec.DecodeError as exc:
-        raise UpstreamRejected(f"tool call arguments are not JSON: {arguments[:80]!r}") from exc
-    return value if isinstance(value, dict) else {"value": value}
 
 
 def _tool_config(job: Job) -> dict[str, Any] | None:

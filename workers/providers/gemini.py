@@ -66,6 +66,7 @@ from workers.providers._base import Finish, Malformed, ReasoningDelta, StreamIte
 from workers.providers._errors_map import error_for_payload
 from workers.providers._http import (
     answer_items,
+    arguments_object,
     job_headers,
     job_params,
     join_url,
@@ -259,16 +260,12 @@ def _content(role: str, text: str) -> dict[str, Any]:
 
 
 def _function_call(call: ToolCall) -> dict[str, Any]:
-    return {"functionCall": {"name": call.function.name, "args": _args(call.function.arguments)}}
-
-
-def _args(text: str) -> dict[str, Any]:
-    """A call's arguments (OpenAI's JSON text) as the object ``args`` is."""
-    try:
-        value = msgspec.json.decode(text) if text else {}
-    except msgspec.DecodeError as exc:
-        raise UpstreamRejected(f"tool call arguments are not JSON: {text[:80]!r}") from exc
-    return value if isinstance(value, dict) else {"value": value}
+    return {
+        "functionCall": {
+            "name": call.function.name,
+            "args": arguments_object(call.function.arguments),
+        }
+    }
 
 
 def _function_response(message: Message, names: dict[str, str]) -> dict[str, Any]:

@@ -17,13 +17,14 @@ import httpx
 import msgspec
 
 from broker._config import PoolConfig
-from broker._errors import FeatureUnsupported, StreamInterrupted, UpstreamRejected
+from broker._errors import FeatureUnsupported, StreamInterrupted
 from broker._protocol import ImagePart, Job, Message, ToolCallDelta, Usage
 from workers.providers._base import Finish, Malformed, ReasoningDelta, StreamItem, TextDelta
 from workers.providers._embed import ollama_embeddings
 from workers.providers._errors_map import error_for_payload
 from workers.providers._http import (
     answer_items,
+    arguments_object,
     job_headers,
     job_params,
     join_url,
@@ -131,7 +132,12 @@ def _message(m: Message, names: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {"role": m.role, "content": m.content}
     if m.tool_calls:
         out["tool_calls"] = [
-            {"function": {"name": c.function.name, "arguments": _object(c.function.arguments)}}
+            {
+                "function": {
+                    "name": c.function.name,
+                    "arguments": arguments_object(c.function.arguments),
+                }
+            }
             for c in m.tool_calls
         ]
     if m.role == "tool" and m.tool_call_id in names:
@@ -140,13 +146,6 @@ def _message(m: Message, names: dict[str, str]) -> dict[str, Any]:
     if images:
         out["images"] = images
     return out
-
-
-def _object(arguments: str) -> Any:
-    try:
-        return msgspec.json.decode(arguments) if arguments else {}
-    except msgspec.DecodeError as exc:
-        raise UpstreamRejected(f"tool call arguments are not JSON: {arguments[:80]!r}") from exc
 
 
 def _base64(url: str) -> str:
