@@ -24,6 +24,7 @@ import yaml
 from broker._cost import Price, price_order
 from broker._errors import ConfigError
 from broker._subjects import is_valid_name
+from broker._tracing import TracingSettings
 
 CONFIG_ENV = "LLMRELAY_CONFIG"
 
@@ -284,6 +285,7 @@ class Config(_Strict, frozen=True):
     pools: dict[str, PoolConfig] = {}
     routes: dict[str, RouteConfig] = {}
     gateway: GatewaySettings = GatewaySettings()
+    tracing: TracingSettings = TracingSettings()
 
     def pool(self, name: str) -> PoolConfig:
         return self.pools[name]

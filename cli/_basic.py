@@ -10,6 +10,7 @@ from broker._cost import Price
 from broker._errors import ERROR_CODES
 from broker._nats import redact
 from broker._schema import json_schema
+from broker._tracing import TracingSettings
 from cli._common import ConfigOpt, config_from
 
 config_app = typer.Typer(help="Inspect and validate the config file.", no_args_is_help=True)
@@ -48,6 +49,18 @@ def check(config: ConfigOpt = None) -> None:
         typer.echo(
             f"  route {name}: {chain} (spill={route.spill}{order}, deadline {route.deadline_s:g}s)"
         )
+    if cfg.tracing.enabled:
+        typer.echo(f"  tracing: {_tracing(cfg.tracing)}")
+
+
+def _tracing(t: TracingSettings) -> str:
+    """Where spans go, e.g. ``otlp to http://collector:4318/v1/traces, sample_ratio=1``."""
+    if t.exporter == "console":
+        where = t.file or "stdout"
+    else:
+        where = redact(t.endpoint) if t.endpoint else "the OTEL_EXPORTER_OTLP_* endpoint"
+    content = ", record_content" if t.record_content else ""
+    return f"{t.exporter} to {where}, sample_ratio={t.sample_ratio:g}{content}"
 
 
 def _price(price: Price | None) -> str:

@@ -40,6 +40,7 @@ class ConfigDoc:
         self._pools: dict[str, dict[str, Any]] = {}
         self._routes: dict[str, dict[str, Any]] = {}
         self._gateway: dict[str, Any] = {}
+        self._tracing: dict[str, Any] = {}
 
     def nats(self, url: str, *, user: tuple[str, str] | None = None, **settings: Any) -> Self:
         """Where workers and clients connect; ``user`` is ``(name, password)``."""
@@ -77,6 +78,11 @@ class ConfigDoc:
         self._gateway = {"port": port, "api_keys": list(api_keys), **settings}
         return self
 
+    def tracing(self, **settings: Any) -> Self:
+        """The ``tracing:`` section, e.g. ``exporter="console", file=path`` (README "Tracing")."""
+        self._tracing = dict(settings)
+        return self
+
     def as_dict(self) -> dict[str, Any]:
         """The document as plain data; sections nobody set are left out."""
         sections = {
@@ -85,6 +91,7 @@ class ConfigDoc:
             "pools": self._pools,
             "routes": self._routes,
             "gateway": self._gateway,
+            "tracing": self._tracing,
         }
         return {key: value for key, value in sections.items() if value}
 

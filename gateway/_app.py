@@ -15,11 +15,13 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from nats.aio.client import Client as NATS
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -37,6 +39,7 @@ from broker._jsapi import consumer_info
 from broker._nats import connect, nats_errors
 from broker._protocol import Job
 from broker._subjects import JOBS_STREAM, cancel_subject, route_consumer
+from broker._tracing import sdk_missing
 from gateway._apierror import ApiError, error_from_exception, http_error
 from gateway._dialect import CHAT, Call, Dialect
 from gateway._embeddings import EMBEDDINGS
@@ -45,6 +48,9 @@ from gateway._keys import ApiKeys
 from gateway._messages import MESSAGES, count_tokens
 from gateway._metrics import GatewayMetrics
 from gateway._responses import Status, json_response, model_card, model_list
+
+if TYPE_CHECKING:  # imported only when tracing is on (README "Tracing")
+    from broker._otel import Tracing
 
 _UNKNOWN_ROUTE_LABEL = "_unknown"
 _CONNECT_HINT = (
@@ -60,7 +66,12 @@ class Gateway:
     """
 
     def __init__(
-        self, config: Config, *, nats_url: str | None = None, metrics_dir: str | None = None
+        self,
+        config: Config,
+        *,
+        nats_url: str | None = None,
+        metrics_dir: str | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.config = config
         self.settings = config.gateway
@@ -70,6 +81,9 @@ class Gateway:
         self._keys = ApiKeys(self.settings.api_keys)
         self._nc: NATS | None = None
         self._relay: RelayClient | None = None
+        # Spans (``gateway/_tracing.py``): the caller's ``tracing``, else the config's, else None.
+        self._owns_tracing = tracing is None
+        self.tracing = tracing if tracing is not None else self._open_tracing()
 
     @property
     def relay(self) -> RelayClient:
@@ -96,7 +110,7 @@ class Gateway:
             )
         except ConnectFailed as exc:
             raise ConnectFailed(f"{exc.message} ({_CONNECT_HINT})") from exc
-        self._relay = RelayClient(self.nats_url, config=self.config, nc=self._nc)
+        self._relay = self._relay_client(self._nc)
 
     async def close(self) -> None:
         """Disconnect (draining). Safe to call twice."""
@@ -104,6 +118,8 @@ class Gateway:
         if nc is not None and not nc.is_closed:
             with nats_errors("drain the gateway's NATS connection"):
                 await nc.drain()
+        if self._owns_tracing and self.tracing is not None:
+            self.tracing.close()
 
     def asgi(self, *, lifespan: bool = True) -> Starlette:
         """The ASGI app; with ``lifespan`` it connects on start-up and closes on shutdown."""
@@ -128,7 +144,35 @@ class Gateway:
             routes=routes,
             lifespan=span if lifespan else None,
             exception_handlers={HTTPException: http_error},
+            middleware=self._traced(),
         )
+
+    def _open_tracing(self) -> Tracing | None:
+        """The gateway's own tracing, or None: with tracing off nothing of OpenTelemetry is
+        imported."""
+        if not self.config.tracing.enabled:
+            return None
+        try:
+            from broker._otel import Tracing
+        except ModuleNotFoundError as exc:
+            raise sdk_missing(exc) from exc
+        return Tracing.start(self.config.tracing, kind="gateway")
+
+    def _relay_client(self, nc: NATS) -> RelayClient:
+        """The client that submits every job; with tracing, each under a producer span."""
+        if self.tracing is None:
+            return RelayClient(self.nats_url, config=self.config, nc=nc)
+        from broker._otel import TracedRelayClient
+
+        return TracedRelayClient(self.nats_url, config=self.config, nc=nc, tracing=self.tracing)
+
+    def _traced(self) -> list[Middleware]:
+        """A server span around each API request (``gateway/_tracing.py``), if tracing is on."""
+        if self.tracing is None:
+            return []
+        from gateway._tracing import TracedApp
+
+        return [Middleware(TracedApp, tracing=self.tracing)]
 
     # --- small endpoints
 

@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
@@ -55,6 +55,10 @@ from workers._http import HttpShards
 from workers._metrics import WorkerMetrics
 from workers._ratelimit import RateBudget, prompt_chars
 from workers._scheduler import PeerView
+
+if TYPE_CHECKING:  # imported only when tracing is on (README "Tracing")
+    from workers._delivery import Delivery
+    from workers._tracing import JobTrace, JobTracer
 
 log = logging.getLogger("llmrelay.worker")
 
@@ -91,6 +95,8 @@ class PoolContext:
     # Models that refused a prefilled continuation (``_continuation.Continuation``):
     # this worker stops sending them prefills.
     prefill_refused: set[str] = field(default_factory=set)
+    # The worker's spans (``_tracing.py``); None: tracing is off.
+    tracer: JobTracer | None = None
 
     @property
     def pool(self) -> PoolConfig:
@@ -112,6 +118,10 @@ class PoolContext:
         if job.pool == self.pool_name and (not self.pool.models or job.route in self.pool.models):
             return job.route  # pinned to this pool with an upstream model name as the route
         return None
+
+    def trace_delivery(self, delivery: Delivery) -> JobTrace | None:
+        """The spans of one delivery, or None when tracing is off (the run's only cost then)."""
+        return None if self.tracer is None else self.tracer.delivery(delivery)
 
     def model_label(self, model: str) -> str:
         """A bounded metric label: configured models by name, anything else as "other"."""

@@ -90,6 +90,7 @@ class JobRun:
         self.model_label = ""
         self.delivery = Delivery(msg, ctx.pool.ack_wait_s)
         self.job_seq, self.attempt = self.delivery.job_seq, self.delivery.attempt
+        self.trace = ctx.trace_delivery(self.delivery)  # spans (``_tracing.py``), or None
         self.seq = 0
         self.started = time.monotonic()
         self.first_token_at: float | None = None
@@ -115,6 +116,8 @@ class JobRun:
             log.warning("job %s: %s; stopped, nothing published or acked", rid, exc.message)
         finally:
             await self._close_upstream()
+            if self.trace is not None:
+                self.trace.end(self.job)
 
     async def _run(self) -> None:
         self.job = job = await read_job(self.ctx, self.delivery)
@@ -214,6 +217,7 @@ class JobRun:
     async def _stream(self, job: Job) -> Finish | None:
         self.ctx.metrics.upstream_request()
         assert self.cont is not None
+        job = job if self.trace is None else self.trace.attempt(job, self.model)
         self._call = call = UpstreamCall(
             self.ctx.http, self.ctx.pool.timeouts, job.deadline_ms / 1000
         )
@@ -305,6 +309,8 @@ class JobRun:
                     pool=self.ctx.pool_name, model=self.model, degraded=self.degraded,
                     timings=self._timings(job, total_s), attempts=job.attempts,
                     embeddings=finish.embeddings, chunks=self.seq)  # fmt: skip
+        if self.trace is not None:
+            self.trace.succeeded(self.model, finish, usage, self.first_token_at, self.cont)
         await self._publish(self.ctx.priced(job, usage, done))
         await self.delivery.ack()
         await self._close_upstream()
@@ -363,6 +369,8 @@ class JobRun:
         )
 
     async def _apply(self, decision: Decision, job: Job, err: ProviderError) -> bool:
+        if self.trace is not None:
+            self.trace.failed(job, self.model, err, decision, self.first_token_at)
         if isinstance(decision, Retry):
             return await self._retry(decision, err)
         if isinstance(decision, Requeue):
@@ -413,13 +421,8 @@ class JobRun:
         try:
             await self.delivery.requeue(self.ctx.js, decision.pool, moved, self._remaining_s())
         except RelayError as exc:  # full backup queue, timeout, id taken: hand the job back
-            log.warning(
-                "re-queue of %s to %s failed (%s); redelivering",
-                job.id,
-                decision.pool,
-                exc,
-                extra=self._log_fields(job),
-            )
+            log.warning("re-queue of %s to %s failed (%s); redelivering", job.id,
+                        decision.pool, exc, extra=self._log_fields(job))  # fmt: skip
             await self.delivery.nak(1.0)
             return
         self.ctx.metrics.failed_over(decision.pool)
@@ -434,15 +437,8 @@ class JobRun:
             await self.delivery.nak(DLQ_RETRY_S)
             return
         retryable = decision.code in (AllProvidersFailed.code, CannotContinue.code)
-        await self._publish(
-            Error(
-                code=decision.code,
-                message=decision.message,
-                retryable=retryable,
-                attempt=self.attempt,
-                attempts=attempts,
-            )
-        )
+        await self._publish(Error(code=decision.code, message=decision.message, retryable=retryable,
+                                  attempt=self.attempt, attempts=attempts))  # fmt: skip
         await self.delivery.ack()
         self.ctx.metrics.job_outcome(self.model_label, "error")
         if not decision.dead_letter:  # PoolContext.dead_letter announced "dead" already
@@ -473,6 +469,8 @@ class JobRun:
 
     async def _finish_error(self, code: str, message: str) -> None:
         assert self.job is not None
+        if self.trace is not None:
+            self.trace.outcome(self.job, code)
         await self._publish(
             Error(code=code, message=message, attempt=self.attempt, attempts=self.job.attempts)
         )

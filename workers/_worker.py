@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
@@ -45,6 +45,7 @@ from broker._nats import connect, nats_errors
 from broker._protocol import Heartbeat, now_ms
 from broker._subjects import WORKER_INBOX_PREFIX
 from broker._topology import ensure_topology
+from broker._tracing import sdk_missing
 from workers._circuit import Circuits, State
 from workers._context import PoolContext, known_models
 from workers._control import Control, dead_letter_bug
@@ -54,6 +55,9 @@ from workers._metrics import WorkerMetrics
 from workers._peers import Peers
 from workers._ratelimit import RateBudget
 from workers._scheduler import PullScheduler, Wakeup, make_pullers
+
+if TYPE_CHECKING:
+    from workers._tracing import JobTracer
 
 log = logging.getLogger("llmrelay.worker")
 
@@ -120,6 +124,7 @@ class Worker:
         self._control: Control | None = None
         self._scheduler: PullScheduler | None = None
         self._metrics_server: Any = None
+        self._tracer: JobTracer | None = None
 
     # --- public --------------------------------------------------------------------
 
@@ -205,6 +210,7 @@ class Worker:
         )
         await ensure_topology(nc, self.config)
         await self._peers.open(nc)
+        self._tracer = self._job_tracer()
         self._ctx = self._pool_context(nc)
         self._control = Control(self._ctx, self.running)
         await self._control.subscribe()
@@ -232,7 +238,18 @@ class Worker:
             circuits=self.circuits,
             budget=self.budget,
             peers=self._peers,
+            tracer=self._tracer,
         )
+
+    def _job_tracer(self) -> JobTracer | None:
+        """The worker's spans, or None: with tracing off nothing of OpenTelemetry is imported."""
+        if not self.config.tracing.enabled:
+            return None
+        try:
+            from workers._tracing import JobTracer
+        except ModuleNotFoundError as exc:
+            raise sdk_missing(exc) from exc
+        return JobTracer.start(self.config, self.pool_name, self.worker_id)
 
     def _pull_scheduler(self, nc: NATS) -> PullScheduler:
         return PullScheduler(
@@ -273,6 +290,9 @@ class Worker:
         nc, self._nc = self._nc, None
         if nc is not None and not nc.is_closed:
             await nc.drain()
+        tracer, self._tracer = self._tracer, None
+        if tracer is not None:
+            tracer.close()  # the spans still held go out
 
     # --- jobs ----------------------------------------------------------------------------
 
