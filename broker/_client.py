@@ -65,6 +65,7 @@ from broker._nats import connect, nats_errors
 from broker._protocol import (
     Done,
     EmbedRequest,
+    Error,
     Event,
     Job,
     Message,
@@ -139,6 +140,8 @@ class JobHandle:
         self.reasoning = ""  # the reasoning streamed beside the answer, after ``text()``
         self.logprobs: list[TokenLogprob] = []  # of the answer's tokens (``logprobs``)
         self.job_seq: int | None = None  # the job's stream sequence, from its PubAck
+        self._fold: Fold | None = None  # of the events handed over so far
+        self._verdict: Error | None = None  # the fold's own error, due after its event
 
     @property
     def id(self) -> str:
@@ -153,17 +156,38 @@ class JobHandle:
         """The job's events until its ``done``/``error``, each once; raises
         ``DeadlineExceeded`` past the deadline. Events that do not count
         (``broker/_fold.py``) are left out; lost ones are read from ``LLM_REPLIES``."""
-        fold = Fold(self.job_seq)
+        self._fold, self._verdict = Fold(self.job_seq), None
         try:
-            while not fold.finished:
-                event = await self._reader.next_event(self.job.deadline_ms / 1000, fold.accepts)
-                if fold.accepts(event):
-                    fold.add(event)
-                    yield event
-                    if fold.error is not None and fold.error is not event:
-                        yield fold.error  # the fold's own verdict (a resume it cannot follow)
+            while (event := await self.next_event()) is not None:
+                yield event
         finally:
             await self._reader.close()
+
+    @property
+    def finished(self) -> bool:
+        """Whether the answer ended (its final event was handed over)."""
+        return self._fold is not None and self._fold.finished and self._verdict is None
+
+    async def next_event(self, wake_s: float | None = None) -> Event | None:
+        """The next event that counts, as ``events()`` hands them over, without an
+        iterator to cancel: None once the answer ended (``finished``), or at ``wake_s``
+        (wall clock) if none came by then. Raises ``DeadlineExceeded`` past the deadline.
+        The caller closes the handle (``close()``) when it is done with it."""
+        fold = self._fold = self._fold or Fold(self.job_seq)
+        if self._verdict is not None:
+            verdict, self._verdict = self._verdict, None
+            return verdict
+        while not fold.finished:
+            deadline_s = self.job.deadline_ms / 1000
+            event = await self._reader.next_event(deadline_s, fold.accepts, wake_s)
+            if event is None:
+                return None
+            if fold.accepts(event):
+                fold.add(event)
+                if fold.error is not None and fold.error is not event:
+                    self._verdict = fold.error  # the fold's own verdict (a resume it cannot follow)
+                return event
+        return None
 
     async def text(self) -> str:
         """The complete answer; raises the matching ``RelayError`` on an error event."""

@@ -74,23 +74,30 @@ class ReplyReader:
         self._seen: set[object] = set()
         self._next_seq: dict[int, int] = {}  # attempt -> the chunk seq due next
 
-    async def next_event(self, deadline_s: float, counts: Callable[[Event], bool]) -> Event:
+    async def next_event(
+        self, deadline_s: float, counts: Callable[[Event], bool], wake_s: float | None = None
+    ) -> Event | None:
         """The next event not handed over before; ``counts``: would the fold take it
-        (only such chunks' ``seq`` is checked). Raises ``DeadlineExceeded`` at ``deadline_s``."""
+        (only such chunks' ``seq`` is checked). Raises ``DeadlineExceeded`` at ``deadline_s``;
+        returns None at ``wake_s`` (wall clock) if no event came by then."""
         while True:
             if self._gap_suspected():
                 await self.resume(deadline_s)
-            remaining_s = deadline_s - time.time()
+            now = time.time()
+            remaining_s = deadline_s - now
             if remaining_s <= 0:
                 raise DeadlineExceeded(f"{self.what}: no answer before its deadline")
             msg = queued_message(self._sub)
+            if msg is None and wake_s is not None and wake_s <= now:
+                return None
             try:
                 if msg is None:
+                    wait_s = min(remaining_s, POLL_S, POLL_S if wake_s is None else wake_s - now)
                     with nats_errors(f"{self.what}: reading the answer"):
-                        msg = await self._sub.next_msg(timeout=min(remaining_s, POLL_S))
+                        msg = await self._sub.next_msg(timeout=wait_s)
             except RelayError as exc:
                 if isinstance(exc.__cause__, NatsTimeout):
-                    continue  # look at the connection, then wait on
+                    continue  # look at the connection (and the wake time), then wait on
                 raise
             self._taken += 1
             event = decode_event(msg.data)

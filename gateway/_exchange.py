@@ -34,16 +34,16 @@ An exchange gets what it needs from the gateway in an ``ExchangeContext``
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import anyio
 import msgspec
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from starlette.responses import Response
 from starlette.types import Message as AsgiMessage
 from starlette.types import Receive, Scope, Send
@@ -60,12 +60,13 @@ from gateway._responses import json_response
 
 log = logging.getLogger("llmrelay.gateway")
 
-# Events buffered between the NATS subscription and a slow HTTP client.
-_EVENT_BUFFER = 256
 # A stream still being written this long past its job's deadline is cut: the
 # worker has stopped by then, so what is left is a client too slow to read its
 # answer (one that reads nothing at all is cut sooner, by gateway.write_timeout_s).
 SLOW_READER_GRACE_S = 1.0
+# The ASGI scope extension, set by the gateway's server (gateway/_serve.py), that says
+# whether the client has gone: a callable with no arguments.
+DISCONNECTED = "llmrelay.disconnected"
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +109,22 @@ class Exchange:
             yield Error(
                 code="service_unavailable", message=f"lost the NATS connection: {exc.message}"
             )
+
+    async def next_event(self, wake_at: float) -> Event | None:
+        """The job's next event, or None at ``wake_at`` (``time.monotonic()``) if none came;
+        like ``events()``, a missed deadline or a lost connection is an ``Error``."""
+        try:
+            event = await self.handle.next_event(time.time() + wake_at - time.monotonic())
+        except DeadlineExceeded as exc:
+            return Error(code="deadline_exceeded", message=exc.message)
+        except BrokerUnavailable as exc:
+            return Error(
+                code="service_unavailable", message=f"lost the NATS connection: {exc.message}"
+            )
+        if event is None and self.handle.finished:
+            return Error(code="internal", message="the reply stream ended without an answer")
+        self.answered = self.answered or isinstance(event, Done | Error)
+        return event
 
     async def complete(self, receive: Receive) -> Response:
         """A non-streamed answer: held whole, so any reset is invisible."""
@@ -195,6 +212,8 @@ class EventStreamResponse(Response):
         self._scope: Scope = {"type": "http"}
         self._send: Send | None = None
         self._started = False
+        self._disconnected = False
+        self._gone: Callable[[], bool] = _never
         self._text_sent = False
         self._last_write = time.monotonic()
         # With nothing to send for this long, the stream sends its headers (if not
@@ -203,36 +222,42 @@ class EventStreamResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._scope, self._send = scope, send
+        self._gone = scope.get("extensions", {}).get(DISCONNECTED, _never)
+        # One cancel scope and one task per request: the scope ends the stream at its cut
+        # time or when the watcher sees the client go (per-event scopes, a task group and a
+        # memory stream cost a third of the gateway's CPU per request, bench/RESULTS.md).
         try:
             with (
                 self.metrics.in_flight.track_inprogress(),
-                anyio.move_on_after(self._cut_in_s()) as cut,
+                anyio.move_on_after(self._cut_in_s()) as scope_,
             ):
-                async with anyio.create_task_group() as tg:
-                    events_in, events_out = anyio.create_memory_object_stream[Event](_EVENT_BUFFER)
-                    tg.start_soon(self._pump, events_in)
-                    tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
-                    self.outcome = await self._relay(events_out)
-                    tg.cancel_scope.cancel()
-            if cut.cancelled_caught:
+                watcher = asyncio.ensure_future(self._watch_disconnect(receive, scope_))
+                try:
+                    self.outcome = await self._relay()
+                finally:
+                    watcher.cancel()
+            if scope_.cancelled_caught and not self._disconnected:
                 self.outcome = "deadline_exceeded"  # a reader too slow for the deadline
         finally:
+            await self.x.handle.close()
             await self.x.finish(self.outcome, stream=True)
+
+    async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
+        """Cancel ``scope`` when the client disconnects (the request body was already read)."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._disconnected = True
+        scope.cancel()
 
     def _cut_in_s(self) -> float:
         """Seconds until a stream still being written is cut (see ``SLOW_READER_GRACE_S``)."""
         return self.x.handle.job.deadline_ms / 1000 - time.time() + SLOW_READER_GRACE_S
 
-    async def _pump(self, events_in: ObjectSendStream[Event]) -> None:
-        async with events_in:
-            async for event in self.x.events():
-                await events_in.send(event)
-
-    async def _relay(self, events: ObjectReceiveStream[Event]) -> str:
+    async def _relay(self) -> str:
         """Relay events until the answer ends; return the outcome label."""
         try:
             while True:
-                match await self._next(events):
+                match await self._next():
                     case Chunk() as chunk:
                         await self._chunk(chunk)
                     case Notice() as notice:
@@ -241,7 +266,7 @@ class EventStreamResponse(Response):
                         self.fold.add(done)  # a newer attempt's empty answer voids sent text
                         if self.fold.done is not None:
                             await self._done(done)
-                            return "done"
+                            return "disconnected" if self._gone() else "done"
                     case Error() as error if self.fold.accepts(error):
                         await self._fail(self.x.error(error))
                         return error.code
@@ -249,6 +274,8 @@ class EventStreamResponse(Response):
                         pass  # a superseded attempt's end: the answer goes on
                     case _:
                         await self._tick()
+                if self._gone():
+                    return "disconnected"
                 # The fold's own verdict: a resume it cannot follow, a hole in the replies.
                 if self.fold.error is not None:
                     await self._fail(self.x.error(self.fold.error))
@@ -258,18 +285,13 @@ class EventStreamResponse(Response):
             await self._fail(api_error(exc.code, exc.message))
             return exc.code
 
-    async def _next(self, events: ObjectReceiveStream[Event]) -> Event | None:
+    async def _next(self) -> Event | None:
         """The next event, or None when held text is due or a keep-alive is."""
         wake_at = self._last_write + self._keepalive_s
         due = self.fold.due_at()
         if due is not None:
             wake_at = min(wake_at, due)
-        with anyio.move_on_after(max(0.0, wake_at - time.monotonic())):
-            try:
-                return await events.receive()
-            except anyio.EndOfStream:
-                return Error(code="internal", message="the reply stream ended without an answer")
-        return None
+        return await self.x.next_event(wake_at)
 
     async def _chunk(self, chunk: Chunk) -> None:
         if chunk.model is not None and chunk.attempt >= self.fold.attempt:
@@ -335,6 +357,10 @@ class EventStreamResponse(Response):
             **self.x.headers,
         }
         return [(k.encode(), v.encode()) for k, v in headers.items()]
+
+
+def _never() -> bool:
+    return False
 
 
 async def _no_receive() -> AsgiMessage:

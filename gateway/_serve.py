@@ -20,7 +20,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import h11
@@ -35,6 +35,11 @@ from uvicorn.supervisors import Multiprocess
 from broker._config import Config, GatewaySettings
 from gateway._apierror import api_error
 from gateway._app import Gateway
+from gateway._cork import CorkedTransport
+from gateway._exchange import DISCONNECTED
+
+if TYPE_CHECKING:  # imported only when tracing is on (README "Tracing")
+    from broker._otel import Tracing
 
 log = logging.getLogger("llmrelay.gateway")
 
@@ -83,7 +88,8 @@ class LimitedH11Protocol(H11Protocol):
     # --- reading: a request must arrive whole within its time
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        # One write per loop turn: an answer's head and events go out together (_cork.py).
+        super().connection_made(CorkedTransport(transport, self.loop))
         self._watch_request()
 
     def data_received(self, data: bytes) -> None:
@@ -167,6 +173,13 @@ class LimitedH11Protocol(H11Protocol):
                 await self._over_limit()(scope, receive, send)
                 return
             progress = _Progress(send)
+            cycle = self.cycle
+            # A streamed answer looks here after each write: uvicorn's send() after a cut
+            # returns as if it wrote, and a stream whose events are all queued would not
+            # otherwise yield to the task that hears the disconnect (gateway/_exchange.py).
+            scope.setdefault("extensions", {})[DISCONNECTED] = lambda: (
+                cycle is not None and cycle.disconnected
+            )
             try:
                 await app(scope, receive, progress.send)
             finally:
@@ -281,11 +294,13 @@ async def serve_gateway(
     port: int = 0,
     graceful_s: int = 5,
     sock: socket.socket | None = None,
+    tracing: Tracing | None = None,
 ) -> AsyncIterator[str]:
     """Run the gateway in this event loop; yield its base URL, e.g. ``http://127.0.0.1:PORT/v1``.
 
     ``port=0`` picks a free port; ``sock``, a listening socket of the caller's
-    (with its own socket options), is served instead of ``host``/``port``. NATS
+    (with its own socket options), is served instead of ``host``/``port``; ``tracing``:
+    the gateway's spans go there instead of where the config says. NATS
     is connected and the socket is listening before the URL is yielded, so the
     first request can be sent at once. To
     measure the time to first token through it (bench/gateway_ttft.py does)::
@@ -304,7 +319,7 @@ async def serve_gateway(
     host, bound_port = sock.getsockname()[:2]
     server = uvicorn.Server(
         server_config(
-            (gateway := Gateway(config, nats_url=nats_url)).asgi(lifespan=False),
+            (gateway := Gateway(config, nats_url=nats_url, tracing=tracing)).asgi(lifespan=False),
             config.gateway,
             lifespan="off",
             log_config=None,
