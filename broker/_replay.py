@@ -27,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 import msgspec
@@ -156,12 +158,54 @@ class ReplyReader:
 
     async def close(self) -> None:
         """Unsubscribe; safe twice."""
+        if await unsubscribe_soon(self._sub):
+            return
         try:
             with nats_errors(f"{self.what}: unsubscribing"):
                 await self._sub.unsubscribe()
         except RelayError as exc:
             if not isinstance(exc.__cause__, BadSubscriptionError):  # already gone: fine
                 raise
+
+
+async def unsubscribe_soon(sub: Subscription) -> bool:
+    """Unsubscribe a core subscription now on this side, its ``UNSUB`` sent with the
+    connection's next write; False (nothing done) for any other subscription, or one
+    already closed, or a connection not connected (``unsubscribe()`` then does it).
+
+    nats-py's ``unsubscribe`` writes its ``UNSUB`` at once: one ``send()`` of its own
+    per job for a client between jobs, a third of the gateway's writes to NATS, and on
+    this VM a third of its CPU is socket writes (bench/RESULTS.md, issue 16). Here the
+    subscription stops taking messages at once (nats-py drops what comes for an
+    unknown sid), and the command waits in nats-py's pending buffer for the next
+    publish or subscribe, or at most ``UNSUB_FLUSH_S``.
+    """
+    conn = sub._conn
+    if type(sub) is not Subscription or sub._closed or not conn.is_connected:
+        return False
+    sub._closed = True
+    sub._stop_processing()
+    conn._remove_sub(sub._id)
+    await conn._send_command(b"UNSUB %d\r\n" % sub._id)
+    loop = asyncio.get_running_loop()
+    if conn not in _flush_due:
+        _flush_due[conn] = loop.call_later(UNSUB_FLUSH_S, _flush_later, conn)
+    return True
+
+
+def _flush_later(conn: NATS) -> None:
+    _flush_due.pop(conn, None)
+    if conn.is_connected:
+        # A task of its own: nats-py's flush is a coroutine (it signals its flusher).
+        _flushes.add(task := asyncio.ensure_future(conn._flush_pending()))
+        task.add_done_callback(_flushes.discard)
+
+
+# At most one timer per connection for the UNSUBs it holds back; the flush tasks they
+# start, kept from the garbage collector until done.
+UNSUB_FLUSH_S = 0.05
+_flush_due: weakref.WeakKeyDictionary[NATS, asyncio.TimerHandle] = weakref.WeakKeyDictionary()
+_flushes: set[asyncio.Future[Any]] = set()
 
 
 def queued_message(sub: Subscription) -> Msg | None:

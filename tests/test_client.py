@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import time
+import urllib.request
+
+import anyio
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -20,6 +25,7 @@ from broker import (
 )
 from broker._fold import Answer
 from broker._jsapi import consumer_info
+from broker._server import NatsServer
 from tests._builders import make_config
 
 POOLS = {"p1": {}, "p2": {}}
@@ -104,3 +110,43 @@ def test_answer_ignores_a_stale_notice_that_arrives_after_the_backup_started() -
     answer.add(Chunk(seq=1, attempt=2, delta="answer"))
     answer.add(Chunk(seq=5, attempt=1, delta="late chunk of the dead attempt"))
     assert answer.text == "backup answer"
+
+
+SERVER_FIRST_PING_S = 2.0
+
+
+def server_subscriptions(server: NatsServer, connection: str) -> set[str]:
+    """The subjects the server holds for the client connections named ``connection``."""
+    url = f"http://{server.host}:{server.monitor_port}/connz?subs=1&limit=1024"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        conns = json.load(resp)["connections"]
+    return {
+        s for c in conns if c.get("name") == connection for s in c.get("subscriptions_list", [])
+    }
+
+
+async def test_a_closed_handles_reply_subscription_leaves_the_server(
+    nc: NATS, client_url: str, nats_server: NatsServer
+) -> None:
+    """A closed handle's UNSUB waits for the connection's next write (broker/_replay.py,
+    ``unsubscribe_soon``), but it does reach the server, and an open handle keeps its own."""
+    await ensure_topology(nc, make_config(POOLS, ROUTES))
+    async with RelayClient(client_url) as relay:
+        connected = time.monotonic()
+        closed = [await relay.submit(f"job {i}", route="chat") for i in range(5)]
+        for handle in closed:
+            await handle.close()
+        kept = await relay.submit("still open", route="chat")
+        with anyio.fail_after(5):
+            while (subs := server_subscriptions(nats_server, "llmrelay-client")) & {
+                h.job.reply_to for h in closed
+            }:
+                await anyio.sleep(0.02)
+        assert kept.job.reply_to in subs
+        # Past nats-server's first PING to a new connection (2 s), whose PONG would
+        # flush the UNSUB too: nothing else writes now, so only the flush timer can.
+        await anyio.sleep(max(0.0, connected + SERVER_FIRST_PING_S + 0.5 - time.monotonic()))
+        await kept.close()
+        with anyio.fail_after(1):
+            while kept.job.reply_to in server_subscriptions(nats_server, "llmrelay-client"):
+                await anyio.sleep(0.02)
