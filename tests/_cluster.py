@@ -3,6 +3,9 @@
 ``local_cluster`` starts the cluster runner that `llmrelay up --cluster 3` uses
 (``broker/_cluster.py``) on free ports with temporary stores. The waits poll
 JetStream state under a deadline; none of them sleeps a fixed time.
+``node_serving`` finds the node a named connection is on (monitoring ``/connz``),
+``lead_elsewhere`` moves every leader off one node (a stepdown naming the node
+to prefer), so that a test can kill a node that leads nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import anyio
 import pytest
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from broker._cluster import NatsCluster
@@ -67,6 +71,59 @@ def leaders_seen(cluster: NatsCluster, stream: str) -> dict[str, str]:
             "",
         )
     return views
+
+
+def node_serving(cluster: NatsCluster, connection: str) -> str:
+    """The one node that serves a client connection named ``connection`` (``/connz``)."""
+    serving = []
+    for node in cluster.nodes:
+        url = f"http://{node.host}:{node.monitor_port}/connz?limit=1024"
+        with urllib.request.urlopen(url, timeout=2.0) as resp:
+            names = [c.get("name") for c in json.load(resp).get("connections") or []]
+        serving += [node.server_name or ""] * names.count(connection)
+    assert len(serving) == 1, f"{connection!r} is connected to {serving or 'no node'}"
+    return serving[0]
+
+
+async def lead_elsewhere(nc: NATS, node: str, to: str) -> list[str]:
+    """Move the leader of each llmrelay stream, and of each consumer of LLM_JOBS, that
+    ``node`` holds to ``to``; return what was moved, once ``to`` leads each of them."""
+    js = nc.jetstream()
+    moved = []
+    for stream in await js.streams_info():
+        name = stream.config.name or ""
+        if name in LLMRELAY_STREAMS and stream.cluster and stream.cluster.leader == node:
+            await _step_down(nc, f"STREAM.LEADER.STEPDOWN.{name}", to)
+            moved.append(name)
+    for consumer in await js.consumers_info("LLM_JOBS"):
+        if consumer.cluster and consumer.cluster.leader == node:
+            await _step_down(nc, f"CONSUMER.LEADER.STEPDOWN.LLM_JOBS.{consumer.name}", to)
+            moved.append(f"LLM_JOBS/{consumer.name}")
+    with anyio.fail_after(10):
+        while not await _all_led_by(js, moved, to):
+            await anyio.sleep(0.05)
+    return moved
+
+
+async def _step_down(nc: NATS, api: str, preferred: str) -> None:
+    body = json.dumps({"placement": {"preferred": preferred}}).encode()
+    reply = json.loads((await nc.request(f"$JS.API.{api}", body, timeout=5.0)).data)
+    assert reply.get("success"), reply
+
+
+async def _all_led_by(js: JetStreamContext, names: Sequence[str], leader: str) -> bool:
+    for name in names:
+        stream, _, consumer = name.partition("/")
+        try:
+            if consumer:
+                cluster = (await js.consumer_info(stream, consumer)).cluster
+            else:
+                cluster = (await js.stream_info(stream)).cluster
+        except NatsError:
+            return False
+        if cluster is None or cluster.leader != leader:
+            return False
+    return True
 
 
 async def connect_worker(cluster: NatsCluster, *nodes: str) -> NATS:

@@ -22,6 +22,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import anyio
 import pytest
@@ -39,7 +40,8 @@ from broker import (
     ensure_topology,
 )
 from broker._cluster import NatsCluster
-from broker._jsapi import consumer_info
+from broker._errors import JetStreamApiError
+from broker._jsapi import api_request, consumer_info
 from broker._nats import connect_nats
 from broker._protocol import decode_event
 from broker._server import CLIENT_USER, WORKER_USER
@@ -48,8 +50,10 @@ from tests._cluster import (
     R3,
     connect_worker,
     connected_port,
+    lead_elsewhere,
     leaders_seen,
     local_cluster,
+    node_serving,
     paused,
     stream_leader,
     wait_for_new_leader,
@@ -192,6 +196,10 @@ class Failover:
     new_leader: str = ""
     leader_after_s: float = 0.0
     fault: str = "SIGKILL"
+    role: str = "LLM_JOBS leader"  # what the harmed node was, for the report
+    in_flight: int = 0  # jobs the worker was running when its node was killed
+    moved_to: str = ""  # the node the worker reconnected to
+    reconnect_s: float = 0.0
 
 
 Fault = Callable[[NatsCluster, NATS, anyio.Event, Failover], Awaitable[None]]
@@ -250,8 +258,7 @@ class Run:
 
 
 async def _load_under_fault(cluster: NatsCluster, nc: NATS, fault: Fault, name: str) -> Run:
-    """The load, with ``fault`` striking the LLM_JOBS leader's node at job KILL_AT_JOB,
-    counted by an observer on another node until every job has settled."""
+    """The load of two workers, ``fault`` striking the LLM_JOBS leader's node."""
     mock = MockProvider(name="p", tokens=TOKENS, token_delay_ms=TOKEN_DELAY_MS)
     pools = {"a": upstream(mock, concurrency=8, ack_wait_s=2.0)}
     urls = NatsUrls(cluster.urls_for(WORKER_USER), cluster.urls_for(CLIENT_USER))
@@ -259,19 +266,31 @@ async def _load_under_fault(cluster: NatsCluster, nc: NATS, fault: Fault, name: 
                            streams=R3) as stack:  # fmt: skip
         await wait_until_current(nc)
         failover = Failover(killed=await stream_leader(nc, "LLM_JOBS"), fault=name)
-        survivor = next(n.server_name for n in cluster.nodes if n.server_name != failover.killed)
-        observer = await connect_worker(cluster, survivor)
-        counter = FinalCounter()
-        await observer.subscribe("llm.reply.>", cb=counter.on_reply, pending_msgs_limit=-1)
-        load, at_kill = Load(stack.relay), anyio.Event()
-        try:
-            with anyio.fail_after(60):
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(fault, cluster, observer, at_kill, failover)
-                    await load.run(JOBS, RATE_PER_S, at_kill)
-                await _settled(observer, stack.workers, counter)
-        finally:
-            await observer.close()
+        return await _counted_load(cluster, stack.relay, stack.workers, fault, failover)
+
+
+async def _counted_load(
+    cluster: NatsCluster,
+    relay: RelayClient,
+    workers: list[Worker],
+    fault: Fault,
+    failover: Failover,
+) -> Run:
+    """The load through ``relay``, ``fault`` striking ``failover.killed`` at job KILL_AT_JOB,
+    counted by an observer on another node until every job has settled."""
+    survivor = next(n.server_name for n in cluster.nodes if n.server_name != failover.killed)
+    observer = await connect_worker(cluster, survivor)
+    counter = FinalCounter()
+    await observer.subscribe("llm.reply.>", cb=counter.on_reply, pending_msgs_limit=-1)
+    load, at_kill = Load(relay), anyio.Event()
+    try:
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fault, cluster, observer, at_kill, failover)
+                await load.run(JOBS, RATE_PER_S, at_kill)
+            await _settled(observer, workers, counter)
+    finally:
+        await observer.close()
     _report(failover, load)
     return Run(failover, load, counter)
 
@@ -340,6 +359,100 @@ async def test_a_paused_leader_node_makes_no_split_brain_and_rejoins_as_a_follow
             await anyio.sleep(0.05)
 
 
+# --- SIGKILL of the node a worker is connected to, its jobs in flight ------------------
+
+
+async def _kill_workers_node_then_restart(
+    worker: Worker, cluster: NatsCluster, observer: NATS, at_kill: anyio.Event, f: Failover
+) -> None:
+    """SIGKILL the worker's node mid-answers; once the worker is connected to another
+    node (polled under a deadline), start the killed node again."""
+    await at_kill.wait()
+    f.in_flight = len(worker.running)
+    await anyio.to_thread.run_sync(cluster.kill, f.killed)
+    start, killed_port = time.monotonic(), cluster.node(f.killed).port
+    with anyio.fail_after(15):
+        while not worker.nc.is_connected or connected_port(worker.nc) == killed_port:
+            await anyio.sleep(0.005)
+    f.reconnect_s = time.monotonic() - start
+    f.moved_to = next(n.server_name or "" for n in cluster.nodes
+                      if n.port == connected_port(worker.nc))  # fmt: skip
+    await anyio.to_thread.run_sync(cluster.restart, f.killed)
+
+
+@pytest.mark.slow
+async def test_sigkill_of_a_workers_node_with_jobs_in_flight_loses_none_and_mixes_no_attempts(
+    cluster: NatsCluster, nc: NATS
+) -> None:
+    """The node killed is the one the (only) worker is connected to, found by its
+    connection's name in /connz, and it leads nothing: every llmrelay stream and
+    LLM_JOBS consumer it led was handed to another node first. So this is the
+    worker's connection dying with its jobs in flight, not an election (that is the
+    leader-kill test). The worker was given every node's URL; the client and the
+    observer are on the other nodes. Each job in flight then is finished by the
+    worker (what it wrote while cut off is sent once it is connected again) or,
+    its lease lapsed, redelivered; each caller gets the provider's whole answer or
+    is told to retry, never a mix of two attempts."""
+    mock = MockProvider(name="p", tokens=TOKENS, token_delay_ms=TOKEN_DELAY_MS)
+    pools = {"a": upstream(mock, concurrency=32, ack_wait_s=2.0)}
+    urls = NatsUrls(cluster.urls_for(WORKER_USER), cluster.urls_for(CLIENT_USER))
+    async with start_stack(urls, pools, {"chat": [("a", "gpt")]}, workers=["a"],
+                           streams=R3, relay=None) as stack:  # fmt: skip
+        await wait_until_current(nc)
+        (worker,) = stack.workers
+        node = await anyio.to_thread.run_sync(node_serving, cluster, "llmrelay-worker-a")
+        assert cluster.node(node).port == connected_port(worker.nc)
+        others = [n.server_name or "" for n in cluster.nodes if n.server_name != node]
+        moved = await lead_elsewhere(nc, node, others[0])
+        print(f"\nchaos: the worker is on {node}; leaders moved from it to {others[0]}: {moved}")
+        client_urls = ",".join(cluster.node(n).url_for(CLIENT_USER) for n in others)
+        failover = Failover(killed=node, role="the worker's node, leading nothing")
+        fault = partial(_kill_workers_node_then_restart, worker)
+        async with RelayClient(client_urls, config=stack.config) as relay:
+            run = await _counted_load(cluster, relay, stack.workers, fault, failover)
+    assert failover.in_flight > 0, "no job was in flight when the worker's node died"
+    assert failover.moved_to in others
+    _check_each_job_answered_once(run)
+
+
+@pytest.mark.slow
+async def test_a_consumer_leader_change_hands_the_new_leader_every_pull_of_the_worker(
+    cluster: NatsCluster, nc: NATS
+) -> None:
+    """The old leader ends the pulls waiting there with one 409 per reply subject, and
+    a worker's pulls on one consumer share an inbox: that one 409 ends them all, and
+    the worker pulls again at the new leader for every free slot. (It used to count
+    the rest as waiting until they were written off, expiry + 2 s = 12 s later,
+    serving the route with one pull meanwhile.)"""
+    mock = MockProvider(name="p", tokens=TOKENS, token_delay_ms=TOKEN_DELAY_MS)
+    pools = {"a": upstream(mock, concurrency=8)}
+    urls = NatsUrls(cluster.urls_for(WORKER_USER), cluster.urls_for(CLIENT_USER))
+    route_pulls = 7  # every slot but the one pulling the pool's own subject
+    async with start_stack(urls, pools, {"chat": [("a", "gpt")]}, streams=R3) as stack:
+        await wait_until_current(nc)
+        leader = await _waiting_pulls(nc, route_pulls)
+        other = next(n.server_name or "" for n in cluster.nodes if n.server_name != leader)
+        assert "LLM_JOBS/route_chat" in await lead_elsewhere(nc, leader, other)
+        assert await _waiting_pulls(nc, route_pulls, timeout_s=8.0) == other
+        handles = [await stack.relay.submit(f"q{i}", route="chat") for i in range(route_pulls)]
+        texts = [await h.text() for h in handles]
+    assert texts == [expected_answer("p", TOKENS)] * route_pulls
+
+
+async def _waiting_pulls(nc: NATS, pulls: int, *, timeout_s: float = 10.0) -> str:
+    """Until route_chat has ``pulls`` pulls waiting at its leader; that leader."""
+    subject = "$JS.API.CONSUMER.INFO.LLM_JOBS.route_chat"
+    with anyio.fail_after(timeout_s):
+        while True:
+            try:  # a consumer without a leader does not answer: ask again
+                info = await api_request(nc, subject, {}, timeout_s=0.25)
+            except JetStreamApiError:
+                info = {}
+            if info.get("num_waiting") == pulls:
+                return str(info["cluster"]["leader"])
+            await anyio.sleep(0.05)
+
+
 # --- a full queue under a burst -------------------------------------------------------
 
 CAPACITY = 20
@@ -397,10 +510,16 @@ def _report(failover: Failover, load: Load) -> None:
     waits = sorted(o.waited_s for o in load.outcomes.values())
     slow = [w for w in waits if w > SLOW_S]
     resubmitted = sum(1 for o in load.outcomes.values() if o.submits > 1)
+    if failover.new_leader:
+        after = f"new leader {failover.new_leader} after {failover.leader_after_s:.2f} s"
+    else:
+        after = (
+            f"{failover.in_flight} jobs in flight; the worker reconnected to "
+            f"{failover.moved_to} after {failover.reconnect_s:.3f} s"
+        )
     print(
-        f"\nchaos: {failover.fault} of {failover.killed} (LLM_JOBS leader) at job {KILL_AT_JOB} of "
-        f"{JOBS} ({RATE_PER_S:g}/s): new leader {failover.new_leader} after "
-        f"{failover.leader_after_s:.2f} s; callers: p50 {statistics.median(waits):.3f} s, "
+        f"\nchaos: {failover.fault} of {failover.killed} ({failover.role}) at job {KILL_AT_JOB} of "
+        f"{JOBS} ({RATE_PER_S:g}/s): {after}; callers: p50 {statistics.median(waits):.3f} s, "
         f"max {waits[-1]:.2f} s, {len(slow)} waited > {SLOW_S:g} s, "
         f"{resubmitted} submitted again"
     )

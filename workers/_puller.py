@@ -7,7 +7,10 @@ class only issues them, counts them, and reports what each pull ended with: a
 job, or a status (408 expired, 409 and the like) meaning the slot is free again.
 
 A pull the server forgot (reconnect, consumer re-created) would leak a slot, so
-pulls older than their expiry plus a grace period are written off.
+pulls older than their expiry plus a grace period are written off. When a
+consumer's leader changes (or the consumer is deleted), the old leader drops
+every pull waiting there but answers only one 409 per reply subject: all of a
+puller's pulls share one inbox, so that one 409 frees them all.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Callable
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.api import Header
 
 from broker._jsapi import next_subject, pull_request_body
 from broker._subjects import JOBS_STREAM, PRIORITY_GROUP
@@ -27,6 +31,8 @@ OnJob = Callable[[Msg, "Puller"], None]
 OnIdle = Callable[["Puller"], None]
 
 _GRACE_S = 2.0
+# 409 descriptions that end every pull waiting on the consumer, not only one.
+_ALL_PULLS_ENDED = frozenset({"Leadership Change", "Consumer Deleted"})
 
 
 class Puller:
@@ -110,7 +116,9 @@ class Puller:
         status = msg.headers.get("Status") if msg.headers else None
         if status == "100":  # idle heartbeat: the pull is still waiting
             return
-        if self._issued:
+        if status == "409" and (msg.headers or {}).get(Header.DESCRIPTION) in _ALL_PULLS_ENDED:
+            self._issued.clear()
+        elif self._issued:
             self._issued.popleft()
         if status is not None or not msg.reply:
             assert self._on_idle is not None
