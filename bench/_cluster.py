@@ -3,6 +3,11 @@
 ``Cluster`` is devstack's ``Stack`` (nats-server with a temp store dir, fake
 providers, worker processes from a generated config file) plus what only the
 bench runs: load generators, py-spy samplers, and worker metrics ports to read.
+With ``nats_nodes=3`` (``llmrelay bench --cluster 3``) the one nats-server is a
+local 3-node cluster instead (``broker._cluster.NatsCluster``, as ``llmrelay up
+--cluster 3`` runs it), every process is given every node's URL, and the config
+it writes asks for ``streams.replicas: 3``. ``nats_conf`` (``--nats-conf``) runs
+the server(s) from another config file, e.g. one with ``sync_interval: always``.
 ``close()`` ends every child: on success, on error and on Ctrl-C (it is
 synchronous, so it also runs while the event loop is being torn down), load
 generators and samplers first, then the stack (workers, providers, nats-server).
@@ -29,11 +34,12 @@ from nats.aio.client import Client as NATS
 from bench._loadgen import LoadResult, LoadSpec
 from bench._procstat import ProcWatch
 from bench.presets import ProviderSpec
+from broker._cluster import NatsCluster
 from broker._config import load_config
 from broker._errors import BenchError
 from broker._jsapi import consumer_info
 from broker._nats import connect_nats
-from broker._server import free_port
+from broker._server import CLIENT_USER, WORKER_USER, NatsServer, free_port
 from broker._subjects import JOBS_STREAM, route_consumer
 from broker._topology import ensure_topology
 from devstack import ConfigDoc, MockProviderProcess, MockSpec, Stack, WorkerProcess, stop_process
@@ -141,12 +147,51 @@ class LoadProc:
 class Cluster(Stack[WorkerProc]):
     """Everything one benchmark run started; ``close()`` ends all of it."""
 
-    def __init__(self, work_dir: Path) -> None:
+    def __init__(
+        self, work_dir: Path, *, nats_nodes: int = 1, nats_conf: Path | None = None
+    ) -> None:
+        """``nats_conf``: the nats-server config (nats.conf, or a cluster's nats-cluster.conf)."""
         super().__init__(work_dir)
+        if nats_conf is not None:
+            self.server = NatsServer(store_dir=work_dir / "nats", config_file=nats_conf)
         self.loadgens: list[LoadProc] = []
         self.config_path = work_dir / "llmrelay-bench.yaml"
         self.profile_dir: Path | None = None
         self.profilers: list[subprocess.Popen[bytes]] = []
+        self.nats: NatsCluster | None = None
+        if nats_nodes > 1:
+            self.nats = NatsCluster(
+                size=nats_nodes, store_dir=work_dir / "nats-cluster", config_file=nats_conf
+            )
+
+    # --- nats-server: one, or a cluster ----------------------------------------------
+
+    @property
+    def nats_nodes(self) -> int:
+        return self.nats.size if self.nats is not None else 1
+
+    @property
+    def client_url(self) -> str:
+        return self.nats.urls_for(CLIENT_USER) if self.nats is not None else super().client_url
+
+    @property
+    def worker_url(self) -> str:
+        return self.nats.urls_for(WORKER_USER) if self.nats is not None else super().worker_url
+
+    def start_nats(self) -> NatsServer:
+        """The one nats-server, or every node of the cluster (then the first is returned)."""
+        if self.nats is None:
+            return super().start_nats()
+        self.nats.start()
+        return self.nats.nodes[0]
+
+    def nats_watches(self) -> list[ProcWatch]:
+        """A CPU and memory watch on each running nats-server."""
+        if self.nats is None:
+            servers = [("nats-server", self.server)]
+        else:
+            servers = [(f"nats-server-{n.server_name}", n) for n in self.nats.nodes]
+        return [ProcWatch(name, "nats", s.pid) for name, s in servers if s.pid is not None]
 
     # --- providers, config and workers -----------------------------------------------
 
@@ -162,6 +207,8 @@ class Cluster(Stack[WorkerProc]):
         )
 
     def write_config(self, doc: ConfigDoc) -> Path:
+        if self.nats is not None:
+            doc.streams(replicas=self.nats.size)
         return doc.write(self.config_path)
 
     def start_worker(self, pool: str, index: int) -> WorkerProc:
@@ -235,6 +282,8 @@ class Cluster(Stack[WorkerProc]):
                 stop_process(spy, 5.0)
         self.profilers.clear()
         super().close()
+        if self.nats is not None:
+            self.nats.stop()
 
     async def connect(self) -> NATS:
         """A worker-privileged connection, with the topology of the written config in place."""

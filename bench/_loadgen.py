@@ -10,6 +10,8 @@ JSON line. Two targets take exactly the same load:
   first token is submit -> first ``Chunk``, total is submit -> ``Done``.
 - ``direct``: the worker's own provider adapter (httpx, same connection limits)
   straight to the fake provider; first ``TextDelta`` and ``Finish``.
+- ``gateway``: streamed ``POST /v1/chat/completions`` to the HTTP gateway
+  (``bench._httpload``); first SSE chunk with content, and ``[DONE]``.
 
 Three shapes of load:
 
@@ -36,11 +38,8 @@ failover in the middle of an answer.
 
 from __future__ import annotations
 
-import contextlib
-import math
 import resource
 import signal
-import ssl
 import sys
 import time
 import uuid
@@ -48,20 +47,20 @@ from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import anyio
-import httpx
 import msgspec
 from anyio.abc import TaskGroup
 
+from bench._httpload import GatewaySender
 from broker._client import RelayClient
 from broker._config import PoolConfig, Secret
 from broker._errors import RelayError
 from broker._protocol import Chunk, Done, Error, Job, Message, Notice, now_ms
 from broker._subjects import reply_subject
-from workers.providers import Finish, Provider, ProviderError, TextDelta, make_provider
+from workers._http import HttpShards
+from workers.providers import Finish, Provider, ProviderError, TextDelta
 
-Target = Literal["broker", "direct"]
+Target = Literal["broker", "direct", "gateway"]
 Mode = Literal["open", "closed", "burst"]
-SHARD_CONNECTIONS = 8
 DEFAULT_PROMPT = "Say hello and then a few words, please."
 
 
@@ -79,7 +78,9 @@ class LoadSpec(msgspec.Struct, kw_only=True):
     deadline_s: float = 120.0
     provider_url: str = ""
     model: str = "gpt"
-    connections: int = 64  # direct: httpx pool size
+    connections: int = 64  # direct: httpx pool size; gateway: HTTP connections
+    gateway_url: str = ""  # gateway: its OpenAI base URL (.../v1)
+    api_key: str = ""  # gateway: the bearer key
     prompt: str = DEFAULT_PROMPT
     index: int = 0
 
@@ -239,25 +240,18 @@ class _BrokerSender:
 
 
 class _DirectSender:
-    """The worker's provider adapter over small httpx clients (shards), least busy first.
+    """The worker's own provider connections (``workers._http.HttpShards``, the lean
+    transport, ``connections`` slots) straight to the fake provider; a request waits
+    for a free connection here, as a job waits in the queue for a free slot."""
 
-    httpcore's pool does work quadratic in its size on every request (it counts
-    the idle connections once per connection) and linear in its queue, so one
-    client with many connections, or a queue inside httpx, would measure
-    httpcore rather than the provider. So requests wait for a free connection
-    here (as jobs wait in the queue for a free slot on the broker side), and each
-    shard holds at most ``SHARD_CONNECTIONS``.
-    """
-
-    def __init__(self, clients: list[httpx.AsyncClient], spec: LoadSpec) -> None:
+    def __init__(self, spec: LoadSpec) -> None:
         pool = PoolConfig(
             kind="openai",
             base_url=f"{spec.provider_url}/v1",
             api_key=Secret("sk-bench"),
             concurrency=spec.connections,
         )
-        self.providers = [make_provider(pool, http) for http in clients]
-        self.busy = [0] * len(clients)
+        self.shards = HttpShards(pool, spec.connections)
         self.free = anyio.Semaphore(spec.connections)
         self.spec = spec
         self.messages = [Message(role="user", content=spec.prompt)]
@@ -272,12 +266,11 @@ class _DirectSender:
         )
         req.submitted()
         async with self.free:
-            shard = min(range(len(self.busy)), key=self.busy.__getitem__)
-            self.busy[shard] += 1
+            shard, provider = self.shards.acquire()
             try:
-                return await self._stream(self.providers[shard], job, req)
+                return await self._stream(provider, job, req)
             finally:
-                self.busy[shard] -= 1
+                self.shards.release(shard)
 
     async def _stream(self, provider: Provider, job: Job, req: _Request) -> float:
         finished = 0.0
@@ -429,22 +422,21 @@ async def _run_broker(spec: LoadSpec) -> LoadResult:
 
 
 async def _run_direct(spec: LoadSpec) -> LoadResult:
-    shards = max(1, math.ceil(spec.connections / SHARD_CONNECTIONS))
-    per_shard = math.ceil(spec.connections / shards)
-    limits = httpx.Limits(
-        max_connections=per_shard, max_keepalive_connections=per_shard, keepalive_expiry=60.0
+    sender = _DirectSender(spec)
+    try:
+        return await _ready_then_run(spec, sender)
+    finally:
+        await sender.shards.aclose()
+
+
+async def _run_gateway(spec: LoadSpec) -> LoadResult:
+    sender = GatewaySender(
+        spec.gateway_url, spec.api_key, spec.route, spec.prompt, spec.connections
     )
-    timeout = httpx.Timeout(connect=5.0, read=None, write=5.0, pool=None)
-    # One TLS context for all shards: each httpx client would otherwise load its own (~1 MB).
-    tls = ssl.create_default_context()
-    async with contextlib.AsyncExitStack() as stack:
-        clients = [
-            await stack.enter_async_context(
-                httpx.AsyncClient(limits=limits, timeout=timeout, verify=tls)
-            )
-            for _ in range(shards)
-        ]
-        return await _ready_then_run(spec, _DirectSender(clients, spec))
+    try:
+        return await _ready_then_run(spec, sender)
+    finally:
+        await sender.aclose()
 
 
 async def _ready_then_run(spec: LoadSpec, sender: Sender) -> LoadResult:
@@ -456,7 +448,7 @@ async def _ready_then_run(spec: LoadSpec, sender: Sender) -> LoadResult:
 
 async def _main() -> None:
     spec = msgspec.json.decode(await _read_line(), type=LoadSpec)
-    runner = _run_broker if spec.target == "broker" else _run_direct
+    runner = {"broker": _run_broker, "direct": _run_direct, "gateway": _run_gateway}[spec.target]
     result = await runner(spec)
     sys.stdout.buffer.write(msgspec.json.encode(result) + b"\n")
     sys.stdout.flush()

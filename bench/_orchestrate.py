@@ -30,9 +30,11 @@ from nats.aio.client import Client as NATS
 
 from bench._cluster import Cluster
 from bench._failover import failover_scenario
-from bench._report import BenchReport, Overhead, RunResult, SideResult, machine_info, now_iso
-from bench._scenario import ROUTE, Log, Side, bench_config, load_shape
+from bench._gateway_scenario import gateway_scenario
+from bench._report import BenchReport, RunResult, machine_info, now_iso
+from bench._scenario import ROUTE, Log, Side, bench_config, load_shape, overhead
 from bench.presets import Phase, Preset
+from broker._cluster import node_name
 from broker._jsapi import consumer_info
 from broker._server import nats_server_binary
 from broker._subjects import JOBS_STREAM, route_consumer
@@ -56,12 +58,19 @@ async def run_preset(
     log: Log = _stderr,
     keep_dir: Path | None = None,
     profile_dir: Path | None = None,
+    nats_nodes: int = 1,
+    nats_conf: Path | None = None,
 ) -> BenchReport:
-    """Run one preset end to end; every child process is gone when this returns or raises."""
+    """Run one preset end to end; every child process is gone when this returns or raises.
+
+    ``nats_nodes=3``: against a local 3-node cluster with ``streams.replicas: 3``;
+    ``nats_conf``: the nats-server config file (default nats.conf / nats-cluster.conf).
+    """
     scenarios: dict[str, Scenario] = {
         "load": load_scenario,
         "spike": load_scenario,
         "failover": failover_scenario,
+        "gateway": gateway_scenario,
     }
     t0 = time.monotonic()
     machine = machine_info(nats_server_binary())
@@ -69,7 +78,7 @@ async def run_preset(
     with tempfile.TemporaryDirectory(prefix="llmrelay-bench-") as tmp:
         workdir = keep_dir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        cluster = Cluster(workdir)
+        cluster = Cluster(workdir, nats_nodes=nats_nodes, nats_conf=nats_conf)
         if profile_dir is not None:
             profile_dir.mkdir(parents=True, exist_ok=True)
             cluster.profile_dir = profile_dir.resolve()
@@ -85,9 +94,25 @@ async def run_preset(
         started_at=started,
         wall_s=round(time.monotonic() - t0, 1),
         machine=machine,
-        settings=msgspec.to_builtins(preset),
+        settings=msgspec.to_builtins(preset) | _nats_settings(nats_nodes, nats_conf),
         runs=runs,
+        notes=_nats_notes(nats_nodes),
     )
+
+
+def _nats_settings(nodes: int, conf: Path | None) -> dict[str, Any]:
+    """What the broker side ran on: nats-server nodes, the streams' replicas, the config."""
+    return {"nats_nodes": nodes, "replicas": nodes, "nats_conf": str(conf or "")}
+
+
+def _nats_notes(nodes: int) -> list[str]:
+    if nodes == 1:
+        return []
+    names = ", ".join(f"nats-server-{node_name(i)}" for i in range(nodes))
+    return [
+        f"broker side on a local {nodes}-node JetStream cluster, streams.replicas {nodes}; "
+        f"nats-server CPU is that of {names} together"
+    ]
 
 
 async def _until_sigterm(work: Awaitable[list[RunResult]]) -> list[RunResult]:
@@ -131,7 +156,9 @@ def _sole(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 async def load_scenario(cluster: Cluster, preset: Preset, log: Log) -> list[RunResult]:
-    log(f"starting nats-server, fake provider, {preset.workers} worker(s)")
+    servers = f"{cluster.nats_nodes} nats-server nodes (R{cluster.nats_nodes})"
+    log(f"starting {servers if cluster.nats else 'nats-server'}, fake provider, "
+        f"{preset.workers} worker(s)")  # fmt: skip
     cluster.start_nats()
     mock = cluster.start_provider("mock-a", preset.provider)
     cluster.write_config(bench_config(preset, {"a": mock.url}, {"a": {"rpm": preset.rpm}}))
@@ -173,17 +200,6 @@ async def _load_phase(
         direct=direct,
         overhead=overhead(broker, direct),
         extra=extra,
-    )
-
-
-def overhead(broker: SideResult, direct: SideResult | None) -> Overhead | None:
-    if direct is None or not broker.completed or not direct.completed:
-        return None
-    return Overhead(
-        ttft_p50_ms=round(broker.ttft_ms.p50 - direct.ttft_ms.p50, 3),
-        ttft_p99_ms=round(broker.ttft_ms.p99 - direct.ttft_ms.p99, 3),
-        total_p50_ms=round(broker.total_ms.p50 - direct.total_ms.p50, 3),
-        total_p99_ms=round(broker.total_ms.p99 - direct.total_ms.p99, 3),
     )
 
 

@@ -27,6 +27,9 @@ class ProcUsage(msgspec.Struct, kw_only=True):
     cpu_s: float
     cpu_pct: float  # of one core: 100 = one core busy for the whole phase
     cpu_ms_per_request: float = 0.0  # cpu_s over every request of the phase (warmup too)
+    # cpu_s over every chunk the provider streamed in the phase (requests x tokens):
+    # what relaying one chunk costs, which dominates long answers.
+    cpu_us_per_chunk: float = 0.0
     peak_rss_mb: float
     rss_mb: float
     rss_min_mb: float

@@ -220,7 +220,8 @@ def _side_details(s: SideResult) -> list[str]:
             f"({r.connections_opened} opened for {r.requests} requests)"
         )
     procs = "; ".join(
-        f"{p.name} {p.cpu_pct:.0f}% cpu ({p.cpu_ms_per_request:.2f} ms/req) "
+        f"{p.name} {p.cpu_pct:.0f}% cpu ({p.cpu_ms_per_request:.2f} ms/req, "
+        f"{p.cpu_us_per_chunk:.1f} µs/chunk) "
         f"{p.peak_rss_mb:.0f} MB peak"
         for p in s.processes
     )

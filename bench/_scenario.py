@@ -21,9 +21,9 @@ import httpx
 import msgspec
 
 from bench._cluster import Cluster, LoadProc, WorkerProc
-from bench._loadgen import LoadResult, LoadSpec, Rec
+from bench._loadgen import LoadResult, LoadSpec, Rec, Target
 from bench._procstat import MachineWatch, ProcUsage, ProcWatch
-from bench._report import Reuse, SideResult
+from bench._report import Overhead, Reuse, SideResult
 from bench._stats import summarize
 from bench.presets import Phase, Preset
 from devstack import ConfigDoc
@@ -37,6 +37,7 @@ __all__ = [
     "SideOutcome",
     "bench_config",
     "load_shape",
+    "overhead",
     "side_result",
 ]
 
@@ -46,6 +47,7 @@ ROUTE = "chat"
 MODEL = "gpt"
 _REQUESTS_METRIC = "llmrelay_upstream_requests_total"
 _OPENED_METRIC = "llmrelay_upstream_connections_opened_total"
+GATEWAY_KEY = "sk-bench-gateway"  # the gateway scenario's API key
 _TIMEOUTS = {"connect_s": 5, "ttft_s": 60, "idle_s": 60}
 
 
@@ -116,7 +118,7 @@ class Side:
         cluster: Cluster,
         preset: Preset,
         phase: Phase,
-        target: str,
+        target: Target,
         *,
         workers: list[WorkerProc] | None = None,
     ) -> None:
@@ -139,9 +141,10 @@ class Side:
             n = pre.direct_loadgen_procs
         mock = next(iter(self.cluster.mocks.values()))
         conns = max(1, pre.slots * pre.workers // n)
+        gw = self.cluster.gateways[0] if self.target == "gateway" else None
         return [
             LoadSpec(
-                target="broker" if self.target == "broker" else "direct",
+                target=self.target,
                 mode=ph.mode,
                 rate=ph.rate / n,
                 concurrency=_share(ph.concurrency, n, i),
@@ -155,6 +158,8 @@ class Side:
                 provider_url=mock.url,
                 model=MODEL,
                 connections=conns,
+                gateway_url=f"{gw.url}/v1" if gw else "",
+                api_key=GATEWAY_KEY if gw else "",
                 index=i,
             )
             for i in range(n)
@@ -162,7 +167,8 @@ class Side:
 
     async def run(self, sampler: Sampler | None = None) -> SideOutcome:
         specs = self.specs()
-        before = _worker_counters(self.workers) if self.target == "broker" else (0, 0)
+        via_workers = self.target != "direct"
+        before = _worker_counters(self.workers) if via_workers else (0, 0)
         for mock in self.cluster.mocks.values():
             httpx.post(f"{mock.url}/control/reset").raise_for_status()
         procs = await anyio.to_thread.run_sync(self.cluster.start_loadgens, specs)
@@ -174,12 +180,14 @@ class Side:
         reported = {p.pid: (r.cpu_s, r.peak_rss_kb) for p, r in zip(procs, results, strict=True)}
         usage = [w.end(reported.get(w.pid)) for w in self.watches]
         machine_pct, steal_pct = self._machine.end()
-        after = _worker_counters(self.workers) if self.target == "broker" else (0, 0)
+        after = _worker_counters(self.workers) if via_workers else (0, 0)
         self.provider_stats = {n: m.stats() for n, m in self.cluster.mocks.items()}
         records = [r for res in results for r in res.records]
         warmup = sum(res.warmup_sent for res in results)
+        chunks = (len(records) + warmup) * self.preset.provider.tokens
         for u in usage:
             u.cpu_ms_per_request = round(1000 * u.cpu_s / max(1, len(records) + warmup), 3)
+            u.cpu_us_per_chunk = round(1e6 * u.cpu_s / max(1, chunks), 2)
         result = side_result(self.target, records, usage, machine_pct)
         result.warmup_sent = warmup
         result.steal_cpu_pct = steal_pct
@@ -217,9 +225,10 @@ class Side:
     def _watches(self, procs: list[LoadProc]) -> list[ProcWatch]:
         c = self.cluster
         watches = [ProcWatch("orchestrator", "orchestrator", os.getpid())]
-        if c.server.pid is not None:
-            watches.append(ProcWatch("nats-server", "nats", c.server.pid))
+        watches += c.nats_watches()  # every node of a cluster
         watches += [w.watch() for w in self.workers if w.proc.poll() is None]
+        if self.target == "gateway":
+            watches += [ProcWatch(g.name, "gateway", g.pid) for g in c.gateways]
         for name, mock in c.mocks.items():
             if mock.process is not None:
                 watches.append(ProcWatch(name, "provider", mock.process.pid))
@@ -227,7 +236,7 @@ class Side:
 
     def _reuse(self, before: tuple[int, int], after: tuple[int, int]) -> list[Reuse]:
         out = []
-        if self.target == "broker" and self.workers:
+        if self.target != "direct" and self.workers:
             requests, opened = after[0] - before[0], after[1] - before[1]
             out.append(_reuse("worker-metrics", requests, opened))
         for name, stats in self.provider_stats.items():
@@ -261,6 +270,17 @@ def _worker_counters(workers: list[WorkerProc]) -> tuple[int, int]:
             elif key.startswith(_OPENED_METRIC + "{"):
                 opened += int(value)
     return requests, opened
+
+
+def overhead(broker: SideResult, direct: SideResult | None) -> Overhead | None:
+    if direct is None or not broker.completed or not direct.completed:
+        return None
+    return Overhead(
+        ttft_p50_ms=round(broker.ttft_ms.p50 - direct.ttft_ms.p50, 3),
+        ttft_p99_ms=round(broker.ttft_ms.p99 - direct.ttft_ms.p99, 3),
+        total_p50_ms=round(broker.total_ms.p50 - direct.total_ms.p50, 3),
+        total_p99_ms=round(broker.total_ms.p99 - direct.total_ms.p99, 3),
+    )
 
 
 def side_result(

@@ -6,6 +6,8 @@
 Each tree runs ``llmrelay bench --preset ceiling --no-direct --duration 10`` from its
 own directory (its modules come first on ``sys.path``), in turns, so that the drift of
 a shared machine falls on both alike. Per process kind: CPU ms per completed request.
+Extra options go last, so ``--preset gateway-ceiling --rate 250`` measures the
+gateway instead (both trees need that preset).
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ def summary(broker: dict[str, Any]) -> str:
     def total(prefix: str) -> float:
         return sum(v for name, v in procs.items() if name.startswith(prefix))
 
+    gateway = f"gateway {total('gateway'):.2f}  " if total("gateway") else ""
     return (
-        f"rate {broker['achieved_rate']:7.1f} req/s  CPU ms/request: workers "
+        f"rate {broker['achieved_rate']:7.1f} req/s  CPU ms/request: {gateway}workers "
         f"{total('worker'):.2f}  nats-server {total('nats-server'):.2f}  client "
         f"{total('loadgen'):.2f}  provider {total('mock'):.2f}  (other processes "
         f"{broker.get('others_cpu_pct', '?')} %)"

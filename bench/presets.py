@@ -14,6 +14,8 @@ Scenarios:
 - ``failover``: a primary pool whose provider answers 503 at once, then one whose
   stream is cut mid-answer (the backup continues it), then SIGKILL of the
   primary worker while jobs flow; see ``_failover``.
+- ``gateway``: like ``load``, with the broker side sent as streamed HTTP to an
+  ``llmrelay gateway`` process; see ``_gateway_scenario``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Literal
 import msgspec
 
 Mode = Literal["open", "closed", "burst"]
-Scenario = Literal["load", "spike", "failover"]
+Scenario = Literal["load", "spike", "failover", "gateway"]
 
 
 class ProviderSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -73,6 +75,7 @@ class Preset(msgspec.Struct, frozen=True, kw_only=True):
 _STEADY_PROVIDER = ProviderSpec(tokens=8, ttft_ms=5.0, token_delay_ms=1.0)
 _ZERO_PROVIDER = ProviderSpec(tokens=8)
 STEADY_RATES = (100, 500, 1000, 2000)
+GATEWAY_RATES = (250, 500, 1000, 1500)
 
 
 def _steady(rate: int, duration_s: float = 20.0) -> Phase:
@@ -115,6 +118,26 @@ PRESETS: dict[str, Preset] = {
         slots=8,
         loadgen_procs=1,
         direct_loadgen_procs=2,
+    ),
+    "gateway-ceiling": Preset(
+        name="gateway-ceiling",
+        description=(
+            "open loop through the HTTP gateway at 250, 500, 1,000 and 1,500 req/s, 10 s each "
+            "(streamed chat completions, zero-latency provider, 8 chunks), two workers with 16 "
+            "slots each; the same load straight to the fake provider first, at each rate "
+            "(--rate R: one rate only)"
+        ),
+        scenario="gateway",
+        phases=tuple(
+            Phase(name=f"gateway@{rate}", mode="open", rate=rate, duration_s=10, warmup_s=2)
+            for rate in GATEWAY_RATES
+        ),
+        provider=_ZERO_PROVIDER,
+        workers=2,
+        slots=16,
+        loadgen_procs=1,
+        drain_s=20,
+        deadline_s=30,
     ),
     "spike": Preset(
         name="spike",
@@ -191,7 +214,7 @@ class Overrides(msgspec.Struct, kw_only=True):
 def apply_overrides(preset: Preset, o: Overrides) -> Preset:
     """The preset with the given fields changed (phases included)."""
     phases = tuple(_phase_overrides(p, o) for p in preset.phases)
-    if o.rate is not None and preset.scenario == "load":
+    if o.rate is not None and preset.scenario in ("load", "gateway"):
         base = phases[0] if phases else _steady(int(o.rate))
         phases = (msgspec.structs.replace(base, name=f"open@{o.rate:g}", mode="open"),)
     changes: dict[str, object] = {"phases": phases}

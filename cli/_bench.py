@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Literal, cast
 
@@ -59,6 +60,24 @@ def bench(
     no_direct: Annotated[
         bool, typer.Option("--no-direct", help="Skip the direct (no broker) side.")
     ] = False,
+    cluster: Annotated[
+        int,
+        typer.Option(
+            "--cluster",
+            min=1,
+            max=5,
+            help="nats-server nodes: 3 runs the broker side on a local 3-node cluster "
+            "(as `llmrelay up --cluster 3`) with streams.replicas 3.",
+        ),
+    ] = 1,
+    nats_conf: Annotated[
+        Path | None,
+        typer.Option(
+            "--nats-conf",
+            help="nats-server config file (default: nats.conf; nats-cluster.conf with "
+            "--cluster), e.g. a copy with sync_interval: always.",
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     out: Annotated[Path | None, typer.Option(help="Also write the JSON report here.")] = None,
     keep_dir: Annotated[
@@ -103,12 +122,16 @@ def bench(
         warmup_s=warmup,
         direct=False if no_direct else None,
     )
+    if cluster == 2:
+        raise typer.BadParameter("1 (one nats-server) or 3 to 5 nodes", param_hint="--cluster")
     chosen = apply_overrides(PRESETS[preset], overrides)
     command = "llmrelay " + shlex.join(sys.argv[1:])
+    run = partial(
+        run_preset, chosen, command=command, keep_dir=keep_dir, profile_dir=profile,
+        nats_nodes=cluster, nats_conf=nats_conf.resolve() if nats_conf else None,
+    )  # fmt: skip
     try:
-        report = anyio.run(
-            lambda: run_preset(chosen, command=command, keep_dir=keep_dir, profile_dir=profile)
-        )
+        report = anyio.run(run)
     except KeyboardInterrupt:
         typer.secho("bench interrupted; every process it started was stopped", err=True)
         raise typer.Exit(130) from None

@@ -80,6 +80,32 @@ def test_smoke_json_is_complete_and_consistent() -> None:
     assert run["load"]["rate"] == 20
 
 
+def test_a_cluster_run_reports_every_node_and_stores_each_job_three_times(
+    tmp_path: Path,
+) -> None:
+    """``--cluster 3``: the broker side on a 3-node cluster with R3 streams. Each node's
+    store holds LLM_JOBS (a replica), and each node's CPU is reported."""
+    out = subprocess.run(
+        [*BENCH, *TINY, "--cluster", "3", "--no-direct", "--keep-dir", str(tmp_path), "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert (report["settings"]["nats_nodes"], report["settings"]["replicas"]) == (3, 3)
+    assert any("3-node JetStream cluster" in note for note in report["notes"])
+    (run,) = report["runs"]
+    assert run["direct"] is None
+    _check_side(run["broker"], "broker")
+    nats = [p for p in run["broker"]["processes"] if p["role"] == "nats"]
+    assert sorted(p["name"] for p in nats) == [f"nats-server-n{i}" for i in (1, 2, 3)]
+    assert len({p["pid"] for p in nats}) == 3
+    assert all(p["cpu_s"] > 0 for p in nats), nats  # each node replicated the jobs
+    assert "replicas: 3" in (tmp_path / "llmrelay-bench.yaml").read_text()
+    for node in ("n1", "n2", "n3"):
+        streams = tmp_path / "nats-cluster" / node / "jetstream" / "$G" / "streams"
+        assert (streams / "LLM_JOBS").is_dir(), f"{node} stores no replica of LLM_JOBS"
+
+
 def _descendants(pid: int) -> set[int]:
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
@@ -151,7 +177,8 @@ def test_overrides_change_only_what_is_given() -> None:
 def test_every_preset_is_listed() -> None:
     out = subprocess.run([*BENCH, "--list"], cwd=REPO, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0
-    for name in ("smoke", "steady", "ceiling", "spike", "failover", "long-streams", "gateway"):
+    names = ("smoke", "steady", "ceiling", "spike", "failover", "long-streams", "gateway")
+    for name in (*names, "gateway-ceiling"):
         assert name in out.stdout
     assert os.path.exists(REPO / "bench" / "RESULTS.md")
 
@@ -170,6 +197,26 @@ def test_gateway_preset_measures_all_three_paths() -> None:
     for path in report.values():
         assert path["n"] == 5
         assert 0 < path["p50"] <= path["p90"] <= path["p99"] <= path["max"]
+
+
+def test_gateway_ceiling_sends_the_same_load_direct_and_through_the_gateway() -> None:
+    """A tiny gateway-ceiling run: every request answered on both sides, the gateway's
+    CPU counted per request and per chunk, time to first token added reported."""
+    tiny = ["--preset", "gateway-ceiling", "--rate", "20", "--duration", "1", "--warmup", "0.2"]
+    out = subprocess.run(
+        [*BENCH, *tiny, "--json"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    (run,) = json.loads(out.stdout)["runs"]
+    _check_side(run["direct"], "direct")
+    _check_side(run["broker"], "gateway")
+    side = run["broker"]
+    assert side["errors"] == 0 and side["incomplete_answers"] == 0, side["errors_by_code"]
+    (gateway,) = [p for p in side["processes"] if p["role"] == "gateway"]
+    assert gateway["cpu_ms_per_request"] > 0 and gateway["cpu_us_per_chunk"] > 0
+    assert run["overhead"]["ttft_p50_ms"] == pytest.approx(
+        side["ttft_ms"]["p50"] - run["direct"]["ttft_ms"]["p50"], abs=1e-3
+    )
 
 
 # --- the failover figures (pure functions over records) ------------------------------------
