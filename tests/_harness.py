@@ -26,7 +26,8 @@ from nats.aio.client import Client as NATS
 
 from broker import Answer, Config, Event, RelayClient, ensure_topology
 from broker._config import parse_config
-from broker._server import CLIENT_USER
+from broker._nats import connect_nats
+from broker._server import CLIENT_USER, WORKER_USER, NatsServer, free_port
 from broker._subjects import inbox_prefix
 from devstack import MockProvider, WorkerProcess, wait_for_workers
 from gateway import serve_gateway
@@ -234,3 +235,40 @@ async def streamed_tool_calls(client: openai.AsyncOpenAI, **ask: Any) -> Streame
                 seen["name"] += (call.function.name or "") if call.function else ""
                 seen["arguments"] += (call.function.arguments or "") if call.function else ""
     return StreamedCalls([calls[i] for i in sorted(calls)], finish)
+
+
+async def queued_across_a_server_kill(
+    store_dir: Path,
+    mock: MockProvider,
+    *,
+    config_file: Path | None = None,
+    more_after: int = 0,
+    check: Callable[[NatsServer], None] = lambda server: None,
+) -> list[str]:
+    """Five jobs accepted with no worker running, the server SIGKILLed and started again
+    on the same store, then a worker: the text of every job, in order (``more_after``
+    more jobs are submitted once the worker runs). ``check`` looks at the first server."""
+    port = free_port()
+    server = NatsServer(port=port, store_dir=store_dir, config_file=config_file)
+    await anyio.to_thread.run_sync(server.start)
+    try:
+        check(server)
+        cfg = relay_config({"a": mock_pool(mock.url)}, {"chat": [("a", "m")]})
+        nc = await connect_nats(server.url_for(WORKER_USER))
+        await ensure_topology(nc, cfg)  # the streams, and no worker yet
+        await nc.close()
+        async with RelayClient(server.url_for(CLIENT_USER), config=cfg) as relay:
+            handles = [await relay.submit(f"q{i}", route="chat", timeout_s=30) for i in range(5)]
+            server.kill()
+            server = NatsServer(
+                port=port,
+                monitor_port=server.monitor_port,
+                store_dir=store_dir,
+                config_file=config_file,
+            )
+            await anyio.to_thread.run_sync(server.start)
+            async with running_workers(cfg, ["a"], server.url_for(WORKER_USER)):
+                handles += [await relay.submit(f"r{i}", route="chat") for i in range(more_after)]
+                return [await handle.text() for handle in handles]
+    finally:
+        server.stop()

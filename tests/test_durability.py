@@ -16,16 +16,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
-from broker import RelayClient, ensure_topology
 from broker._cluster import NatsCluster
-from broker._nats import connect_nats
-from broker._server import CLIENT_USER, WORKER_USER, NatsServer, free_port
+from broker._server import CLIENT_USER, WORKER_USER, NatsServer
 from devstack import MockProvider, expected_answer
 from tests._cluster import R3
-from tests._harness import NatsUrls, mock_pool, relay_config, running_workers, start_stack, upstream
+from tests._harness import NatsUrls, queued_across_a_server_kill, start_stack, upstream
 
 REPO = Path(__file__).resolve().parent.parent
 SYNC_ALWAYS_LINE = "  # sync_interval: always\n"
@@ -59,30 +56,14 @@ async def test_sync_always_as_documented_fsyncs_and_jobs_queued_across_a_kill_ar
     tmp_path: Path,
 ) -> None:
     conf, _ = sync_always_confs(tmp_path)
-    port, store = free_port(), tmp_path / "store"
-    server = NatsServer(port=port, store_dir=store, config_file=conf)
-    await anyio.to_thread.run_sync(server.start)
-    try:
+
+    def fsyncs(server: NatsServer) -> None:
         assert jetstream_config(server)["sync_always"] is True
-        async with MockProvider(name="p", tokens=3) as mock:
-            cfg = relay_config({"a": mock_pool(mock.url)}, {"chat": [("a", "m")]})
-            nc = await connect_nats(server.url_for(WORKER_USER))
-            await ensure_topology(nc, cfg)  # the streams, and no worker yet
-            await nc.close()
-            async with RelayClient(server.url_for(CLIENT_USER), config=cfg) as relay:
-                handles = [
-                    await relay.submit(f"q{i}", route="chat", timeout_s=30) for i in range(5)
-                ]
-                server.kill()
-                server = NatsServer(
-                    port=port, monitor_port=server.monitor_port, store_dir=store, config_file=conf
-                )
-                await anyio.to_thread.run_sync(server.start)
-                async with running_workers(cfg, ["a"], server.url_for(WORKER_USER)):
-                    handles += [await relay.submit(f"r{i}", route="chat") for i in range(5)]
-                    texts = [await handle.text() for handle in handles]
-    finally:
-        server.stop()
+
+    async with MockProvider(name="p", tokens=3) as mock:
+        texts = await queued_across_a_server_kill(
+            tmp_path / "store", mock, config_file=conf, more_after=5, check=fsyncs
+        )
     assert texts == [expected_answer("p", 3)] * 10
 
 
