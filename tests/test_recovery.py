@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from broker import Chunk, Config, Done, Notice, RelayClient
+from broker._server import CLIENT_USER, WORKER_USER, NatsServer, free_port
 from devstack import MockProvider, expected_answer
 from tests._harness import (
     folded,
@@ -27,6 +28,33 @@ from tests._harness import (
 
 @pytest.mark.slow
 async def test_worker_recovers_when_nats_server_restarts(tmp_path: Path) -> None:
+    port, store = free_port(), tmp_path / "store"
+    server = NatsServer(port=port, store_dir=store)
+    await anyio.to_thread.run_sync(server.start)
+    try:
+        async with MockProvider(name="p", tokens=3) as mock:
+            cfg = relay_config({"a": mock_pool(mock.url)}, {"chat": [("a", "m")]})
+            async with running_workers(cfg, ["a"], server.url_for(WORKER_USER)):
+                async with RelayClient(server.url_for(CLIENT_USER), config=cfg) as relay:
+                    before = await (await relay.submit("one", route="chat")).text()
+                server.kill()
+                server = NatsServer(port=port, monitor_port=server.monitor_port, store_dir=store)
+                await anyio.to_thread.run_sync(server.start)
+                async with RelayClient(server.url_for(CLIENT_USER), config=cfg) as relay:
+                    handle = await relay.submit("two", route="chat", timeout_s=10)
+                    after = await handle.text()
+    finally:
+        server.stop()
+    assert before == after == expected_answer("p", 3)
+
+
+@pytest.mark.slow
+async def test_jobs_queued_when_the_server_is_killed_are_answered_after_its_restart(
+    tmp_path: Path,
+) -> None:
+    """Jobs accepted (PubAck) while no worker runs sit in the file store; the server
+    process is SIGKILLed and started again on the same store; a worker then answers every
+    one, to callers who waited through the restart (their connections came back)."""
     async with MockProvider(name="p", tokens=3) as mock:
         texts = await queued_across_a_server_kill(tmp_path / "store", mock)
     assert texts == [expected_answer("p", 3)] * 5
