@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
 def demo(
     requests: Annotated[
         int, typer.Option("--requests", "-n", min=1, help="Requests in the burst.")
-    ] = 200,
+    ] = 500,
     concurrency: Annotated[
         int, typer.Option("--concurrency", min=1, help="Requests in flight.")
     ] = 16,
