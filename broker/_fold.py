@@ -102,6 +102,10 @@ class Fold:
             self.job_seq = event.job_seq
         if isinstance(event, Notice) and event.resume:
             self._resume(event)
+        elif isinstance(event, Chunk) and event.attempt > self.attempt and event.offset is not None:
+            self._resume(_resume_of(event))  # its resume notice never arrived
+            if self.error is not None:
+                return ""
         elif event.attempt > self.attempt and _starts_over(event):
             self._void_all(event.attempt, f"attempt {event.attempt} started over")
         match event:
@@ -231,6 +235,18 @@ class Answer(Fold):
             self.resets += 1
         self._parts.clear()
         super()._void(attempt, reason)
+
+
+def _resume_of(chunk: Chunk) -> Notice:
+    """The resume notice a continuing attempt's first chunk stands for."""
+    return Notice(
+        kind="resumed",
+        attempt=chunk.attempt,
+        resume=True,
+        offset=chunk.offset,
+        job_seq=chunk.job_seq,
+        message=f"continuing after {chunk.offset} characters",
+    )
 
 
 def _starts_over(event: Event) -> bool:

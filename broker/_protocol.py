@@ -282,6 +282,11 @@ class Chunk(msgspec.Struct, tag="chunk", tag_field="type", kw_only=True, omit_de
     logprobs: list[TokenLogprob] | None = None
     # The job's stream sequence as its client published it (0: not from a delivery).
     job_seq: int = 0
+    # On the first chunk (seq 0) of an attempt that continues the caller's text: the
+    # characters of the answer it continues after, as its resume notice says. A client
+    # that missed that notice (lost with a NATS node) folds the chunk as the notice,
+    # never as an answer that starts over (``broker/_fold.py``).
+    offset: int | None = None
 
 
 NoticeKind = Literal["retry", "failover", "requeued", "redelivered", "degraded", "resumed"]

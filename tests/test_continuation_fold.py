@@ -187,3 +187,38 @@ def test_a_chunk_seen_twice_counts_once_and_each_attempt_counts_from_0() -> None
     for event in [chunk(1, 0, "Hi"), finished(1, 0)]:
         old.add(event)
     assert old.done is not None and old.text == "Hi"
+
+
+def continuation_chunk(attempt: int, offset: int, delta: str) -> Chunk:
+    """The first chunk of a continuing attempt: it says where it continues (``offset``)."""
+    return Chunk(seq=0, attempt=attempt, delta=delta, offset=offset)
+
+
+def test_a_continuation_whose_resume_notices_were_lost_still_keeps_the_callers_text() -> None:
+    """The notices went with a NATS node that died; the first chunk of the continuing
+    attempt says it continues after 9 characters, so the answer is not cut to "ld."."""
+    events = [chunk(1, 0, "Hello "), chunk(1, 1, "wor"), continuation_chunk(2, 9, "ld."), done(2)]
+    answer, fold, sent = Answer(), ReplyFold(0.0), ""
+    for event in events:
+        answer.add(event)
+        if isinstance(event, Chunk):
+            sent += fold.chunk(event, 0.0)
+        else:
+            fold.add(event)
+    assert answer.text == "Hello world." and answer.done is not None
+    assert sent + fold.finish() == "Hello world." and fold.done is not None
+
+
+def test_a_continuation_past_the_text_that_arrived_ends_in_cannot_continue() -> None:
+    for fold in (Answer(), ReplyFold(0.0)):
+        fold.add(chunk(1, 0, "Hel"))
+        assert fold.add(continuation_chunk(2, 9, "ld.")) == ""
+        assert fold.error is not None and fold.error.code == "cannot_continue"
+        assert fold.error.retryable
+
+
+def test_a_newer_attempts_first_chunk_without_an_offset_still_starts_over() -> None:
+    answer = Answer()
+    for event in [chunk(1, 0, "Hello "), chunk(2, 0, "Hi there."), done(2)]:
+        answer.add(event)
+    assert answer.text == "Hi there."

@@ -20,7 +20,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
-from broker import Done, Error, Notice, RelayClient, RequestFailed
+from broker import Chunk, Done, Error, Notice, RelayClient, RequestFailed
 from broker._jsapi import api_request
 from broker._protocol import decode_dead_letter, decode_lifecycle
 from devstack import MockProvider, expected_answer
@@ -231,6 +231,18 @@ async def test_mid_stream_failure_is_continued_by_the_backup(fault: str, pair: S
     assert [n.kind for n in handle.notices] == ["failover", "resumed"]
     assert not any(n.reset for n in handle.notices)
     assert (a_n, b_n) == (1, 1)  # mid-stream: no retry on the pool that broke
+
+
+async def test_the_backups_first_chunk_says_where_it_continues(pair: StartPair) -> None:
+    """So a caller that lost the resume notices (with a NATS node) still folds it right."""
+    async with pair(a_model="gpt+cut=3") as p:
+        handle = await p.relay.submit("tell me", route="chat")
+        events = [event async for event in handle.events()]
+    (resumed,) = [e for e in events if isinstance(e, Notice) and e.kind == "resumed"]
+    first = next(e for e in events if isinstance(e, Chunk) and e.attempt == resumed.attempt)
+    assert first.seq == 0 and first.offset == resumed.offset and resumed.offset
+    fresh = next(e for e in events if isinstance(e, Chunk))
+    assert fresh.attempt != resumed.attempt and fresh.offset is None  # a's own answer
 
 
 @pytest.mark.parametrize("fault", ["cut=3", "stall=3"])

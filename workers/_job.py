@@ -282,6 +282,8 @@ class JobRun:
                       reasoning=reasoning, logprobs=logprobs)  # fmt: skip
         if self.seq == 0:
             chunk.pool, chunk.model = self.ctx.pool_name, self.model
+            assert self.cont is not None  # and a continuation's first chunk says where it goes
+            chunk.offset = len(self.cont.have) if self.cont.active else None
         await self._publish(chunk)
         self.seq += 1
 
