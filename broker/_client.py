@@ -177,9 +177,9 @@ class JobHandle:
         if self._verdict is not None:
             verdict, self._verdict = self._verdict, None
             return verdict
+        deadline_s, reader = self.job.deadline_ms / 1000, self._reader
         while not fold.finished:
-            deadline_s = self.job.deadline_ms / 1000
-            event = await self._reader.next_event(deadline_s, fold.accepts, wake_s)
+            event = await reader.next_event(deadline_s, fold.accepts, wake_s, fold.continues_past)
             if event is None:
                 return None
             if fold.accepts(event):

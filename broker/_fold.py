@@ -94,6 +94,17 @@ class Fold:
             return False
         return not event.job_seq or self.job_seq is None or event.job_seq == self.job_seq
 
+    def continues_past(self, event: Event) -> bool:
+        """Whether ``event`` continues the answer after more text than the fold has (its
+        earlier events were lost: a reader may find them in ``LLM_REPLIES``)."""
+        if not self.accepts(event):
+            return False
+        if isinstance(event, Notice) and event.resume:
+            return event.offset is not None and event.offset > self.chars
+        if isinstance(event, Chunk) and event.attempt > self.attempt and event.offset is not None:
+            return event.offset > self.chars
+        return False
+
     def add(self, event: Event) -> str:
         """Fold one event in; return the text it adds to the answer ("" for none)."""
         if not self.accepts(event):

@@ -77,10 +77,16 @@ class ReplyReader:
         self._next_seq: dict[int, int] = {}  # attempt -> the chunk seq due next
 
     async def next_event(
-        self, deadline_s: float, counts: Callable[[Event], bool], wake_s: float | None = None
+        self,
+        deadline_s: float,
+        counts: Callable[[Event], bool],
+        wake_s: float | None = None,
+        missing: Callable[[Event], bool] = lambda event: False,
     ) -> Event | None:
         """The next event not handed over before; ``counts``: would the fold take it
-        (only such chunks' ``seq`` is checked). Raises ``DeadlineExceeded`` at ``deadline_s``;
+        (only such chunks' ``seq`` is checked); ``missing``: does the fold lack text this
+        event continues (then, like a ``seq`` that skips, it is read again after the
+        stream's copy of what came before). Raises ``DeadlineExceeded`` at ``deadline_s``;
         returns None at ``wake_s`` (wall clock) if no event came by then."""
         while True:
             if self._gap_suspected():
@@ -106,14 +112,22 @@ class ReplyReader:
             key = _key(event, msg.data)
             if key in self._seen:
                 continue
+            if self._before_it(event, counts, missing):
+                await self.resume(deadline_s)  # what comes before it first, from the stream
+                continue
             if isinstance(event, Chunk) and counts(event):
-                due = self._next_seq.get(event.attempt, 0)
-                if event.seq > due and self.can_replay and not self.replaying:
-                    await self.resume(deadline_s)  # the chunks between come first, from the stream
-                    continue
                 self._next_seq[event.attempt] = event.seq + 1
             self._seen.add(key)
             return event
+
+    def _before_it(
+        self, event: Event, counts: Callable[[Event], bool], missing: Callable[[Event], bool]
+    ) -> bool:
+        """Whether events before ``event`` never arrived and the stream may have them."""
+        if not self.can_replay or self.replaying:
+            return False
+        skips = isinstance(event, Chunk) and event.seq > self._next_seq.get(event.attempt, 0)
+        return (skips and counts(event)) or missing(event)
 
     def _gap_suspected(self) -> bool:
         if not self.can_replay:

@@ -12,10 +12,12 @@ import anyio
 import pytest
 from nats.aio.client import Client as NATS
 
-from broker import Chunk, Config, Done, RelayClient
+from broker import Chunk, Config, Done, Notice, RelayClient, Timings, Usage, ensure_topology
+from broker._protocol import encode
 from broker._replay import queued_message
 from broker._server import free_port
 from devstack import MockProvider, expected_answer
+from tests._builders import make_config
 from tests._harness import StartStack, upstream
 
 
@@ -165,3 +167,30 @@ async def test_queued_messages_are_taken_at_once_in_order_and_counted(nc: NATS) 
     assert [m.data if m else None for m in taken] == [b"m0", b"m1", b"m2", None]
     assert (sub.pending_msgs, sub.pending_bytes) == (0, 0)
     await sub.unsubscribe()
+
+
+async def test_a_continuation_of_text_the_client_never_got_live_is_read_from_llm_replies(
+    nc: NATS, client_url: str
+) -> None:
+    """The first attempt's chunks reached ``LLM_REPLIES`` but not the caller (they went
+    with a NATS node, here: they were sent before it subscribed); the continuing attempt
+    says it continues after them, so the caller reads them from the stream first and
+    gets the whole answer, not ``cannot_continue`` and never only the end."""
+    cfg = make_config({"a": {}}, {"chat": [("a", "m")]})
+    await ensure_topology(nc, cfg)
+    async with RelayClient(client_url, config=cfg) as relay:
+        job = relay.build_job("hi", route="chat")
+        for seq, delta in enumerate(["Hello ", "wor"]):
+            await nc.publish(job.reply_to, encode(Chunk(seq=seq, attempt=1, delta=delta)))
+        await nc.flush()
+        handle = await relay.submit_job(job)
+        later = [
+            Notice(kind="redelivered", attempt=2, resume=True, offset=9),
+            Chunk(seq=0, attempt=2, delta="ld.", offset=9),
+            Done(attempt=2, finish_reason="stop", usage=Usage(), pool="a", model="m",
+                 timings=Timings(), chunks=1),
+        ]  # fmt: skip
+        for event in later:
+            await nc.publish(job.reply_to, encode(event))
+        assert await handle.text() == "Hello world."
+        assert handle.resumes == 1
