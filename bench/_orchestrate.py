@@ -7,7 +7,9 @@ load-generator processes: straight at the fake provider (``direct``), then
 through the broker; CPU and memory of every process (nats-server, workers,
 providers, generators) are read from /proc over each side, connection reuse
 from the workers' metrics and the provider's ``/stats``. A ``spike`` sends one
-burst and samples queue depth and memory throughout. ``failover`` is in
+burst and samples queue depth and memory throughout. A ``gateway`` preset is a
+load preset whose broker side is streamed HTTP to an ``llmrelay gateway``
+process in front of the workers. ``failover`` is in
 ``bench._failover``; what the scenarios share (the config, ``Side``) is in
 ``bench._scenario``, which both import.
 """
@@ -30,14 +32,15 @@ from nats.aio.client import Client as NATS
 
 from bench._cluster import Cluster
 from bench._failover import failover_scenario
-from bench._gateway_scenario import gateway_scenario
+from bench._loadgen import Target
 from bench._report import BenchReport, RunResult, machine_info, now_iso
-from bench._scenario import ROUTE, Log, Side, bench_config, load_shape, overhead
+from bench._scenario import GATEWAY_KEY, ROUTE, Log, Side, bench_config, load_shape, overhead
 from bench.presets import Phase, Preset
 from broker._cluster import node_name
 from broker._jsapi import consumer_info
-from broker._server import nats_server_binary
+from broker._server import free_port, nats_server_binary
 from broker._subjects import JOBS_STREAM, route_consumer
+from devstack import GatewayProcess
 
 __all__ = ["QueueSampler", "load_scenario", "run_preset"]
 
@@ -70,7 +73,7 @@ async def run_preset(
         "load": load_scenario,
         "spike": load_scenario,
         "failover": failover_scenario,
-        "gateway": gateway_scenario,
+        "gateway": load_scenario,
     }
     t0 = time.monotonic()
     machine = machine_info(nats_server_binary())
@@ -161,11 +164,18 @@ async def load_scenario(cluster: Cluster, preset: Preset, log: Log) -> list[RunR
         f"{preset.workers} worker(s)")  # fmt: skip
     cluster.start_nats()
     mock = cluster.start_provider("mock-a", preset.provider)
-    cluster.write_config(bench_config(preset, {"a": mock.url}, {"a": {"rpm": preset.rpm}}))
+    doc = bench_config(preset, {"a": mock.url}, {"a": {"rpm": preset.rpm}})
+    gateway_port = free_port()
+    if preset.scenario == "gateway":  # the broker side is an llmrelay gateway's HTTP clients
+        doc = doc.gateway(port=gateway_port, api_keys=[GATEWAY_KEY])
+    cluster.write_config(doc)
     nc = await cluster.connect()
     try:
         workers = [cluster.start_worker("a", i) for i in range(preset.workers)]
         await cluster.wait_ready(nc, workers)
+        if preset.scenario == "gateway":
+            log("starting the gateway")
+            await _start_gateway(cluster, gateway_port)
         for w in workers:
             cluster.profile(w)
         runs = []
@@ -176,6 +186,11 @@ async def load_scenario(cluster: Cluster, preset: Preset, log: Log) -> list[RunR
         await nc.close()
 
 
+async def _start_gateway(cluster: Cluster, port: int) -> None:
+    gateway = GatewayProcess(cluster.config_path, cluster.client_url, cluster.work_dir, port=port)
+    await cluster.add_gateway(gateway).wait_ready()
+
+
 async def _load_phase(
     cluster: Cluster, nc: NATS, preset: Preset, phase: Phase, log: Log
 ) -> RunResult:
@@ -183,9 +198,10 @@ async def _load_phase(
     if preset.direct:
         log(f"{phase.name}: direct to the fake provider")
         direct = (await Side(cluster, preset, phase, "direct").run()).result
-    log(f"{phase.name}: through the broker")
+    target: Target = "gateway" if preset.scenario == "gateway" else "broker"
+    log(f"{phase.name}: through the {target}")
     sampler = QueueSampler(nc) if preset.scenario == "spike" else None
-    side = Side(cluster, preset, phase, "broker")
+    side = Side(cluster, preset, phase, target)
     broker = (await side.run(sampler)).result
     await cluster.purge_jobs(nc, ROUTE)
     extra: dict[str, Any] = {}

@@ -15,7 +15,7 @@ Scenarios:
   stream is cut mid-answer (the backup continues it), then SIGKILL of the
   primary worker while jobs flow; see ``_failover``.
 - ``gateway``: like ``load``, with the broker side sent as streamed HTTP to an
-  ``llmrelay gateway`` process; see ``_gateway_scenario``.
+  ``llmrelay gateway`` process (``_orchestrate.load_scenario``).
 """
 
 from __future__ import annotations

@@ -97,13 +97,17 @@ class Fold:
     def continues_past(self, event: Event) -> bool:
         """Whether ``event`` continues the answer after more text than the fold has (its
         earlier events were lost: a reader may find them in ``LLM_REPLIES``)."""
-        if not self.accepts(event):
-            return False
-        if isinstance(event, Notice) and event.resume:
-            return event.offset is not None and event.offset > self.chars
+        resume = self._resume_in(event) if self.accepts(event) else None
+        return resume is not None and resume.offset is not None and resume.offset > self.chars
+
+    def _resume_in(self, event: Event) -> Notice | None:
+        """The resume ``event`` is: a resume notice, or a continuing attempt's first chunk
+        when its notice never arrived (``Chunk.offset``)."""
+        if isinstance(event, Notice):
+            return event if event.resume else None
         if isinstance(event, Chunk) and event.attempt > self.attempt and event.offset is not None:
-            return event.offset > self.chars
-        return False
+            return _resume_of(event)
+        return None
 
     def add(self, event: Event) -> str:
         """Fold one event in; return the text it adds to the answer ("" for none)."""
@@ -111,12 +115,10 @@ class Fold:
             return ""  # another job's, a superseded attempt's, or after the end
         if event.job_seq and self.job_seq is None:
             self.job_seq = event.job_seq
-        if isinstance(event, Notice) and event.resume:
-            self._resume(event)
-        elif isinstance(event, Chunk) and event.attempt > self.attempt and event.offset is not None:
-            self._resume(_resume_of(event))  # its resume notice never arrived
+        if (resume := self._resume_in(event)) is not None:
+            self._resume(resume)
             if self.error is not None:
-                return ""
+                return ""  # it continues after text that never arrived
         elif event.attempt > self.attempt and _starts_over(event):
             self._void_all(event.attempt, f"attempt {event.attempt} started over")
         match event:

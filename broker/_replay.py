@@ -40,6 +40,7 @@ from nats.errors import BadSubscriptionError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
+from nats.protocol.command import unsub_cmd
 
 from broker._errors import BrokerUnavailable, DeadlineExceeded, RelayError
 from broker._nats import nats_errors
@@ -200,7 +201,7 @@ async def unsubscribe_soon(sub: Subscription) -> bool:
     sub._closed = True
     sub._stop_processing()
     conn._remove_sub(sub._id)
-    await conn._send_command(b"UNSUB %d\r\n" % sub._id)
+    await conn._send_command(unsub_cmd(sub._id, 0))
     loop = asyncio.get_running_loop()
     if conn not in _flush_due:
         _flush_due[conn] = loop.call_later(UNSUB_FLUSH_S, _flush_later, conn)

@@ -103,24 +103,16 @@ class Exchange:
             async for event in self.handle.events():
                 self.answered = isinstance(event, Done | Error)
                 yield event
-        except DeadlineExceeded as exc:
-            yield Error(code="deadline_exceeded", message=exc.message)
-        except BrokerUnavailable as exc:
-            yield Error(
-                code="service_unavailable", message=f"lost the NATS connection: {exc.message}"
-            )
+        except (DeadlineExceeded, BrokerUnavailable) as exc:
+            yield _broken(exc)
 
     async def next_event(self, wake_at: float) -> Event | None:
         """The job's next event, or None at ``wake_at`` (``time.monotonic()``) if none came;
         like ``events()``, a missed deadline or a lost connection is an ``Error``."""
         try:
             event = await self.handle.next_event(time.time() + wake_at - time.monotonic())
-        except DeadlineExceeded as exc:
-            return Error(code="deadline_exceeded", message=exc.message)
-        except BrokerUnavailable as exc:
-            return Error(
-                code="service_unavailable", message=f"lost the NATS connection: {exc.message}"
-            )
+        except (DeadlineExceeded, BrokerUnavailable) as exc:
+            return _broken(exc)
         if event is None and self.handle.finished:
             return Error(code="internal", message="the reply stream ended without an answer")
         self.answered = self.answered or isinstance(event, Done | Error)
@@ -180,6 +172,14 @@ class Exchange:
             metrics.cancelled(self.label, outcome)
             log.info("request %s: %s; job cancelled", self.handle.id, outcome)
         metrics.finished(self.label, stream, outcome, time.monotonic() - self.started)
+
+
+def _broken(exc: DeadlineExceeded | BrokerUnavailable) -> Error:
+    """The error event of an answer that ended without one: its deadline passed, or the
+    connection to NATS was lost."""
+    if isinstance(exc, DeadlineExceeded):
+        return Error(code="deadline_exceeded", message=exc.message)
+    return Error(code="service_unavailable", message=f"lost the NATS connection: {exc.message}")
 
 
 def _outcome_label(outcome: Done | Error | None) -> str:
