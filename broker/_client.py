@@ -316,6 +316,7 @@ class RelayClient:
             parallel_tool_calls=o.parallel_tool_calls,
             embed=o.embed,
             cancel_key=secrets.token_urlsafe(18),
+            final_in_done=True,  # the reply reader takes a done's final chunk
         )
 
     def build_embed_job(

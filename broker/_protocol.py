@@ -242,6 +242,10 @@ class Job(msgspec.Struct, omit_defaults=True, kw_only=True):
     # An embeddings job (its ``messages`` are empty): answered by a ``Done`` whose
     # ``embeddings`` hold the vectors; a target that cannot embed refuses it.
     embed: EmbedRequest | None = None
+    # The client reads a ``Done``'s ``final``: a worker may then send an answer's last
+    # text inside ``done`` when the provider sent it together with the finish (one
+    # message fewer per answer). llmrelay's clients set it; unset, every text is a chunk.
+    final_in_done: bool = False
 
 
 class Usage(msgspec.Struct, omit_defaults=False, kw_only=True):
@@ -336,6 +340,10 @@ class Done(msgspec.Struct, tag="done", tag_field="type", kw_only=True):
     # USD the answering attempt cost, from its usage at its target's price
     # (``broker/_cost.py``; failed attempts' costs are theirs); absent when unpriced.
     cost_usd: float | UnsetType = UNSET
+    # The attempt's last chunk (``seq`` ``chunks - 1``), sent inside ``done`` because the
+    # provider sent it with the finish; only to a job with ``final_in_done``. A reader
+    # takes it as the chunk before ``done`` (``decode_events``).
+    final: Chunk | UnsetType = UNSET
 
 
 class Error(msgspec.Struct, tag="error", tag_field="type", kw_only=True):
@@ -431,6 +439,15 @@ def decode_job(data: bytes) -> Job:
 def decode_event(data: bytes) -> Event:
     event: Event = _event_decoder.decode(data)
     return event
+
+
+def decode_events(data: bytes) -> tuple[Event, ...]:
+    """The events of one reply message: a ``done`` with a ``final`` chunk is that chunk,
+    then the ``done`` without it; any other message is one event."""
+    event = decode_event(data)
+    if type(event) is not Done or type(event.final) is not Chunk:
+        return (event,)
+    return event.final, msgspec.structs.replace(event, final=UNSET)
 
 
 def decode_heartbeat(data: bytes) -> Heartbeat:

@@ -14,7 +14,9 @@ what it handed over before. The signs:
   received, so received - taken - still queued is what it threw away).
 
 Events are deduplicated by (attempt, seq) for chunks and by their bytes for the
-rest, so each is handed over once, in order within its attempt. On the
+rest, so each is handed over once, in order within its attempt. A ``done`` that
+carries its attempt's last chunk (``Done.final``) is handed over as that chunk,
+then the ``done``. On the
 ordered consumer only a reconnect resumes again (it tracks its own sequence);
 a chunk it lacks (aged out of the stream) is lost for good. A tenant may not
 read ``LLM_REPLIES`` (``can_replay=False``): it reads live only. On a cluster a
@@ -28,6 +30,7 @@ import asyncio
 import contextlib
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -44,7 +47,7 @@ from nats.protocol.command import unsub_cmd
 
 from broker._errors import BrokerUnavailable, DeadlineExceeded, RelayError
 from broker._nats import nats_errors
-from broker._protocol import Chunk, Event, decode_event
+from broker._protocol import Chunk, Event, decode_events
 from broker._subjects import REPLIES_STREAM
 
 # The longest wait without a look at the connection's reconnect count.
@@ -76,6 +79,8 @@ class ReplyReader:
         self._reconnects = nc.stats["reconnects"]
         self._seen: set[object] = set()
         self._next_seq: dict[int, int] = {}  # attempt -> the chunk seq due next
+        # The rest of a message that holds two events (a done and its final chunk).
+        self._queued: deque[tuple[Event, bytes]] = deque()
 
     async def next_event(
         self,
@@ -89,6 +94,28 @@ class ReplyReader:
         event continues (then, like a ``seq`` that skips, it is read again after the
         stream's copy of what came before). Raises ``DeadlineExceeded`` at ``deadline_s``;
         returns None at ``wake_s`` (wall clock) if no event came by then."""
+        while True:
+            got = await self._next_decoded(deadline_s, wake_s)
+            if got is None:
+                return None
+            event, data = got
+            key = _key(event, data)
+            if key in self._seen:
+                continue
+            if self._before_it(event, counts, missing):
+                await self.resume(deadline_s)  # what comes before it first, from the stream
+                continue
+            if isinstance(event, Chunk) and counts(event):
+                self._next_seq[event.attempt] = event.seq + 1
+            self._seen.add(key)
+            return event
+
+    async def _next_decoded(
+        self, deadline_s: float, wake_s: float | None
+    ) -> tuple[Event, bytes] | None:
+        """The next event received (and its message's bytes); None at ``wake_s``."""
+        if self._queued:
+            return self._queued.popleft()
         while True:
             if self._gap_suspected():
                 await self.resume(deadline_s)
@@ -109,17 +136,9 @@ class ReplyReader:
                     continue  # look at the connection (and the wake time), then wait on
                 raise
             self._taken += 1
-            event = decode_event(msg.data)
-            key = _key(event, msg.data)
-            if key in self._seen:
-                continue
-            if self._before_it(event, counts, missing):
-                await self.resume(deadline_s)  # what comes before it first, from the stream
-                continue
-            if isinstance(event, Chunk) and counts(event):
-                self._next_seq[event.attempt] = event.seq + 1
-            self._seen.add(key)
-            return event
+            first, *rest = decode_events(msg.data)
+            self._queued.extend((event, msg.data) for event in rest)
+            return first, msg.data
 
     def _before_it(
         self, event: Event, counts: Callable[[Event], bool], missing: Callable[[Event], bool]
@@ -147,6 +166,7 @@ class ReplyReader:
         tried again until ``deadline_s`` (default: ``RESUME_WITHIN_S`` from now).
         """
         self._reconnects = self.nc.stats["reconnects"]
+        self._queued.clear()  # read again from the stream
         await self.close()
         until_s = deadline_s if deadline_s is not None else time.time() + RESUME_WITHIN_S
         while True:
@@ -265,7 +285,7 @@ async def stored_events(nc: NATS, reply_to: str, *, timeout_s: float) -> list[Ev
             while True:
                 msg = await sub.next_msg(timeout=timeout_s)
                 with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
-                    events.append(decode_event(msg.data))
+                    events.extend(decode_events(msg.data))
                 if msg.metadata.num_pending == 0:
                     return events
     finally:

@@ -30,7 +30,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from broker._config import Config
 from broker._errors import DeadlineExceeded, RelayError, RequestFailed
 from broker._fold import Fold
-from broker._protocol import Done, Error, LifecycleEvent, decode_event, decode_lifecycle
+from broker._protocol import Done, Error, LifecycleEvent, decode_events, decode_lifecycle
 from broker._status import stream_info
 from broker._subjects import EVENTS_PREFIX, EVENTS_STREAM, REPLIES_STREAM, reply_subject
 from cli._common import ConfigOpt, NatsUrlOpt, open_nats, optional_config
@@ -133,7 +133,8 @@ async def _say_where(nc: NATS, request_id: str, as_json: bool) -> None:
     if as_json:
         return
     if stored:
-        typer.secho(f"request {request_id}: replaying {stored} event(s)", dim=True, err=True)
+        line = f"request {request_id}: replaying {stored} stored message(s)"
+        typer.secho(line, dim=True, err=True)
         return
     kept_s = int(info["config"].get("max_age", 0)) / 1e9
     typer.secho(
@@ -162,20 +163,20 @@ async def _follow_replies(nc: NATS, request_id: str, view: View, timeout: float 
                 raise DeadlineExceeded(
                     f"request {request_id} did not end within {timeout:g}s"
                 ) from exc
-            event = decode_event(msg.data)
-            if not fold.accepts(event):
-                continue  # a superseded attempt's, or another job's
-            fold.add(event)
-            if isinstance(event, Done | Error) and msg.metadata.num_pending > 0:
-                view.superseded(event)  # a run that ended; `dlq replay` ran it again
-                fold = Fold()
-                continue
-            view.event(event)
-            if isinstance(event, Done):
-                return EXIT_OK
-            if isinstance(event, Error):
-                err = RequestFailed(event.code, event.message)
-                return view.failed(err, exit_code_for(event.code, EXIT_FAILED), printed=True)
+            for event in decode_events(msg.data):  # a done may carry its final chunk
+                if not fold.accepts(event):
+                    continue  # a superseded attempt's, or another job's
+                fold.add(event)
+                if isinstance(event, Done | Error) and msg.metadata.num_pending > 0:
+                    view.superseded(event)  # a run that ended; `dlq replay` ran it again
+                    fold = Fold()
+                    continue
+                view.event(event)
+                if isinstance(event, Done):
+                    return EXIT_OK
+                if isinstance(event, Error):
+                    err = RequestFailed(event.code, event.message)
+                    return view.failed(err, exit_code_for(event.code, EXIT_FAILED), printed=True)
     finally:
         await sub.unsubscribe()
 

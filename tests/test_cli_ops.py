@@ -52,7 +52,9 @@ async def test_tail_after_completion_replays_the_whole_answer(
     assert answer == expected_answer("mock-a", 6)
     assert result.code == 0, result.stderr
     assert result.stdout == answer + "\n"
-    assert result.stderr.splitlines()[0] == f"request {handle.id}: replaying 7 event(s)"
+    # The provider sent the 6 tokens and the finish at once: one message, the done
+    # carrying the text (Done.final).
+    assert result.stderr.splitlines()[0] == f"request {handle.id}: replaying 1 stored message(s)"
     assert result.stderr.splitlines()[-1].startswith("done: a/gpt (stop), ")
 
 

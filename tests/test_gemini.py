@@ -180,11 +180,12 @@ async def test_the_request_is_geminis_shape() -> None:
 
 
 async def test_text_and_the_last_chunks_reason_and_usage() -> None:
-    """(The events of one read come as one text delta: ``answer_items``.)"""
+    """(The events of one read come as one text delta, marked ``last`` before the finish
+    of that read: ``answer_items``.)"""
     body = _sse(_chunk("Hel"), _chunk("lo", "STOP", **USAGE))
     items, _ = await _stream(body)
     usage = Usage(prompt_tokens=7, completion_tokens=2)
-    assert items == [TextDelta("Hello", tokens=2), Finish("stop", usage)]
+    assert items == [TextDelta("Hello", tokens=2, last=True), Finish("stop", usage)]
 
 
 @pytest.mark.parametrize(
@@ -204,7 +205,7 @@ async def test_thought_parts_are_reasoning_not_the_answer_and_their_tokens_count
     items, _ = await _stream(_sse({**chunk, "usageMetadata": usage}))
     assert items == [
         ReasoningDelta("thinking..."),
-        TextDelta("Answer"),
+        TextDelta("Answer", last=True),
         Finish("stop", Usage(prompt_tokens=3, completion_tokens=6, reasoning_tokens=5)),
     ]
 
@@ -212,7 +213,7 @@ async def test_thought_parts_are_reasoning_not_the_answer_and_their_tokens_count
 async def test_usage_before_the_finish_reason_does_not_end_the_answer() -> None:
     body = _sse(_chunk("a", **USAGE), _chunk("b", **USAGE), _chunk(finish="STOP", **USAGE))
     items, _ = await _stream(body)
-    assert items[:-1] == [TextDelta("ab", tokens=2)] and isinstance(items[-1], Finish)
+    assert items[:-1] == [TextDelta("ab", tokens=2, last=True)] and isinstance(items[-1], Finish)
 
 
 async def test_a_blocked_prompt_raises_content_filtered() -> None:

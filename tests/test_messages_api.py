@@ -74,8 +74,11 @@ def claude_stack(worker_url: str, client_url: str) -> StartClaude:
     return functools.partial(start_claude_stack, NatsUrls(worker_url, client_url))
 
 
-def solo(kind: str = "openai", name: str = "mock-a", model: str = "gpt") -> Any:
-    pools = {"a": upstream(MockProvider(name=name, tokens=TOKENS), kind, max_retries=0)}
+def solo(
+    kind: str = "openai", name: str = "mock-a", model: str = "gpt", token_delay_ms: float = 0
+) -> Any:
+    mock = MockProvider(name=name, tokens=TOKENS, token_delay_ms=token_delay_ms)
+    pools = {"a": upstream(mock, kind, max_retries=0)}
     return pools, {"chat": [("a", model)]}
 
 
@@ -84,7 +87,7 @@ def solo(kind: str = "openai", name: str = "mock-a", model: str = "gpt") -> Any:
 
 async def test_a_streamed_answer_is_the_exact_text(claude_stack: StartClaude) -> None:
     async with (
-        claude_stack(*solo()) as (_, client),
+        claude_stack(*solo(token_delay_ms=3)) as (_, client),  # tokens apart: pieces
         client.messages.stream(
             model="chat", max_tokens=100, messages=ASK, system="Be brief."
         ) as stream,

@@ -405,7 +405,7 @@ async def canned_items(kind: str, body: bytes) -> list[StreamItem]:
 
 async def test_openai_done_without_usage_finishes_with_no_usage() -> None:
     items = await canned_items("openai", OA_TEXT + OA_STOP + DONE)
-    assert items == [TextDelta("Hi"), Finish("stop", None)]
+    assert items == [TextDelta("Hi", last=True), Finish("stop", None)]  # one read: last
 
 
 async def test_openai_close_after_finish_reason_without_done_finishes() -> None:
@@ -425,7 +425,8 @@ async def test_openai_stream_without_finish_reason_is_interrupted(body: bytes) -
 async def test_openai_usage_in_the_finishing_chunk_finishes_at_once() -> None:
     chunk = {**choice("!", "length"), "usage": {"prompt_tokens": 2, "completion_tokens": 9}}
     items = await canned_items("openai", oa(chunk) + b"data: this is never read\n\n")
-    assert items == [TextDelta("!"), Finish("length", Usage(prompt_tokens=2, completion_tokens=9))]
+    usage = Usage(prompt_tokens=2, completion_tokens=9)
+    assert items == [TextDelta("!", last=True), Finish("length", usage)]
 
 
 async def test_openai_error_object_and_error_event_mid_stream() -> None:
@@ -458,7 +459,7 @@ async def test_anthropic_counts_usage_maps_stop_reason_and_ignores_ping() -> Non
     )
     items = await canned_items("anthropic", AN_START + AN_PING + AN_TEXT + end)
     assert items == [
-        TextDelta("Yo"),
+        TextDelta("Yo", last=True),
         Finish("length", Usage(prompt_tokens=15, completion_tokens=3, cached_tokens=4)),
     ]
 

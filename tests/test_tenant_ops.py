@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 from broker import RelayClient
 from broker._dlq import DeadLetterEntry, find_dead_letter, replay
 from broker._errors import DeadLetterNotFound, RelayError
-from broker._protocol import Chunk, Done, Error, decode_event, encode
+from broker._protocol import Chunk, Done, Error, decode_events, encode
 from broker._server import NatsServer
 from broker._subjects import inbox_prefix
 from devstack import MockProvider, expected_answer
@@ -45,15 +45,15 @@ async def _answer(nc: NATS, subject: str, skip_seq: int) -> str:
     sub = await nc.subscribe(subject)
     parts: list[str] = []
     with anyio.fail_after(TIMEOUT_S):
-        while True:
-            event = decode_event((await sub.next_msg(timeout=TIMEOUT_S)).data)
-            if event.job_seq == skip_seq:
-                continue
-            if isinstance(event, Chunk):
-                parts.append(event.delta)
-            elif isinstance(event, Done | Error):
-                assert isinstance(event, Done), event
-                return "".join(parts)
+        while True:  # (a done may carry the last chunk: Done.final)
+            for event in decode_events((await sub.next_msg(timeout=TIMEOUT_S)).data):
+                if event.job_seq == skip_seq:
+                    continue
+                if isinstance(event, Chunk):
+                    parts.append(event.delta)
+                elif isinstance(event, Done | Error):
+                    assert isinstance(event, Done), event
+                    return "".join(parts)
 
 
 async def test_replay_of_a_tenants_dead_letter_answers_that_tenant(server: NatsServer) -> None:

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from workers._transport import LeanClient, LeanTransport
+from workers._transport import LeanClient, LeanTransport, _Dechunker
 
 
 class Server:
@@ -128,6 +130,51 @@ async def test_a_body_split_at_every_byte_is_read_alike() -> None:
     async with server, client() as http, http.stream("POST", f"http://127.0.0.1:{port}/") as r:
         body = b"".join([part async for part in r.aiter_raw()])
     assert body == b"".join(PARTS)
+
+
+async def test_the_chunks_of_one_read_come_as_one_piece_of_data() -> None:
+    """A provider that sends many tokens at once (many HTTP chunks in one write) is
+    read as one piece, so the worker sends one reply message for them, not one per
+    chunk. (Before, each HTTP chunk was a piece of its own: 8 reply messages for 8
+    tokens sent together.)"""
+    async with (
+        serving(await always(chunked(*PARTS))) as server,
+        client() as http,
+        http.stream("POST", server.url, content=b"{}") as response,
+    ):
+        pieces = [part async for part in response.aiter_raw()]
+    assert pieces == [b"".join(PARTS)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12))
+def test_a_chunked_body_cut_anywhere_gives_the_same_data(cuts: list[int]) -> None:
+    parts = (b"data: one\n\n", b"x" * 40, b"data: [DONE]\n\n")
+    body = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\nT: v\r\n\r\n"
+    decoder, data, at = _Dechunker(), b"", 0
+    for cut in sorted({min(c, len(body)) for c in cuts} | {len(body)}):
+        data += decoder.feed(body[at:cut])
+        at = cut
+    assert data == b"".join(parts) and decoder.done and not decoder.extra
+
+
+@pytest.mark.parametrize(
+    "body", [b"zz\r\nab\r\n0\r\n\r\n", b"-2\r\nab\r\n0\r\n\r\n", b"2\r\nabc\r\n0\r\n\r\n"]
+)
+def test_a_malformed_chunked_body_is_a_protocol_error(body: bytes) -> None:
+    with pytest.raises(httpx.RemoteProtocolError):
+        _Dechunker().feed(body)
+
+
+async def test_bytes_after_a_chunked_body_close_the_connection() -> None:
+    """A server that sends more than its framing says (here a stray line after the
+    last chunk) would confuse the next answer on that connection: it is not reused."""
+    async with serving(await always(chunked(*PARTS) + b"stray\r\n")) as server, client() as http:
+        for _ in range(2):
+            async with http.stream("POST", server.url, content=b"{}") as response:
+                body = b"".join([part async for part in response.aiter_raw()])
+            assert body == b"".join(PARTS)
+    assert server.connections == 2
 
 
 async def test_content_length_and_connection_close_bodies() -> None:

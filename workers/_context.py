@@ -133,6 +133,11 @@ class PoolContext:
         self._spent(job.route, done.model, done.cost_usd)
         return done
 
+    def log_fields(self, job: Job, attempt: int) -> dict[str, object]:
+        """What a run's JSON log lines carry (cli/_common.JsonFormatter); never content."""
+        return {"request_id": job.id, "route": job.route, "pool": self.pool_name,
+                "attempt": attempt, "worker_id": self.worker_id}  # fmt: skip
+
     def attempt_record(self, job: Job | None, err: ProviderError, **record: Any) -> Attempt:
         """``_decide.attempt_record`` with what the failed try cost (``Attempt.cost_usd``,
         its prompt estimated as in ``_job``), counted; ``job`` None: not yet read."""
@@ -197,6 +202,12 @@ class PoolContext:
             log.warning("could not answer on %s: %s", reply_to, exc)
             return False
         return True
+
+    async def park(self, job: Job, code: str, message: str, attempts: list[Attempt]) -> bool:
+        """Park ``job`` (with ``attempts``) in the DLQ; False if JetStream did not take it."""
+        job = msgspec.structs.replace(job, attempts=attempts)
+        letter = DeadLetter(code=code, message=message, at_ms=now_ms(), route=job.route, job=job)
+        return await self.dead_letter(letter)
 
     async def dead_letter(self, letter: DeadLetter) -> bool:
         """Park ``letter`` in the DLQ; False (logged) if JetStream did not take it."""

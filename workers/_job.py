@@ -45,7 +45,6 @@ from broker._errors import (
 from broker._protocol import (
     Attempt,
     Chunk,
-    DeadLetter,
     Done,
     Error,
     Event,
@@ -101,6 +100,7 @@ class JobRun:
         self.tool_calls_sent = False  # a continuation cannot take over half a tool call
         self.cont: Continuation | None = None
         self._call: UpstreamCall | None = None
+        self.final: Chunk | None = None  # the last chunk, kept to go out inside done
 
     @property
     def deliveries(self) -> int:
@@ -185,7 +185,7 @@ class JobRun:
             await self._finish_error(DeadlineExceeded.code, "the job's deadline passed mid-answer")
             return False
         if scope.cancelled_caught or self.cancel_scope.requested:
-            await self._cancelled()
+            await self._cancelled()  # (a kept final chunk goes nowhere: no done follows)
             return False
         assert finish is not None
         await self._succeeded(job, finish, estimate)
@@ -223,7 +223,11 @@ class JobRun:
         )
         call.open(*self.cont.request(job), model=self.model)
         while True:
-            finish = await self._handle_item(await call.next())
+            item = await call.next()
+            if self.final is not None and type(item) is not Finish:
+                await self._publish(self.final)  # (a last text's finish is the next item)
+                self.final = None
+            finish = await self._handle_item(item)
             if finish is not None:
                 self.cont.finish()
                 return finish
@@ -247,7 +251,8 @@ class JobRun:
             assert self.cont is not None
             text = self.cont.feed(item.text, item.tokens)
             if text:  # a spliced restart's logprobs would not match the text sent
-                await self._chunk(text, logprobs=item.logprobs if text == item.text else None)
+                lp = item.logprobs if text == item.text else None
+                await self._chunk(text, logprobs=lp, last=item.last)
             return None
         if isinstance(item, ToolCallDelta | ReasoningDelta):
             self._first_token()
@@ -275,17 +280,23 @@ class JobRun:
 
     async def _chunk(
         self, text: str, tool_calls: list[ToolCallDelta] | None = None,
-        reasoning: str = "", logprobs: list[TokenLogprob] | None = None,
+        reasoning: str = "", logprobs: list[TokenLogprob] | None = None, last: bool = False,
     ) -> None:  # fmt: skip
+        """Publish the next chunk; one whose finish came with it (``last``) is kept for
+        ``done`` instead, when the job's client reads it there (``Done.final``)."""
         await self._announce_resume()
         chunk = Chunk(seq=self.seq, attempt=self.attempt, delta=text, tool_calls=tool_calls,
-                      reasoning=reasoning, logprobs=logprobs)  # fmt: skip
+                      reasoning=reasoning, logprobs=logprobs, job_seq=self.job_seq)  # fmt: skip
         if self.seq == 0:
             chunk.pool, chunk.model = self.ctx.pool_name, self.model
             assert self.cont is not None  # and a continuation's first chunk says where it goes
             chunk.offset = len(self.cont.have) if self.cont.active else None
-        await self._publish(chunk)
         self.seq += 1
+        assert self.job is not None
+        if last and self.job.final_in_done and self.ctx.config.streams.replicas < 2:
+            self.final = chunk  # (on a cluster done waits for its PubAck: text would wait)
+        else:
+            await self._publish(chunk)
 
     async def _announce_resume(self) -> None:
         """Before a continuing attempt's first event: the caller's text stands."""
@@ -310,7 +321,8 @@ class JobRun:
         done = Done(attempt=self.attempt, finish_reason=finish.reason, usage=answer_usage,
                     pool=self.ctx.pool_name, model=self.model, degraded=self.degraded,
                     timings=self._timings(job, total_s), attempts=job.attempts,
-                    embeddings=finish.embeddings, chunks=self.seq)  # fmt: skip
+                    embeddings=finish.embeddings, chunks=self.seq,
+                    final=self.final or msgspec.UNSET)  # fmt: skip
         if self.trace is not None:
             self.trace.succeeded(self.model, finish, usage, self.first_token_at, self.cont)
         await self._publish(self.ctx.priced(job, usage, done))
@@ -338,21 +350,11 @@ class JobRun:
             )
             await self.ctx.pause_pool(pause_s)
         log.info("job %s attempt %d on %s failed: %s", job.id, self.attempt,
-                 self.ctx.pool_name, err, extra=self._log_fields(job))  # fmt: skip
+                 self.ctx.pool_name, err, extra=self.ctx.log_fields(job, self.attempt))  # fmt: skip
         decision = decide(
             err, self._failure_context(job), self.ctx.config, healthy=self.ctx.target_healthy
         )
         return await self._apply(decision, job, err)
-
-    def _log_fields(self, job: Job) -> dict[str, object]:
-        """What JSON log lines carry (cli/_common.JsonFormatter); never message content."""
-        return {
-            "request_id": job.id,
-            "route": job.route,
-            "pool": self.ctx.pool_name,
-            "attempt": self.attempt,
-            "worker_id": self.ctx.worker_id,
-        }
 
     def _failure_context(self, job: Job) -> FailureContext:
         assert self.cont is not None
@@ -423,8 +425,9 @@ class JobRun:
         try:
             await self.delivery.requeue(self.ctx.js, decision.pool, moved, self._remaining_s())
         except RelayError as exc:  # full backup queue, timeout, id taken: hand the job back
+            fields = self.ctx.log_fields(job, self.attempt)
             log.warning("re-queue of %s to %s failed (%s); redelivering", job.id,
-                        decision.pool, exc, extra=self._log_fields(job))  # fmt: skip
+                        decision.pool, exc, extra=fields)  # fmt: skip
             await self.delivery.nak(1.0)
             return
         self.ctx.metrics.failed_over(decision.pool)
@@ -432,7 +435,9 @@ class JobRun:
 
     async def _fail(self, decision: Fail, job: Job, err: ProviderError) -> None:
         attempts = [*job.attempts, self._attempt_record(err)]
-        if decision.dead_letter and not await self._park(decision, job, attempts):
+        if decision.dead_letter and not await self.ctx.park(
+            job, decision.code, decision.message, attempts
+        ):
             # The DLQ did not take it: hand the job back rather than ack it unparked.
             # It comes back (a new attempt, or deadline_exceeded) or, after
             # max_deliver tries, the max-deliveries advisory parks it.
@@ -445,16 +450,6 @@ class JobRun:
         self.ctx.metrics.job_outcome(self.model_label, "error")
         if not decision.dead_letter:  # PoolContext.dead_letter announced "dead" already
             await self._announce("failed", decision.code)
-
-    async def _park(self, decision: Fail, job: Job, attempts: list[Attempt]) -> bool:
-        letter = DeadLetter(
-            code=decision.code,
-            message=decision.message,
-            at_ms=now_ms(),
-            route=job.route,
-            job=msgspec.structs.replace(job, attempts=attempts),
-        )
-        return await self.ctx.dead_letter(letter)
 
     def _attempt_record(self, err: ProviderError) -> Attempt:
         chars, tokens = (self.cont.sent_chars, self.cont.sent_tokens) if self.cont else (0, 0)

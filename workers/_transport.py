@@ -312,8 +312,10 @@ class _Body(httpx.AsyncByteStream):
         reader = self._conn.reader
         try:
             if self._framing.chunked:
-                async for data in _chunks(reader):
+                body = _Dechunker()
+                async for data in _chunks(reader, body):
                     yield data
+                self._framing.keep_alive = self._framing.keep_alive and not body.extra
             elif self._framing.length is not None:
                 async for data in _sized(reader, self._framing.length):
                     yield data
@@ -344,18 +346,74 @@ async def _sized(reader: asyncio.StreamReader, length: int) -> AsyncIterator[byt
         yield data
 
 
-async def _chunks(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
-    """The data of a chunked body, one chunk at a time, then its trailers skipped."""
-    while True:
-        line = await reader.readuntil(b"\r\n")
-        size_text = line.split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise httpx.RemoteProtocolError(f"a malformed chunk size: {size_text[:20]!r}") from None
-        if size == 0:
-            while await reader.readuntil(b"\r\n") != b"\r\n":
-                pass  # trailers
-            return
-        data = await reader.readexactly(size + 2)
-        yield data[:-2]
+async def _chunks(reader: asyncio.StreamReader, body: _Dechunker) -> AsyncIterator[bytes]:
+    """The data of a chunked body, as much as each read brings (any number of chunks,
+    or part of one), then its trailers skipped."""
+    while not body.done:
+        data = await reader.read(_READ_SIZE)
+        if not data:
+            raise asyncio.IncompleteReadError(b"", None)
+        if out := body.feed(data):
+            yield out
+
+
+class _Dechunker:
+    """The chunked transfer coding, undone as bytes arrive: ``feed`` takes any piece of
+    the body and returns the data in it. One read holding many chunks (a provider's
+    tokens sent together) is one piece of data, so one reply message, not one per
+    chunk. ``extra``: bytes came after the body's end (the connection is not reused)."""
+
+    __slots__ = ("_after_data", "_left", "_line", "_trailers", "done", "extra")
+
+    def __init__(self) -> None:
+        self._line = b""  # an unfinished size, CRLF or trailer line
+        self._left = 0  # bytes of the current chunk's data still to come
+        self._after_data = False  # the CRLF that ends a chunk's data is next
+        self._trailers = False  # the last chunk came: trailer lines to the empty one
+        self.done = False
+        self.extra = False
+
+    def feed(self, data: bytes) -> bytes:
+        out: list[bytes] = []
+        i, n = 0, len(data)
+        while i < n:
+            if self.done:
+                self.extra = True
+                break
+            if self._left:
+                take = min(self._left, n - i)
+                out.append(data[i : i + take])
+                i += take
+                self._left -= take
+                self._after_data = not self._left
+                continue
+            end = data.find(b"\n", i)
+            if end < 0:
+                self._line += data[i:]
+                if len(self._line) > _MAX_HEAD_BYTES:
+                    raise httpx.RemoteProtocolError("a chunk size line is too long")
+                break
+            line, self._line = self._line + data[i : end + 1], b""
+            i = end + 1
+            self._take_line(line)
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _take_line(self, line: bytes) -> None:
+        if self._after_data:
+            self._after_data = False
+            if line.strip():
+                raise httpx.RemoteProtocolError("a chunk's data is longer than its size")
+        elif self._trailers:
+            self.done = not line.strip()
+        else:
+            size_text = line.split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise httpx.RemoteProtocolError(
+                    f"a malformed chunk size: {size_text[:20]!r}"
+                ) from None
+            if size < 0:
+                raise httpx.RemoteProtocolError(f"a negative chunk size: {size_text[:20]!r}")
+            self._trailers = size == 0
+            self._left = size

@@ -330,26 +330,36 @@ class MockProvider:
         extra = b"cache-control: no-cache\r\nx-mock-provider: %s\r\n" % self.name.encode()
         writer.write(head(200, fmt.content_type, None, extra) + chunks(fmt.opening(plan)))
         await self._sleep_ms(plan.fault.ttft_ms, self.ttft_ms)
-        await self._send_tokens(writer, fmt, plan)
-        return await self._end_stream(exchange, fmt, plan)
+        held = await self._send_tokens(writer, fmt, plan)
+        return await self._end_stream(exchange, fmt, plan, held)
 
-    async def _send_tokens(self, writer: asyncio.StreamWriter, fmt: WireFormat, plan: Plan) -> None:
+    async def _send_tokens(
+        self, writer: asyncio.StreamWriter, fmt: WireFormat, plan: Plan
+    ) -> bytes:
+        """Write the tokens one by one, ``token_delay_ms`` apart; without a delay return
+        them all for one write with the stream's end, as a fast provider sends them."""
         events = fmt.token_events(plan)[: plan.ending[1]]
         if plan.fault.malformed is not None and 0 < plan.fault.malformed <= len(events):
             events.insert(plan.fault.malformed - 1, fmt.garbage())
         delay_ms = _pick(plan.fault.token_delay_ms, self.token_delay_ms)
         if not delay_ms:
-            writer.write(chunks(events))
-            return
+            return chunks(events)
         for i, event in enumerate(events):
             if i:
                 await writer.drain()
                 await asyncio.sleep(delay_ms / 1000.0)
             writer.write(chunk(event))
+        return b""
 
-    async def _end_stream(self, exchange: _Exchange, fmt: WireFormat, plan: Plan) -> bool:
+    async def _end_stream(
+        self, exchange: _Exchange, fmt: WireFormat, plan: Plan, held: bytes
+    ) -> bool:
         ending, _ = plan.ending
         writer = exchange.writer
+        if ending == "normal" and not plan.fault.nodone:  # the tokens and the end in one write
+            writer.write(held + chunks(fmt.closing(plan) + fmt.terminator(plan)) + LAST_CHUNK)
+            return True
+        writer.write(held)  # (asyncio writes nothing for b"")
         if ending == "cut":
             await writer.drain()
             return False
@@ -360,12 +370,9 @@ class MockProvider:
             writer.write(chunk(fmt.stream_error(error_kind(plan.fault.error or "overloaded"))))
             writer.write(LAST_CHUNK)
             return True
-        if plan.fault.nodone:
-            writer.write(chunks(fmt.closing(plan)))
-            await _hold(exchange)
-            return False
-        writer.write(chunks(fmt.closing(plan) + fmt.terminator(plan)) + LAST_CHUNK)
-        return True
+        writer.write(chunks(fmt.closing(plan)))  # nodone: no terminator, and held open
+        await _hold(exchange)
+        return False
 
     async def _whole(self, exchange: _Exchange, fmt: WireFormat, plan: Plan) -> bool:
         delay_ms = _pick(plan.fault.token_delay_ms, self.token_delay_ms) * max(plan.tokens - 1, 0)

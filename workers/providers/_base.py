@@ -29,6 +29,9 @@ class TextDelta(msgspec.Struct, frozen=True):
     # The provider events joined in it (``answer_items``): each about one token, which
     # is what a run counts when the provider reports no usage.
     tokens: int = 1
+    # The ``Finish`` came in the same read, next: the run may send this text with its
+    # ``done`` (``Done.final``), since nothing is left to wait for.
+    last: bool = False
 
 
 class ReasoningDelta(msgspec.Struct, frozen=True):

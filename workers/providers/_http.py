@@ -23,7 +23,7 @@ import httpx
 import msgspec
 
 from broker._config import PoolConfig
-from broker._errors import StreamInterrupted, UpstreamRejected
+from broker._errors import RelayError, StreamInterrupted, UpstreamRejected
 from broker._protocol import Job
 from workers._transport import LeanClient, LeanResponse
 from workers.providers._base import Finish, ReasoningDelta, StreamItem, TextDelta
@@ -181,17 +181,35 @@ async def answer_items(
 
     The text of the events that arrived in one read is one ``TextDelta`` (and their
     reasoning one ``ReasoningDelta``): a provider that sends many tokens at once costs
-    one reply message, not one per token, and no text ever waits for a later read."""
+    one reply message, not one per token, and no text ever waits for a later read. A
+    text directly before the ``Finish`` of the same read is marked ``last``. An event
+    that fails (a provider's error event) fails after the items before it in its read."""
     while True:
         chunk = await body.next_chunk()
         events = parser.close() if chunk is None else parser.feed(chunk)
-        for item in coalesced([item for raw in events for item in to_items(raw)]):
+        items, failure = _items_of(events, to_items)
+        for item in with_last(coalesced(items)):
             body.complete = isinstance(item, Finish)
             yield item
             if body.complete:
                 return
+        if failure is not None:
+            raise failure
         if chunk is None:
             return
+
+
+def _items_of(
+    events: list[T], to_items: Callable[[T], Iterable[StreamItem]]
+) -> tuple[list[StreamItem], RelayError | None]:
+    """The items of one read's events, up to the first event that fails (and its error)."""
+    items: list[StreamItem] = []
+    for raw in events:
+        try:
+            items.extend(to_items(raw))
+        except RelayError as exc:
+            return items, exc
+    return items, None
 
 
 def coalesced(items: list[StreamItem]) -> list[StreamItem]:
@@ -213,6 +231,16 @@ def coalesced(items: list[StreamItem]) -> list[StreamItem]:
     if run:
         out.append(_joined(run))
     return out
+
+
+def with_last(items: list[StreamItem]) -> list[StreamItem]:
+    """``items`` (of one read) with the text delta right before a ``Finish`` marked ``last``."""
+    for i in range(1, len(items)):
+        before = items[i - 1]
+        if type(items[i]) is Finish and type(before) is TextDelta:
+            items[i - 1] = msgspec.structs.replace(before, last=True)
+            break
+    return items
 
 
 def _joinable(item: StreamItem) -> bool:
