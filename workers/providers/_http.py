@@ -235,11 +235,12 @@ def coalesced(items: list[StreamItem]) -> list[StreamItem]:
 
 def with_last(items: list[StreamItem]) -> list[StreamItem]:
     """``items`` (of one read) with the text delta right before a ``Finish`` marked ``last``."""
-    for i in range(1, len(items)):
-        before = items[i - 1]
-        if type(items[i]) is Finish and type(before) is TextDelta:
-            items[i - 1] = msgspec.structs.replace(before, last=True)
-            break
+    for i, item in enumerate(items):
+        if type(item) is Finish:
+            before = items[i - 1] if i else None
+            if type(before) is TextDelta:
+                items[i - 1] = msgspec.structs.replace(before, last=True)
+            break  # nothing after the finish is read
     return items
 
 
