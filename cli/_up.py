@@ -36,6 +36,7 @@ from cli._common import ConfigOpt
 DEFAULT_CONFIG = Path("llmrelay.yaml")
 EXAMPLE_CONFIG = Path("llmrelay.example.yaml")
 TOPOLOGY_TIMEOUT_S = 30.0
+TOPOLOGY_RETRY_S = 0.25
 # How often the foreground loop checks that nats-server is still running.
 WATCH_INTERVAL_S = 0.5
 
@@ -142,7 +143,14 @@ async def _ensure_topology(url: str, cfg: Config) -> None:
         with anyio.fail_after(TOPOLOGY_TIMEOUT_S):
             nc = await connect_nats(url, name="llmrelay-up")
             try:
-                await ensure_topology(nc, cfg)
+                while True:
+                    try:
+                        await ensure_topology(nc, cfg)
+                        break
+                    except nats.errors.TimeoutError:
+                        # A JetStream API call answered late (a meta leader just elected,
+                        # a busy host): creating the topology is idempotent, so again.
+                        await anyio.sleep(TOPOLOGY_RETRY_S)
             finally:
                 await nc.close()
     except (nats.errors.Error, TimeoutError) as exc:
