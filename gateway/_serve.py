@@ -4,12 +4,14 @@
 ``run_gateway`` is what ``llmrelay gateway`` runs; ``serve_gateway`` runs the
 gateway in the caller's event loop on a free port, for benchmarks and tests.
 
-Every way runs uvicorn with ``LimitedH11Protocol``, uvicorn's HTTP/1.1
-protocol plus the connection limits of ``GatewaySettings`` (docs/gateway.md,
-"Limits"). uvicorn alone closes a connection only after an answer (keep-alive):
-one that never completes its headers or its body, or that stops reading an
-answer, would hold its socket for ever, and enough of them exhaust the
-process's file descriptors.
+Every way runs uvicorn with ``LimitedHttpToolsProtocol``, uvicorn's HTTP/1.1
+protocol on the httptools (C) parser plus the connection limits of
+``GatewaySettings`` (docs/gateway.md, "Limits"). uvicorn alone closes a
+connection only after an answer (keep-alive): one that never completes its
+headers or its body, or that stops reading an answer, would hold its socket for
+ever, and enough of them exhaust the process's file descriptors. httptools
+rather than h11: its server CPU per streamed answer is 0.46x h11's
+(bench/RESULTS.md, issue 16).
 """
 
 from __future__ import annotations
@@ -18,17 +20,17 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import h11
 import msgspec
 import uvicorn
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 from uvicorn.supervisors import Multiprocess
 
@@ -52,7 +54,7 @@ def create_app(
 
 
 class LimitedConfig(uvicorn.Config):
-    """A uvicorn config that serves with ``LimitedH11Protocol`` and carries its limits.
+    """A uvicorn config that serves with ``LimitedHttpToolsProtocol`` and carries its limits.
 
     The limits travel inside the config because uvicorn hands the config (pickled)
     to its worker processes (``--workers N``), and builds a protocol per connection
@@ -60,13 +62,29 @@ class LimitedConfig(uvicorn.Config):
     """
 
     def __init__(self, app: ASGIApp | str, *, limits: GatewaySettings, **kwargs: Any) -> None:
-        super().__init__(app, http=LimitedH11Protocol, limit_concurrency=None, **kwargs)
+        # ws="none": the gateway serves no WebSocket, so an upgrade is never handed off.
+        super().__init__(
+            app, http=LimitedHttpToolsProtocol, ws="none", limit_concurrency=None, **kwargs
+        )
         self.limits = limits
 
 
-class LimitedH11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with header, body, keep-alive and write timeouts,
-    and a connection limit answered with a 503 in OpenAI's error shape."""
+# Unfinished headers are refused beyond this (h11's bound, which the gateway served
+# with before httptools; httptools itself buffers a head without end).
+MAX_HEAD_BYTES = 16 * 1024
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with header, body, keep-alive and write timeouts,
+    a bound on unfinished headers, and a connection limit answered with a 503 in
+    OpenAI's error shape.
+
+    httptools parses whatever has arrived, requests pipelined behind an answer too
+    (uvicorn queues them in ``self.pipeline`` and stops reading), so the parser's
+    callbacks say where the connection is: ``_awaiting`` is what it waits for of the
+    request being read, and ``_open`` the requests not yet answered (``self.cycle``
+    is only the last one read).
+    """
 
     def __init__(
         self,
@@ -81,6 +99,10 @@ class LimitedH11Protocol(H11Protocol):
         # A call_later delay: a float is fine whatever uvicorn's annotation says.
         self.timeout_keep_alive = self.limits.keepalive_timeout_s  # type: ignore[assignment]
         self.app = self._guarded(self.app)
+        self._awaiting: str | None = "headers"  # or "body"; None: the request is read whole
+        self._head_bytes = 0  # of the unfinished head, as far as known
+        self._ended_in_data = False  # a request ended in the data being parsed
+        self._open: deque[RequestResponseCycle] = deque()  # unanswered requests, oldest first
         self._read_timer: asyncio.TimerHandle | None = None
         self._reading: str | None = None  # "headers" or "body": what the timer waits for
         self._write_timer: asyncio.TimerHandle | None = None
@@ -93,22 +115,94 @@ class LimitedH11Protocol(H11Protocol):
         self._watch_request()
 
     def data_received(self, data: bytes) -> None:
+        self._ended_in_data = False
         super().data_received(data)
+        if self._awaiting is None and not self._answering_earlier():
+            self._awaiting = "headers"  # bytes that begin no request (blank lines) yet
+        if self._awaiting == "headers" and not self._ended_in_data:
+            # Where a request ended in this data, the next head's share of it is
+            # unknown: one read at most goes uncounted.
+            self._head_bytes += len(data)
+        self._bound_head()
         self._watch_request()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._awaiting, self._head_bytes = "headers", 0
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()  # a new self.cycle: ws="none" hands nothing off
+        self._awaiting, self._head_bytes = "body", 0
+        cycle = self.cycle
+        while self._open and self._open[0].response_complete:
+            self._open.popleft()
+        self._open.append(cycle)
+        # A streamed answer looks here after each write: uvicorn's send() after a cut
+        # returns as if it wrote, and a stream whose events are all queued would not
+        # otherwise yield to the task that hears the disconnect (gateway/_exchange.py).
+        extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
+        extensions[DISCONNECTED] = lambda: cycle.disconnected
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """A request with ``Upgrade`` is answered as a plain one, and the connection closed
+        after it: the parser reads nothing after an upgrade, so the connection is spent
+        (and an attacker's every later read would log uvicorn's two warnings)."""
+        if self.cycle is not None and self.cycle.keep_alive:
+            log.info(
+                "a request from %s asked to upgrade; answered, then closing", _peer(self.client)
+            )
+            self.cycle.keep_alive = False
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._awaiting, self._ended_in_data = None, True
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # uvicorn started the next pipelined request, or armed its keep-alive timer;
+        # a next request already begun is timed from now, as it is read from now.
+        self._bound_head()
+        self._watch_request()
+
+    def _answering_earlier(self) -> bool:
+        """Whether an answer is being written before the request being read."""
+        if self._awaiting == "body":  # self.cycle is the request being read
+            return bool(self.pipeline)
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _bound_head(self) -> None:
+        """Refuse unfinished headers over MAX_HEAD_BYTES with a 400, as h11 did."""
+        if self._awaiting != "headers" or self._head_bytes <= MAX_HEAD_BYTES:
+            return
+        if self.transport.is_closing():
+            return
+        if self._answering_earlier():
+            # Its turn comes after the answer (uvicorn reads again then), as with h11.
+            self.flow.pause_reading()
+            return
+        msg = "Invalid HTTP request received."  # uvicorn's words for what it cannot parse
+        self.logger.warning(msg)
+        self.send_400_response(msg)
 
     def _watch_request(self) -> None:
         """Arm the timer for what the connection waits for (headers, body), or none."""
-        state = self.conn.their_state
-        waiting = "headers" if state is h11.IDLE else "body" if state is h11.SEND_BODY else None
+        waiting = self._waiting_for()
         if waiting == self._reading:
             return
         self._cancel_read_timer()
-        if waiting is not None and not self.transport.is_closing():
+        if waiting is not None:
             limit_s = (
                 self.limits.header_timeout_s if waiting == "headers" else self.limits.body_timeout_s
             )
             self._read_timer = self.loop.call_later(limit_s, self._read_timed_out)
             self._reading = waiting
+
+    def _waiting_for(self) -> str | None:
+        """What the client owes within its time: none while an answer before it is written,
+        since uvicorn reads a pipelined request only once the answers before it are done."""
+        if self.transport.is_closing() or self._awaiting is None or self._answering_earlier():
+            return None
+        return self._awaiting
 
     def _read_timed_out(self) -> None:
         self._read_timer, self._reading = None, None
@@ -119,14 +213,6 @@ class LimitedH11Protocol(H11Protocol):
         if self._read_timer is not None:
             self._read_timer.cancel()
         self._read_timer, self._reading = None, None
-
-    def on_response_complete(self) -> None:
-        self._cancel_read_timer()
-        super().on_response_complete()
-        # An idle connection is uvicorn's keep-alive timer's until its next byte; a
-        # pipelined request already read (in part) is timed like any other.
-        if self.conn.their_state is not h11.IDLE or self.conn.trailing_data[0]:
-            self._watch_request()
 
     # --- writing: a client that takes nothing for write_timeout_s is cut
 
@@ -151,8 +237,7 @@ class LimitedH11Protocol(H11Protocol):
         if self.transport.is_closing():
             return
         log.info("cut the connection from %s: %s", _peer(self.client), why)
-        if self.cycle is not None:
-            self.cycle.disconnected = True
+        self._disconnect_open()
         self.transport.abort()
 
     def _cancel_write_timer(self) -> None:
@@ -163,7 +248,17 @@ class LimitedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_read_timer()
         self._cancel_write_timer()
+        # uvicorn tells only self.cycle, the last request read: the one answered may
+        # be older (pipelining), and its app must hear the disconnect too.
+        self._disconnect_open()
         super().connection_lost(exc)
+
+    def _disconnect_open(self) -> None:
+        for cycle in self._open:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        self._open.clear()
 
     # --- the app, behind the connection limit
 
@@ -173,13 +268,6 @@ class LimitedH11Protocol(H11Protocol):
                 await self._over_limit()(scope, receive, send)
                 return
             progress = _Progress(send)
-            cycle = self.cycle
-            # A streamed answer looks here after each write: uvicorn's send() after a cut
-            # returns as if it wrote, and a stream whose events are all queued would not
-            # otherwise yield to the task that hears the disconnect (gateway/_exchange.py).
-            scope.setdefault("extensions", {})[DISCONNECTED] = lambda: (
-                cycle is not None and cycle.disconnected
-            )
             try:
                 await app(scope, receive, progress.send)
             finally:

@@ -3,7 +3,8 @@
 Raw sockets against a real gateway (uvicorn in this event loop, real NATS): a
 connection that sends nothing, one that never finishes its headers or its
 body, one that stays idle after an answer, more connections than the limit,
-and a client that stops reading its stream. Each is cut by the server within
+a client that stops reading its stream, and requests pipelined behind a slow
+answer. Each is cut by the server within
 its configured time (the test awaits the EOF, it does not sleep), and the
 gateway still answers a normal request afterwards. Last, a provider whose
 ``Retry-After`` asks for forever pauses its pool for a bounded time only.
@@ -13,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -145,6 +147,14 @@ async def closed_by_server_within(conn: Raw, seconds: float) -> float:
     return time.monotonic() - started
 
 
+async def trickle(conn: Raw, pieces: Iterable[bytes], pace_s: float = 0.1) -> None:
+    """Send ``pieces`` one at a time, ``pace_s`` apart, until they or the connection end."""
+    with contextlib.suppress(OSError):
+        for piece in pieces:
+            await conn.send(piece)
+            await anyio.sleep(pace_s)  # the attack's pace, not a synchronisation
+
+
 def get(path: str, host: str = "gw") -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
 
@@ -182,20 +192,34 @@ async def test_headers_trickled_forever_are_cut_by_the_header_timeout(
 ) -> None:
     """Slowloris: a header line every 0.1 s, never the blank line that ends them."""
     cfg = config(mock, header_timeout_s=0.5)
-    async with gateway(cfg, client_url) as addr, raw(addr) as conn:
-
-        async def trickle() -> None:
-            await conn.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n")
-            with contextlib.suppress(OSError):
-                for i in range(1000):
-                    await conn.send(f"X-Pad-{i}: a\r\n".encode())
-                    await anyio.sleep(0.1)  # the attack's pace, not a synchronisation
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(trickle)
-            took = await closed_by_server_within(conn, 0.5)
-            tg.cancel_scope.cancel()
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+    lines = (f"X-Pad-{i}: a\r\n".encode() for i in range(1000))
+    async with (
+        gateway(cfg, client_url) as addr,
+        raw(addr) as conn,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(trickle, conn, itertools.chain([head], lines))
+        took = await closed_by_server_within(conn, 0.5)
+        tg.cancel_scope.cancel()
     assert took >= 0.4
+
+
+async def test_blank_lines_after_an_answer_do_not_hold_the_connection(
+    nc: NATS, client_url: str, mock: MockProvider
+) -> None:
+    """Each byte ends the keep-alive wait; blank lines never start a request (a parser
+    skips them, or refuses them with a 400), and the header timeout still closes."""
+    cfg = config(mock, header_timeout_s=0.5, keepalive_timeout_s=0.5)
+    async with gateway(cfg, client_url) as addr, raw(addr) as conn:
+        await conn.send(get("/healthz"))
+        assert (await conn.response())[0] == 200
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(trickle, conn, itertools.repeat(b"\r\n", 1000))
+            with anyio.fail_after(0.5 + MARGIN_S):
+                data = await conn.read_to_eof()
+            tg.cancel_scope.cancel()
+    assert data == b"" or data.startswith(b"HTTP/1.1 400 "), data[:200]
 
 
 async def test_a_body_that_never_arrives_is_cut_by_the_body_timeout(
@@ -230,6 +254,26 @@ async def test_a_keep_alive_connection_left_idle_is_closed(
         await closed_by_server_within(conn, 0.5)
 
 
+async def test_a_request_asking_to_upgrade_is_answered_then_the_connection_closes(
+    nc: NATS, client_url: str, mock: MockProvider
+) -> None:
+    """The gateway serves no WebSocket: the request gets its answer with ``connection:
+    close``, and what was sent after it on the connection is not read as a request."""
+    upgrade = (
+        b"GET /healthz HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
+    cfg = config(mock, keepalive_timeout_s=30)
+    async with gateway(cfg, client_url) as addr, raw(addr) as conn:
+        await conn.send(upgrade + get("/healthz") + get("/healthz"))
+        with anyio.fail_after(MARGIN_S):
+            data = await conn.read_to_eof()
+        async with raw(addr) as again:
+            await again.send(get("/healthz"))
+            assert (await again.response())[0] == 200
+    assert data.count(b"HTTP/1.1 200 ") == 1, data
+    assert b"connection: close" in data.lower()
+
+
 async def test_unfinished_headers_over_16_kib_get_a_400(
     nc: NATS, client_url: str, mock: MockProvider
 ) -> None:
@@ -239,6 +283,23 @@ async def test_unfinished_headers_over_16_kib_get_a_400(
         await conn.send(f"GET /healthz HTTP/1.1\r\nHost: gw\r\n{pad}".encode())
         with anyio.fail_after(MARGIN_S):
             status, _, _ = await conn.response()
+    assert status == 400
+
+
+async def test_one_header_grown_a_kib_at_a_time_past_16_kib_gets_a_400(
+    nc: NATS, client_url: str, mock: MockProvider
+) -> None:
+    """The bound holds across reads, for a header value that never ends."""
+    pieces = [b"GET /healthz HTTP/1.1\r\nHost: gw\r\nX-Pad: ", *[b"a" * 1024] * 40]
+    async with (
+        gateway(config(mock), client_url) as addr,
+        raw(addr) as conn,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(trickle, conn, pieces, 0.02)
+        with anyio.fail_after(MARGIN_S):
+            status, _, _ = await conn.response()
+        tg.cancel_scope.cancel()
     assert status == 400
 
 
@@ -347,6 +408,46 @@ async def test_a_slow_reader_is_cut_at_the_jobs_deadline(
             received = await conn.read_to_eof()
         assert 1.4 <= took < 1.5 + MARGIN_S
         assert b"data: [DONE]" not in received
+
+
+# --- pipelined requests behind a slow answer ------------------------------------------
+
+
+async def test_a_pipelined_request_is_not_timed_while_it_waits_its_turn(
+    nc: NATS, worker_url: str, client_url: str
+) -> None:
+    """Its body is read only once the answer before it is done, so its clock starts then."""
+    second = chat_request(stream=False)
+    async with MockProvider(name="a", tokens=5, ttft_ms=1500) as slow:
+        cfg = config(slow, body_timeout_s=0.5, keepalive_timeout_s=30)
+        async with (
+            running_workers(cfg, ["a"], worker_url),
+            gateway(cfg, client_url) as addr,
+            raw(addr) as conn,
+        ):
+            await conn.send(chat_request(stream=False) + second[:-10])
+            await anyio.sleep(1.0)  # the client's pace: the first answer is still coming
+            await conn.send(second[-10:])
+            with anyio.fail_after(2 * 1.5 + MARGIN_S):
+                first_status, _, first = await conn.response()
+                second_status, _, answer = await conn.response()
+    assert (first_status, second_status) == (200, 200)
+    for body in (first, answer):
+        assert json.loads(body)["choices"][0]["message"]["content"] == expected_answer("a", 5)
+
+
+async def test_a_hang_up_with_a_request_queued_behind_a_stream_cancels_the_stream(
+    nc: NATS, worker_url: str, client_url: str
+) -> None:
+    async with MockProvider(name="a", tokens=50, token_delay_ms=100) as slow:  # a 5 s stream
+        cfg = config(slow, keepalive_timeout_s=30)
+        async with running_workers(cfg, ["a"], worker_url), gateway(cfg, client_url) as addr:
+            async with raw(addr) as conn:
+                await conn.send(chat_request(stream=True) + get("/healthz"))
+                assert (await conn.recv()).startswith(b"HTTP/1.1 200")
+            took = await wait_for_outcome(addr, "disconnected", 3.0)
+            assert "done" not in await gateway_outcomes(addr)
+    assert took < 3.0
 
 
 # --- request size ---------------------------------------------------------------------
