@@ -42,7 +42,15 @@ from broker._nats import connect_nats
 from broker._server import CLIENT_USER, WORKER_USER, NatsServer, free_port
 from broker._subjects import JOBS_STREAM, route_consumer
 from broker._topology import ensure_topology
-from devstack import ConfigDoc, MockProviderProcess, MockSpec, Stack, WorkerProcess, stop_process
+from devstack import (
+    ChildProcess,
+    ConfigDoc,
+    MockProviderProcess,
+    MockSpec,
+    Stack,
+    WorkerProcess,
+    stop_process,
+)
 
 READY_TIMEOUT_S = 30.0
 
@@ -220,12 +228,12 @@ class Cluster(Stack[WorkerProc]):
         """Until every one of ``workers`` beats (their pulls are in place by then)."""
         await self.wait_for_workers(workers, nc=nc, timeout_s=READY_TIMEOUT_S)
 
-    def profile(self, w: WorkerProc) -> None:
-        """Sample the worker with py-spy (``--profile DIR``) until the run ends."""
+    def profile(self, w: ChildProcess) -> None:
+        """Sample a worker or gateway with py-spy (``--profile DIR``) until the run ends."""
         if self.profile_dir is None:
             return
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-        # One sampler per worker at 100 Hz: py-spy takes CPU from the two cores too.
+        # One sampler per process at 100 Hz: py-spy takes CPU from the two cores too.
         # Collapsed stacks: `python -m bench._profile`, or open them in speedscope.
         out = self.profile_dir / f"{w.name}-{w.pid}"
         cmd = [spy, "record", "--pid", str(w.pid), "--rate", "100", "--nonblocking"]

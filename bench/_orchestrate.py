@@ -189,6 +189,7 @@ async def load_scenario(cluster: Cluster, preset: Preset, log: Log) -> list[RunR
 async def _start_gateway(cluster: Cluster, port: int) -> None:
     gateway = GatewayProcess(cluster.config_path, cluster.client_url, cluster.work_dir, port=port)
     await cluster.add_gateway(gateway).wait_ready()
+    cluster.profile(gateway)
 
 
 async def _load_phase(

@@ -1,7 +1,9 @@
-"""Where a worker's time goes, from a py-spy collapsed-stack profile.
+"""Where a worker's or gateway's time goes, from a py-spy collapsed-stack profile.
 
     llmrelay bench --preset ceiling --profile prof/        (py-spy record per worker)
     python -m bench._profile prof/worker-a-0-1234.collapsed.txt
+    llmrelay bench --preset gateway-ceiling --rate 500 --no-direct --profile prof/
+    python -m bench._profile prof/gateway-1234.collapsed.txt
 
 Prints the share of samples spent in each package, the same charged to the
 nearest non-stdlib caller, a few cost centres of the hot path (exclusive), and
@@ -18,10 +20,12 @@ from pathlib import Path
 # one (standard library and anyio frames are skipped: charged to their caller).
 CENTRES = (
     ("HTTP client (httpx, httpcore, h11)", ("httpx/", "httpcore/", "h11/")),
+    ("HTTP server (uvicorn, starlette)", ("uvicorn/", "starlette/")),
     ("NATS client (nats-py)", ("nats/",)),
     ("provider adapter + SSE parsing", ("workers/providers/",)),
     ("metrics (prometheus_client)", ("prometheus_client/",)),
     ("job, pump, pulls (workers/, broker/)", ("workers/", "broker/")),
+    ("the gateway's own (gateway/)", ("gateway/",)),
 )
 
 
@@ -55,7 +59,7 @@ def _owner(frames: list[str]) -> str:
         if not _path(frame) or _is_stdlib(frame):
             continue
         pkg = _package(frame)
-        if pkg in ("workers", "broker", "bench", "cli"):
+        if pkg in ("workers", "broker", "gateway", "bench", "cli"):
             return _path(frame)
         return pkg
     return "event loop (asyncio, no caller)"

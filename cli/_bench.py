@@ -85,7 +85,9 @@ def bench(
     ] = None,
     profile: Annotated[
         Path | None,
-        typer.Option(help="Profile the workers with py-spy (llmrelay[bench]) into this dir."),
+        typer.Option(
+            help="Profile the workers and gateway with py-spy (llmrelay[bench]) into this dir."
+        ),
     ] = None,
     list_presets: Annotated[bool, typer.Option("--list", help="List the presets.")] = False,
 ) -> None:
