@@ -39,7 +39,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import BadSubscriptionError, NoRespondersError
+from nats.errors import BadSubscriptionError, ConnectionClosedError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
@@ -130,7 +130,7 @@ class ReplyReader:
                 if msg is None:
                     wait_s = min(remaining_s, POLL_S, POLL_S if wake_s is None else wake_s - now)
                     with nats_errors(f"{self.what}: reading the answer"):
-                        msg = await self._sub.next_msg(timeout=wait_s)
+                        msg = await next_message(self._sub, wait_s)
             except RelayError as exc:
                 if isinstance(exc.__cause__, NatsTimeout):
                     continue  # look at the connection (and the wake time), then wait on
@@ -261,6 +261,33 @@ def queued_message(sub: Subscription) -> Msg | None:
     if not isinstance(queue, asyncio.Queue) or queue.empty():
         return None
     msg: Msg = queue.get_nowait()
+    sub._pending_size -= len(msg.data)
+    queue.task_done()
+    return msg
+
+
+async def next_message(sub: Subscription, timeout_s: float) -> Msg:
+    """The next message of ``sub``, waited for at most ``timeout_s``: ``next_msg``'s
+    result and errors, without its two tasks, ``uuid4`` and ``wait_for`` per call.
+
+    A reader of a long stream waits once per chunk (the chunks come apart), so these
+    were a reader's largest cost per chunk (bench/RESULTS.md, issue 16). The wait is on
+    the core subscription's own queue, as ``queued_message`` takes from it; for any
+    other subscription, ``next_msg``. nats-py cancels the waits of ``next_msg`` when
+    its connection closes; this one sees the close at its timeout (callers wait at most
+    ``POLL_S``), and raises ``ConnectionClosedError`` as ``next_msg`` does.
+    """
+    queue = getattr(sub, "_pending_queue", None)
+    if type(sub) is not Subscription or not isinstance(queue, asyncio.Queue):
+        msg: Msg = await sub.next_msg(timeout=timeout_s)
+        return msg
+    if sub._conn.is_closed:
+        raise ConnectionClosedError
+    try:
+        async with asyncio.timeout(timeout_s):
+            msg = await queue.get()
+    except TimeoutError:
+        raise ConnectionClosedError if sub._conn.is_closed else NatsTimeout from None
     sub._pending_size -= len(msg.data)
     queue.task_done()
     return msg

@@ -9,6 +9,8 @@ import urllib.request
 import anyio
 import pytest
 from nats.aio.client import Client as NATS
+from nats.errors import ConnectionClosedError
+from nats.errors import TimeoutError as NatsTimeout
 
 from broker import (
     Chunk,
@@ -25,7 +27,10 @@ from broker import (
 )
 from broker._fold import Answer
 from broker._jsapi import consumer_info
+from broker._nats import connect_nats
+from broker._replay import next_message
 from broker._server import NatsServer
+from broker._subjects import reply_subject
 from tests._builders import make_config
 
 POOLS = {"p1": {}, "p2": {}}
@@ -150,3 +155,34 @@ async def test_a_closed_handles_reply_subscription_leaves_the_server(
         with anyio.fail_after(1):
             while kept.job.reply_to in server_subscriptions(nats_server, "llmrelay-client"):
                 await anyio.sleep(0.02)
+
+
+async def test_next_message_waits_times_out_and_loses_nothing_to_a_cancelled_wait(
+    nc: NATS, client_url: str
+) -> None:
+    """``next_message`` (the reply reader's wait, without ``next_msg``'s tasks): what
+    comes later arrives, a wait with nothing gets nats-py's TimeoutError, a message that
+    arrives after a cancelled wait is still there, and a closed connection says so."""
+    reader = await connect_nats(client_url, name="next-message-test")
+    subject = reply_subject("next-message-test")  # what a client may read, a worker write
+    sub = await reader.subscribe(subject)
+    await reader.flush()
+    with pytest.raises(NatsTimeout):
+        await next_message(sub, 0.05)
+    with anyio.move_on_after(0.05) as waited:
+        await next_message(sub, 5.0)
+    assert waited.cancelled_caught
+    async with anyio.create_task_group() as tg:
+
+        async def publish_soon() -> None:
+            await nc.publish(subject, b"one")
+            await nc.publish(subject, b"two")
+
+        tg.start_soon(publish_soon)
+        first = await next_message(sub, 5.0)
+    second = await next_message(sub, 5.0)
+    assert (first.data, second.data) == (b"one", b"two")
+    assert sub.pending_msgs == 0 and sub.pending_bytes == 0
+    await reader.close()
+    with pytest.raises(ConnectionClosedError):
+        await next_message(sub, 0.05)
