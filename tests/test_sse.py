@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+from collections.abc import AsyncIterator, Iterable
 
+import httpx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from broker._errors import RelayError, UpstreamRejected
 from broker._protocol import TokenLogprob, ToolCallDelta
-from workers.providers._base import Finish, ReasoningDelta, TextDelta
-from workers.providers._http import coalesced
+from workers.providers._base import Finish, ReasoningDelta, StreamItem, TextDelta
+from workers.providers._http import (
+    UpstreamBody,
+    _items_of,
+    answer_items,
+    coalesced,
+    optional,
+    with_last,
+)
 from workers.providers._sse import NDJSONParser, SSEEvent, SSEParser
 
 # Captured shapes of real provider streams (abridged).
@@ -172,3 +183,145 @@ def test_the_text_of_one_read_is_one_delta_and_nothing_else_moves() -> None:
         call, TextDelta("ef", tokens=2), Finish("stop"),
     ]  # fmt: skip
     assert coalesced([TextDelta("only")]) == [TextDelta("only")]
+
+
+# --- the fast paths: a read of whole one-line ``data:`` events, and one event per read ---
+
+_VALUE = st.text(st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)))
+_LINE = st.one_of(
+    st.builds(lambda v: b"data: " + v.encode(), _VALUE),
+    st.builds(lambda v: b"data:" + v.encode(), _VALUE),
+    st.sampled_from(
+        [b"data", b"data:", b"data: ", b"event: note", b"id: 9", b": ping", b"retry: 5"]
+    ),
+    st.builds(lambda v: b"event: " + v.encode(), _VALUE),
+    st.builds(lambda v: b"id:" + v.encode(), _VALUE),
+    st.just(b"\xff\xfe bad utf-8 data: \xc3"),
+    st.sampled_from([b"data: a\rdata: b", b"data: c\r", b"data: \rid: 3"]),  # a lone CR ends a line
+)
+# An event: its lines, then a blank line (mostly LF, as providers send; sometimes not).
+_EVENT = st.builds(
+    lambda lines, end: b"".join(line + end for line in lines) + end,
+    st.lists(_LINE, min_size=0, max_size=4),
+    st.sampled_from([b"\n", b"\n", b"\n", b"\r\n", b"\r"]),
+)
+# Lines of an event that its next read finishes (an ``event:`` line read on its own).
+_OPENING = st.builds(lambda lines: b"".join(line + b"\n" for line in lines),
+                     st.lists(st.one_of(st.sampled_from([b"event: x", b"id: 2"]), _LINE),
+                              min_size=1, max_size=2))  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    events=st.lists(st.one_of(_EVENT, _EVENT, _OPENING), max_size=12),
+    bom=st.booleans(),
+    reads=st.lists(st.integers(min_value=0, max_value=2), max_size=12),
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=6),
+)
+def test_reads_of_whole_events_give_what_the_line_by_line_path_gives(
+    events: list[bytes], bom: bool, reads: list[int], cuts: list[int]
+) -> None:
+    """Reads that end at event boundaries (the fast path's case: a read of whole
+    ``data:`` events), or anywhere: the same events as one byte at a time (which only
+    the line-by-line path can take)."""
+    data = (b"\xef\xbb\xbf" if bom else b"") + b"".join(events)
+    ends = [0]  # reads of n whole events each, then the rest
+    for n in reads:
+        ends.append(min(ends[-1] + n, len(events)))
+    offsets = [sum(map(len, events[:k])) + (3 if bom and k else 0) for k in ends]
+    chunks = [data[a:b] for a, b in itertools.pairwise([*offsets, len(data)])]
+    expected = parse_sse(*(data[i : i + 1] for i in range(len(data))))
+    assert parse_sse(*chunks) == expected
+    assert parse_sse(*_split(data, cuts)) == expected
+
+
+def test_a_read_of_one_data_event_skips_the_line_splitter() -> None:
+    parser = SSEParser()
+    assert parser.feed(b"event: delta\nid: 4\n") == []
+    parser._lines = None  # type: ignore[assignment]  # (the fast path never touches it)
+    assert parser.feed(b'data: {"t":"\xc3\xa9"}\n\n') == [SSEEvent('{"t":"é"}', "delta", "4")]
+    assert parser.feed(b"data: a\n\ndata:b\n\n") == [SSEEvent("a", id="4"), SSEEvent("b", id="4")]
+
+
+def test_a_read_that_is_not_whole_data_events_takes_the_line_by_line_path() -> None:
+    parser = SSEParser()
+    assert parser.feed(b"data: a\n\n") == [SSEEvent("a")]
+    assert parser.feed(b"data: b\ndata: c\n\n") == [SSEEvent("b\nc")]  # two data lines
+    assert parser.feed(b"data: d\r\n\r\n") == [SSEEvent("d")]
+    assert parser.feed(b"data: c\r\n\n") == [SSEEvent("c")]  # a CR ends a line too
+    assert parser.feed(b"data: a\rdata: b\n\n") == [SSEEvent("a\nb")]
+    assert parser.feed(b"data: x\n\ndata: y\r\n\n") == [SSEEvent("x"), SSEEvent("y")]
+    assert parser.feed(b"data: z\n:data: no\n\n") == [SSEEvent("z")]  # a comment line
+    assert parser.feed(b": ping\n\ndata: e\n\n") == [SSEEvent("e")]
+    assert parser.feed(b"data: f\n\ndata: g") == [SSEEvent("f")]  # an unfinished tail
+    assert parser.feed(b"\n\n") == [SSEEvent("g")]
+
+
+_LP = [TokenLogprob(token="p", logprob=-0.1)]
+# What an event's data asks ``_to_items`` for (one letter per item; "e": fails).
+_ITEMS: dict[str, StreamItem] = {
+    "t": TextDelta("t"), "u": TextDelta("u"), "l": TextDelta("l", _LP), "r": ReasoningDelta("r"),
+    "c": ToolCallDelta(index=0, id="c", name="f"), "f": Finish("stop"),
+}  # fmt: skip
+
+
+def _to_items(event: SSEEvent) -> Iterable[StreamItem]:
+    if "e" in event.data:
+        raise UpstreamRejected(f"event {event.data}")
+    items = [_ITEMS[code] for code in event.data.strip(".")]
+    if len(items) == 1 and event.data.endswith("."):
+        return optional(items[0])  # a tuple, as some adapters answer
+    return items
+
+
+async def _answer(reads: list[bytes]) -> tuple[list[StreamItem], str | None]:
+    async def body() -> AsyncIterator[bytes]:
+        for read in reads:
+            yield read
+
+    got: list[StreamItem] = []
+    try:
+        upstream = UpstreamBody(httpx.Response(200, content=body()))
+        async for item in answer_items(upstream, SSEParser(), _to_items):
+            got.append(item)
+    except RelayError as exc:
+        return got, exc.message
+    return got, None
+
+
+def _answer_read_by_read(reads: list[bytes]) -> tuple[list[StreamItem], str | None]:
+    """What ``answer_items`` gives, as its general path (every read's items joined and
+    marked) computes it."""
+    parser, got = SSEParser(), []
+    for read in [*reads, None]:
+        events = parser.close() if read is None else parser.feed(read)
+        items, failure = _items_of(events, _to_items)
+        for item in with_last(coalesced(items)):
+            got.append(item)
+            if isinstance(item, Finish):
+                return got, None
+        if failure is not None:
+            return got, failure.message
+    return got, None
+
+
+_CODES = st.text(alphabet="tulrcfe", min_size=0, max_size=3).map(
+    lambda codes: codes + "." if len(codes) == 1 else codes or "."
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(reads=st.lists(st.lists(_CODES, min_size=0, max_size=3), max_size=8))
+def test_a_read_of_one_event_gives_what_the_general_path_gives(reads: list[list[str]]) -> None:
+    """``answer_items`` takes a read of one event that gives one item straight through;
+    reads of any number of events, giving any items, or failing, come out as the
+    general path (join each read's text, mark the text before a finish) gives them."""
+    raw = [b"".join(b"data: %s\n\n" % code.encode() for code in read) for read in reads]
+    assert asyncio.run(_answer(raw)) == _answer_read_by_read(raw)
+
+
+async def test_one_event_with_text_and_its_finish_marks_the_text_last() -> None:
+    assert await _answer([b"data: t\n\n", b"data: tf\n\n"]) == (
+        [TextDelta("t"), TextDelta("t", last=True), Finish("stop")], None)  # fmt: skip
+    assert await _answer([b"data: t\n\n", b"data: e\n\n", b"data: t\n\n"]) == (
+        [TextDelta("t")], "event e")  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import shutil
 import ssl
 import subprocess
@@ -156,6 +157,88 @@ def test_a_chunked_body_cut_anywhere_gives_the_same_data(cuts: list[int]) -> Non
         data += decoder.feed(body[at:cut])
         at = cut
     assert data == b"".join(parts) and decoder.done and not decoder.extra
+
+
+def _dechunked(pieces: list[bytes]) -> tuple[bytes | None, bool, bool]:
+    """A body fed in ``pieces``: its data (None: refused as malformed), done, extra."""
+    decoder, data = _Dechunker(), b""
+    try:
+        for piece in pieces:
+            data += decoder.feed(piece)
+    except httpx.RemoteProtocolError:
+        return None, False, False
+    return data, decoder.done, decoder.extra
+
+
+def _bytewise(body: bytes) -> list[bytes]:  # one byte per feed: only the general path
+    return [body[i : i + 1] for i in range(len(body))]
+
+
+_SIZE = st.sampled_from(
+    [b"%x", b"%X", b"0%x", b"%x;ext=1", b"%x ", b"%x\n", b"0x%x", b"+%x", b"%x_"]
+)
+_CHUNK = st.builds(
+    lambda data, size: (size % len(data)).replace(b"_", b"_0") + b"\r\n" + data + b"\r\n",
+    st.binary(min_size=1, max_size=40) | st.sampled_from([b"data: x\n\n", b"5\r\nhello\r\n"]),
+    _SIZE,
+)
+_NOISE = st.sampled_from(
+    [b"0\r\n", b"\r\n", b"\n", b"zz\r\n", b"-1\r\n", b"3\r\nab", b"T: v\r\n", b"x"]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    parts=st.lists(_CHUNK | _NOISE, max_size=10),
+    end=st.sampled_from([b"0\r\n\r\n", b"0\r\nT: v\r\n\r\n", b"0\r\n\r\nstray", b""]),
+    reads=st.lists(st.integers(min_value=0, max_value=3), max_size=10),
+    cuts=st.lists(st.integers(min_value=0, max_value=2_000), max_size=6),
+)
+def test_reads_of_whole_chunks_give_what_byte_by_byte_gives(
+    parts: list[bytes], end: bytes, reads: list[int], cuts: list[int]
+) -> None:
+    """Reads of whole chunks (the fast paths: exactly one chunk, or several), reads cut
+    anywhere, and one byte at a time (the general path only) give the same data, the
+    same end, and refuse the same malformed bodies."""
+    body = b"".join(parts) + end
+    ends = [0]
+    for n in reads:
+        ends.append(min(ends[-1] + n, len(parts)))
+    offsets = sorted({sum(map(len, parts[:k])) for k in ends} | {len(body)})
+    whole = [body[a:b] for a, b in itertools.pairwise([0, *offsets])]
+    points = sorted({0, len(body), *(min(c, len(body)) for c in cuts)})
+    cut = [body[a:b] for a, b in itertools.pairwise(points)]
+    expected = _dechunked(_bytewise(body))
+    assert _dechunked(whole) == expected
+    assert _dechunked(cut) == expected
+    assert _dechunked([body]) == expected
+
+
+def test_a_read_of_one_chunk_is_its_data_as_it_stands() -> None:
+    decoder = _Dechunker()
+    assert decoder.feed(b"1a\r\n" + b"x" * 26 + b"\r\n") == b"x" * 26
+    assert decoder.feed(b"2\r\nab\r\n3\r\ncde\r\n") == b"abcde"
+    assert decoder.feed(b"2\r\nfg\r\n1\r") == b"fg"  # then a cut: the general path
+    assert decoder.feed(b"\nh\r\n0\r\n\r\n") == b"h"
+    assert decoder.done and not decoder.extra
+    assert decoder.feed(b"1\r\nx\r\n") == b"" and decoder.extra  # after the end: not data
+    decoder = _Dechunker()
+    assert decoder.feed(b"1") == b""  # a size cut short: "11" (17 bytes), not "1"
+    assert decoder.feed(b"1\r\nx\r\n") == b"x\r\n"
+
+
+@pytest.mark.parametrize(
+    "reads",
+    [
+        [b"3\r\nabc", b"2\r\nde\r\n"],  # the CRLF after a chunk's data is missing
+        [b"3\r\nabcXY", b"5\r\nhello\r\n"],  # something else stands in its place
+        [b"5\n\r\nhello\r\n"],  # a size line "5\n", then data that begins "\r\n"
+    ],
+)
+def test_a_malformed_body_is_refused_however_it_is_read(reads: list[bytes]) -> None:
+    body = b"".join(reads)
+    assert _dechunked(reads) == _dechunked([body]) == _dechunked(_bytewise(body))
+    assert _dechunked(reads)[0] is None
 
 
 @pytest.mark.parametrize(

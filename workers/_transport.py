@@ -72,6 +72,8 @@ class LeanResponse:
         self.status_code = status
         self.headers = {n.decode("latin-1").lower(): v.decode("latin-1") for n, v in headers}
         self._body = body
+        # The body's next bytes (None at its end), for ``UpstreamBody`` to call directly.
+        self.next_bytes = body.next
 
     @property
     def is_success(self) -> bool:
@@ -305,30 +307,58 @@ class _Body(httpx.AsyncByteStream):
         self._conn: _Connection | None = conn
         self._framing = framing
         self._complete = framing.length == 0 and not framing.chunked
+        self._dechunker = _Dechunker() if framing.chunked else None
+        self._left = framing.length  # of a sized body, the bytes still to come
+        self._failed = False  # a read failed: the body ends there (the generator's way)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        if self._complete or self._conn is None:
-            return
-        reader = self._conn.reader
+        while (data := await self.next()) is not None:
+            yield data
+
+    async def next(self) -> bytes | None:
+        """The next bytes of the body, or None at its end (or after it failed). A
+        method, not only ``__aiter__``: each async-generator layer is CPU per chunk."""
+        if self._complete or self._conn is None or self._failed:
+            return None
         try:
-            if self._framing.chunked:
-                body = _Dechunker()
-                async for data in _chunks(reader, body):
-                    yield data
-                self._framing.keep_alive = self._framing.keep_alive and not body.extra
-            elif self._framing.length is not None:
-                async for data in _sized(reader, self._framing.length):
-                    yield data
-            else:
-                while data := await reader.read(_READ_SIZE):
-                    yield data
+            data = await self._read(self._conn.reader)
         except asyncio.IncompleteReadError as exc:
+            self._failed = True
             raise httpx.RemoteProtocolError(
                 "peer closed connection without sending complete message body"
             ) from exc
         except OSError as exc:
+            self._failed = True
             raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
-        self._complete = True
+        except BaseException:
+            self._failed = True
+            raise
+        if data is None:
+            self._complete = True
+        return data
+
+    async def _read(self, reader: asyncio.StreamReader) -> bytes | None:
+        """As much of the body as the next read brings (None: the end of the body)."""
+        body = self._dechunker
+        if body is not None:  # chunked: a read may hold any number of chunks, or part of one
+            while not body.done:
+                data = await reader.read(_READ_SIZE)
+                if not data:
+                    raise asyncio.IncompleteReadError(b"", None)
+                if out := body.feed(data):
+                    return out
+            self._framing.keep_alive = self._framing.keep_alive and not body.extra
+            return None
+        left = self._left
+        if left is None:  # ends with the connection
+            return await reader.read(_READ_SIZE) or None
+        if not left:
+            return None
+        data = await reader.read(min(left, _READ_SIZE))
+        if not data:
+            raise asyncio.IncompleteReadError(b"", left)
+        self._left = left - len(data)
+        return data
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
@@ -336,34 +366,15 @@ class _Body(httpx.AsyncByteStream):
             self._pool._release(self._origin, conn, self._complete and self._framing.keep_alive)
 
 
-async def _sized(reader: asyncio.StreamReader, length: int) -> AsyncIterator[bytes]:
-    left = length
-    while left:
-        data = await reader.read(min(left, _READ_SIZE))
-        if not data:
-            raise asyncio.IncompleteReadError(b"", left)
-        left -= len(data)
-        yield data
-
-
-async def _chunks(reader: asyncio.StreamReader, body: _Dechunker) -> AsyncIterator[bytes]:
-    """The data of a chunked body, as much as each read brings (any number of chunks,
-    or part of one), then its trailers skipped."""
-    while not body.done:
-        data = await reader.read(_READ_SIZE)
-        if not data:
-            raise asyncio.IncompleteReadError(b"", None)
-        if out := body.feed(data):
-            yield out
-
-
 class _Dechunker:
     """The chunked transfer coding, undone as bytes arrive: ``feed`` takes any piece of
     the body and returns the data in it. One read holding many chunks (a provider's
     tokens sent together) is one piece of data, so one reply message, not one per
-    chunk. ``extra``: bytes came after the body's end (the connection is not reused)."""
+    chunk. ``extra``: bytes came after the body's end (the connection is not reused).
+    A read of whole chunks (one token's, mostly) is taken without the line-by-line
+    state machine, which the rest of any other read goes through."""
 
-    __slots__ = ("_after_data", "_left", "_line", "_trailers", "done", "extra")
+    __slots__ = ("_after_data", "_at_boundary", "_left", "_line", "_trailers", "done", "extra")
 
     def __init__(self) -> None:
         self._line = b""  # an unfinished size, CRLF or trailer line
@@ -371,11 +382,29 @@ class _Dechunker:
         self._after_data = False  # the CRLF that ends a chunk's data is next
         self._trailers = False  # the last chunk came: trailer lines to the empty one
         self.done = False
+        self._at_boundary = True  # the next byte starts a chunk (whole ones may skip ahead)
         self.extra = False
 
     def feed(self, data: bytes) -> bytes:
-        out: list[bytes] = []
-        i, n = 0, len(data)
+        if self._at_boundary:  # whole chunks first; the general path below takes the rest
+            one = _one_chunk(data)
+            if one is not None:
+                return one
+            i, out = _whole_chunks(data)
+            if i == len(data):
+                return b"".join(out)
+        else:
+            i, out = 0, []
+        try:
+            return self._general(data, i, out)
+        finally:
+            self._at_boundary = not (
+                self._line or self._left or self._after_data or self._trailers or self.done
+            )
+
+    def _general(self, data: bytes, i: int, out: list[bytes]) -> bytes:
+        """The data of ``data[i:]``, any state, byte by byte if need be, after ``out``."""
+        n = len(data)
         while i < n:
             if self.done:
                 self.extra = True
@@ -417,3 +446,44 @@ class _Dechunker:
                 raise httpx.RemoteProtocolError(f"a negative chunk size: {size_text[:20]!r}")
             self._trailers = size == 0
             self._left = size
+
+
+def _one_chunk(data: bytes) -> bytes | None:
+    """The data of ``data`` when it is exactly one chunk (plain hex size, data, CRLF) and
+    not the last one, else None: one token per read, the common case, at least cost."""
+    end = data.find(b"\r\n", 0, 18)
+    if end > 0 and data[:end].isalnum():
+        try:
+            stop = end + 2 + int(data[:end], 16)
+        except ValueError:
+            return None
+        if len(data) == stop + 2 and stop > end + 2 and data.endswith(b"\r\n"):
+            return data[end + 2 : stop]
+    return None
+
+
+def _whole_chunks(data: bytes) -> tuple[int, list[bytes]]:
+    """The complete chunks at the start of ``data`` (a plain hex size, its data, CRLF):
+    the offset after them and their data. One token per read is one such chunk; the
+    general path in ``_Dechunker.feed`` takes what is left from that offset, so any
+    other shape (a size with an extension, the last chunk, a cut) reads as before."""
+    out: list[bytes] = []
+    i, n = 0, len(data)
+    while i < n:
+        end = data.find(b"\r\n", i, i + 18)
+        if end < 0:
+            break
+        size_text = data[i:end]
+        if not size_text.isalnum():
+            break
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            break
+        start = end + 2
+        stop = start + size
+        if not size or data[stop : stop + 2] != b"\r\n":
+            break
+        out.append(data[start:stop])
+        i = stop + 2
+    return i, out

@@ -58,11 +58,17 @@ class UpstreamBody:
     def __init__(self, response: Response) -> None:
         self.response = response
         self.complete = False
-        self._chunks = response.aiter_bytes()
+        # A lean response's body is read by its own method, not through two async
+        # generators (each layer is CPU per chunk: bench/chunk_path.py).
+        self._next = response.next_bytes if isinstance(response, LeanResponse) else None
+        self._chunks = response.aiter_bytes() if self._next is None else None
 
     async def next_chunk(self) -> bytes | None:
         """The next bytes, or None at the end of the body."""
         try:
+            if self._next is not None:
+                return await self._next()
+            assert self._chunks is not None
             return await anext(self._chunks)
         except StopAsyncIteration:
             return None
@@ -187,7 +193,18 @@ async def answer_items(
     while True:
         chunk = await body.next_chunk()
         events = parser.close() if chunk is None else parser.feed(chunk)
-        items, failure = _items_of(events, to_items)
+        if len(events) == 1 and chunk is not None:  # one event in the read (one token)
+            one = to_items(events[0])  # (it fails with nothing before it in its read)
+            items = one if type(one) is list else list(one)
+            if len(items) == 1:  # nothing to join or mark
+                body.complete = isinstance(items[0], Finish)
+                yield items[0]
+                if body.complete:
+                    return
+                continue
+            failure = None
+        else:
+            items, failure = _items_of(events, to_items)
         for item in with_last(coalesced(items)):
             body.complete = isinstance(item, Finish)
             yield item
