@@ -39,7 +39,7 @@ class SideResult(msgspec.Struct, kw_only=True):
     errors: int
     errors_by_code: dict[str, int]
     warmup_sent: int  # sent before the measured window (not in the figures below)
-    incomplete_answers: int  # completed, but with fewer or more chunks than the provider sent
+    incomplete_answers: int  # completed, but shorter or longer than the usual answer
     window_s: float  # first measured send -> last answer
     send_rate: float  # requests sent per second over the sending window
     achieved_rate: float  # completed per second over the whole window
@@ -213,7 +213,7 @@ def _side_details(s: SideResult) -> list[str]:
     if s.errors_by_code:
         out[0] += f"; errors {s.errors_by_code}"
     if s.incomplete_answers:
-        out[0] += f"; {s.incomplete_answers} answers with a wrong chunk count"
+        out[0] += f"; {s.incomplete_answers} answers of the wrong length"
     for r in s.reuse:
         out.append(
             f"    connection reuse ({r.source}): {100 * r.ratio:.2f}% "

@@ -293,7 +293,9 @@ def side_result(
     last_answer = max((r.sent + r.total_ms / 1000 for r in records), default=0.0)
     window = max(1e-9, last_answer - first_sent)
     send_window = last_sent - first_sent
-    tokens = statistics.mode([r.chunks for r in ok]) if ok else 0
+    # An answer's length, not its chunk count, says whether it came whole: tokens that
+    # arrive in one read are one chunk.
+    length = statistics.mode([r.chars for r in ok]) if ok else 0
     ours = sum(u.cpu_pct for u in usage)
     return SideResult(
         target=target,
@@ -302,7 +304,7 @@ def side_result(
         errors=len(records) - len(ok),
         errors_by_code=dict(codes),
         warmup_sent=0,
-        incomplete_answers=sum(1 for r in ok if r.chunks != tokens),
+        incomplete_answers=sum(1 for r in ok if r.chars != length),
         window_s=round(window, 3),
         send_rate=round((len(records) - 1) / send_window, 1) if send_window > 0 else 0.0,
         achieved_rate=round(len(ok) / window, 1) if records else 0.0,
