@@ -228,15 +228,15 @@ class Cluster(Stack[WorkerProc]):
         """Until every one of ``workers`` beats (their pulls are in place by then)."""
         await self.wait_for_workers(workers, nc=nc, timeout_s=READY_TIMEOUT_S)
 
-    def profile(self, w: ChildProcess) -> None:
+    def profile(self, proc: ChildProcess) -> None:
         """Sample a worker or gateway with py-spy (``--profile DIR``) until the run ends."""
         if self.profile_dir is None:
             return
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         # One sampler per process at 100 Hz: py-spy takes CPU from the two cores too.
         # Collapsed stacks: `python -m bench._profile`, or open them in speedscope.
-        out = self.profile_dir / f"{w.name}-{w.pid}"
-        cmd = [spy, "record", "--pid", str(w.pid), "--rate", "100", "--nonblocking"]
+        out = self.profile_dir / f"{proc.name}-{proc.pid}"
+        cmd = [spy, "record", "--pid", str(proc.pid), "--rate", "100", "--nonblocking"]
         cmd += ["--format", "raw", "--output", f"{out}.collapsed.txt"]
         with open(f"{out}.py-spy.log", "wb") as log:
             self.profilers.append(

@@ -313,9 +313,9 @@ _CODES = st.text(alphabet="tulrcfe", min_size=0, max_size=3).map(
 @settings(max_examples=300, deadline=None)
 @given(reads=st.lists(st.lists(_CODES, min_size=0, max_size=3), max_size=8))
 def test_a_read_of_one_event_gives_what_the_general_path_gives(reads: list[list[str]]) -> None:
-    """``answer_items`` takes a read of one event that gives one item straight through;
-    reads of any number of events, giving any items, or failing, come out as the
-    general path (join each read's text, mark the text before a finish) gives them."""
+    """Reads of any number of events (one, the common case, included), giving any items,
+    or failing, come out as joining each read's text and marking the text before a
+    finish gives them."""
     raw = [b"".join(b"data: %s\n\n" % code.encode() for code in read) for read in reads]
     assert asyncio.run(_answer(raw)) == _answer_read_by_read(raw)
 

@@ -322,16 +322,14 @@ class _Body(httpx.AsyncByteStream):
             return None
         try:
             data = await self._read(self._conn.reader)
-        except asyncio.IncompleteReadError as exc:
-            self._failed = True
-            raise httpx.RemoteProtocolError(
-                "peer closed connection without sending complete message body"
-            ) from exc
-        except OSError as exc:
-            self._failed = True
-            raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
-        except BaseException:
-            self._failed = True
+        except BaseException as exc:
+            self._failed = True  # cancelled too: the body ends here
+            if isinstance(exc, asyncio.IncompleteReadError):
+                raise httpx.RemoteProtocolError(
+                    "peer closed connection without sending complete message body"
+                ) from exc
+            if isinstance(exc, OSError):
+                raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
             raise
         if data is None:
             self._complete = True

@@ -193,18 +193,7 @@ async def answer_items(
     while True:
         chunk = await body.next_chunk()
         events = parser.close() if chunk is None else parser.feed(chunk)
-        if len(events) == 1 and chunk is not None:  # one event in the read (one token)
-            one = to_items(events[0])  # (it fails with nothing before it in its read)
-            items = one if type(one) is list else list(one)
-            if len(items) == 1:  # nothing to join or mark
-                body.complete = isinstance(items[0], Finish)
-                yield items[0]
-                if body.complete:
-                    return
-                continue
-            failure = None
-        else:
-            items, failure = _items_of(events, to_items)
+        items, failure = _items_of(events, to_items)
         for item in with_last(coalesced(items)):
             body.complete = isinstance(item, Finish)
             yield item
@@ -252,6 +241,8 @@ def coalesced(items: list[StreamItem]) -> list[StreamItem]:
 
 def with_last(items: list[StreamItem]) -> list[StreamItem]:
     """``items`` (of one read) with the text delta right before a ``Finish`` marked ``last``."""
+    if len(items) < 2:  # one token per read, mostly: no text before a finish
+        return items
     for i, item in enumerate(items):
         if type(item) is Finish:
             before = items[i - 1] if i else None
